@@ -1,0 +1,105 @@
+"""`lcc` console script: list methods, measure one method's KL curve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tabulate import tabulate
+
+from .errors import HarnessError
+from .measure import DEFAULT_CHUNK
+from .models import DEFAULT_MODEL
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods.registry import families
+
+    rows = []
+    for fam, cls in sorted(families().items()):
+        rows.append([fam, " | ".join(cls.forms), ", ".join(cls.examples), cls.description])
+    print(tabulate(rows, headers=["family", "id forms", "examples", "description"], tablefmt="github"))
+    return 0
+
+
+def format_curve_table(stats: dict, fmt: str = "github") -> str:
+    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL) as a table."""
+    rows = [[L, s.window_kl, s.cumulative_kl, s.p99, s.top1, s.dnll] for L, s in sorted(stats.items())]
+    return tabulate(rows, headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL"],
+                    tablefmt=fmt, floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"))
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .run import Harness, RunConfig, parse_lengths, write_json_atomic
+
+    cfg = RunConfig(
+        model=args.model, lengths=parse_lengths(args.lengths), samples=args.samples, corpus=args.corpus,
+        text_field=args.text_field, device=args.device, dtype=args.dtype, seed=args.seed,
+        calib_samples=args.calib_samples, calib_length=args.calib_length, naive=args.naive,
+        chunk_size=args.chunk_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        allow_extrapolation=args.allow_extrapolation, progress=not args.quiet,
+    )
+    from .methods.registry import parse_method
+
+    method = parse_method(args.method)  # fail on a bad id before loading anything
+    harness = Harness(cfg)
+    result = harness.run(method)
+    t = result.timings
+    print(f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
+          f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats")
+    print(format_curve_table(result.stats))
+    print(f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
+          f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s")
+    if args.json:
+        write_json_atomic(args.json, result.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcc", description="Long-context KL of compressed LLMs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("methods", help="list registered compression methods").set_defaults(func=_cmd_methods)
+    m = sub.add_parser("measure", help="measure one method's KL curve against the uncompressed model")
+    m.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    m.add_argument("--method", required=True, help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    m.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated context lengths")
+    m.add_argument("--samples", type=int, default=2, help="evaluation spans (default 2)")
+    m.add_argument("--corpus", default=None, help="txt / jsonl / folder / saved dataset (default: embedded)")
+    m.add_argument("--text-field", default="text", help="jsonl/dataset text field (default text)")
+    m.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    m.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--calib-samples", type=int, default=8)
+    m.add_argument("--calib-length", type=int, default=512)
+    m.add_argument("--naive", action="store_true", help="one forward pass per length (for comparison)")
+    m.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="positions per LM-head chunk")
+    m.add_argument("--cache-dir", default=None, help="reference cache (default $LCC_CACHE_DIR or ~/.cache)")
+    m.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    m.add_argument("--allow-extrapolation", action="store_true", help="allow lengths beyond the model's positions")
+    m.add_argument("--json", default=None, help="write the full result as JSON to this file")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_cmd_measure)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="lcc: %(message)s")
+    try:
+        return args.func(args)
+    except HarnessError as exc:
+        if args.debug:
+            raise
+        print(f"lcc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lcc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

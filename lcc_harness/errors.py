@@ -1,0 +1,33 @@
+"""Exceptions a user can act on. CLI and plugin print them as one line (no traceback)."""
+
+
+class HarnessError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+
+class ModelNotFoundError(HarnessError):
+    """A model spec that resolves to nothing on this machine (never downloaded)."""
+
+
+class ModelLoadError(HarnessError):
+    """A model that exists but cannot be loaded (corrupt file, missing tokenizer, ...)."""
+
+
+class CorpusError(HarnessError):
+    """A corpus that is missing, unreadable or too small for the requested samples."""
+
+
+class MethodError(HarnessError):
+    """An unknown method id or parameters out of range."""
+
+
+class LengthError(HarnessError):
+    """Bad context lengths (non-positive, duplicates, beyond the model's positions)."""
+
+
+class NonFiniteError(HarnessError):
+    """A compressed model produced NaN or Inf."""
+
+
+class BaselineError(HarnessError):
+    """A baseline file that is corrupt, of the wrong schema, or for another model/dtype/device."""

@@ -1,0 +1,157 @@
+"""Method registry: a method is a frozen dataclass whose id is its one name everywhere.
+
+A family registers a `Method` subclass with `@register`. Its `pattern` full-matches ids of the family and
+`from_match` builds an instance; `id` writes the canonical id back, so `parse_method(m.id) == m`.
+Third parties register families through the `lcc_harness.methods` entry-point group, or with
+`@register` in a conftest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import pkgutil
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MethodError
+from ..targets import DEFAULT_INCLUDE, iter_linears
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "lcc_harness.methods"
+
+
+@dataclass(frozen=True)
+class CompressContext:
+    """What a method may use besides the model: calibration token spans and target selection.
+
+    calibration: tuples of int64 token-id tensors of shape (T,), disjoint from the evaluation spans.
+    """
+
+    calibration: tuple[torch.Tensor, ...] = ()
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    info: dict = field(default_factory=dict, compare=False)  # methods may record facts for reports
+
+    def linears(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """The target Linears of `model` (see targets.iter_linears)."""
+        return list(iter_linears(model, self.include, self.exclude))
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A CPU generator seeded from the context seed and a salt (e.g. a module name)."""
+        g = torch.Generator(device="cpu")
+        g.manual_seed((self.seed * 1_000_003 + _stable_hash(salt)) % (2**63 - 1))
+        return g
+
+
+def _stable_hash(s: str) -> int:
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % (2**61 - 1)
+    return h
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base class. Subclasses set the ClassVars, fields for parameters, and implement `apply`."""
+
+    family: ClassVar[str] = ""
+    pattern: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")
+    forms: ClassVar[tuple[str, ...]] = ()  # human-readable id forms, e.g. "rtn-w{bits}-g{group}"
+    examples: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def id(self) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_match(cls, m: re.Match[str]) -> Method:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        """Compress `model` in place (the harness hands over a copy) and return it."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.id
+
+
+_FAMILIES: dict[str, type[Method]] = {}
+_loaded = False
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method family. Re-registering a family name replaces it."""
+    if not cls.family:
+        raise TypeError(f"{cls.__name__} must set `family`")
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def unregister(family: str) -> None:
+    _FAMILIES.pop(family, None)
+
+
+def _load_all() -> None:
+    """Import every built-in method module once, then the entry-point plugins."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from .. import methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_") or info.name == "registry":
+            continue
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plugin must not take the harness down
+            log.warning("method plugin %s could not be loaded: %s", ep.name, exc)
+            continue
+        if isinstance(obj, type) and issubclass(obj, Method) and obj.family not in _FAMILIES:
+            register(obj)
+
+
+def families() -> dict[str, type[Method]]:
+    """family name → Method subclass, built-ins and plugins."""
+    _load_all()
+    return dict(_FAMILIES)
+
+
+def parse_method(method_id: str) -> Method:
+    """Build the Method for an id; unknown ids raise MethodError listing close matches and valid forms."""
+    _load_all()
+    text = method_id.strip()
+    for cls in _FAMILIES.values():
+        m = cls.pattern.fullmatch(text)
+        if m:
+            return cls.from_match(m)
+    known = [f for cls in _FAMILIES.values() for f in (*cls.examples, *cls.forms)]
+    close = difflib.get_close_matches(text, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    forms = ", ".join(f for cls in _FAMILIES.values() for f in cls.forms)
+    raise MethodError(f"unknown method id '{method_id}'; {hint}valid forms: {forms} (see `lcc methods`)")
+
+
+def parse_methods(ids: Sequence[str]) -> list[Method]:
+    return [parse_method(i) for i in ids]
+
+
+def check_range(method_id: str, name: str, value: float, lo: float, hi: float, form: str) -> None:
+    """Raise MethodError unless lo <= value <= hi."""
+    if not (lo <= value <= hi):
+        raise MethodError(f"method '{method_id}': {name}={value} is out of range [{lo}, {hi}]; "
+                          f"write it as {form}")

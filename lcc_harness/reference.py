@@ -1,0 +1,190 @@
+"""The reference run: final hidden states of the uncompressed model, computed once and cached on disk.
+
+Cache entries are safetensors files named by a hash of everything they depend on (model fingerprint,
+dtype, device type, sample provenance, pass lengths, library versions, cache format). The metadata
+repeats the full key and a sha256 of the tensor bytes; an entry whose key or checksum does not match
+is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .corpus import Sample
+from .measure import Head, compare, final_hidden, length_dependence, output_head, passes_for
+from .models import LoadedModel, dtype_name
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+# KL between a short pass and the same positions of a long pass above this means the model's outputs
+# depend on the total length (measured on SmolLM2 float32: ≤ 3e-7).
+LENGTH_PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("LCC_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcc-harness"
+
+
+@dataclass
+class Reference:
+    """Reference hidden states per pass length: hidden[P][i] is (P, H) for sample i."""
+
+    samples: list[Sample]
+    lengths: tuple[int, ...]
+    hidden: dict[int, list[torch.Tensor]]
+    head: Head
+    one_pass: bool
+    key: str
+    seconds: float = 0.0
+    cache_hit: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def passes(self) -> dict[int, tuple[int, ...]]:
+        return passes_for(self.lengths, self.one_pass)
+
+
+def reference_key(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], one_pass: bool) -> str:
+    import transformers
+
+    spec = {
+        "format": CACHE_FORMAT,
+        "harness": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": lm.name,
+        "source": lm.source,
+        "fingerprint": lm.fingerprint(),
+        "dtype": dtype_name(lm.dtype),
+        "device_type": lm.device_type,
+        "samples": [s.span.to_dict() for s in samples],
+        "lengths": sorted(lengths),
+        "one_pass": one_pass,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def build_reference(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], *,
+                    naive: bool = False, cache_dir: Path | str | None = None, use_cache: bool = True,
+                    progress: bool = False) -> Reference:
+    """Compute (or load from cache) the reference hidden states for `samples` at `lengths`.
+
+    One pass per sample at the longest length unless `naive` or the model's outputs depend on the total
+    length (then one pass per length, with a warning).
+    """
+    t0 = time.perf_counter()
+    lengths = tuple(sorted(lengths))
+    notes: list[str] = []
+    one_pass = not naive
+    if one_pass:
+        reason = length_dependence(lm.model) or _probe_length_dependence(lm, samples[0], lengths)
+        if reason:
+            one_pass = False
+            msg = f"{lm.name}: {reason}; measuring one pass per length (slower)"
+            warnings.warn(msg, stacklevel=2)
+            notes.append(msg)
+    key = reference_key(lm, samples, lengths, one_pass)
+    path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
+    head = output_head(lm.model)
+    if use_cache:
+        hidden = _load(path, key)
+        if hidden is not None:
+            return Reference(list(samples), lengths, hidden, head, one_pass, key,
+                             time.perf_counter() - t0, True, notes)
+    hidden = {}
+    from tqdm.auto import tqdm
+
+    passes = passes_for(lengths, one_pass)
+    bar = tqdm(total=len(passes) * len(samples), desc="reference", disable=not progress, leave=False)
+    for P in passes:
+        hidden[P] = []
+        for s in samples:
+            hidden[P].append(final_hidden(lm.model, s.ids[:P]))
+            bar.update()
+    bar.close()
+    if use_cache:
+        _save(path, key, hidden)
+    return Reference(list(samples), lengths, hidden, head, one_pass, key, time.perf_counter() - t0, False, notes)
+
+
+def _probe_length_dependence(lm: LoadedModel, sample: Sample, lengths: tuple[int, ...]) -> str | None:
+    """Compare a pass at the shortest length with the same positions of the longest pass."""
+    if len(lengths) < 2:
+        return None
+    short, long_ = lengths[0], lengths[-1]
+    probe = min(short, 256)
+    h_long = final_hidden(lm.model, sample.ids[:long_])[:probe]
+    h_short = final_hidden(lm.model, sample.ids[:probe])
+    head = output_head(lm.model)
+    kl = compare(head, head, h_long, h_short, sample.ids[:probe]).kl
+    tol = LENGTH_PROBE_TOL.get(lm.dtype, 5e-3)
+    worst = float(kl.abs().max())
+    if not worst <= tol:  # NaN counts as dependent
+        return f"outputs at shared positions differ between a {probe}- and a {long_}-token pass (max KL {worst:.2e})"
+    return None
+
+
+def _checksum(hidden: dict[int, list[torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for P in sorted(hidden):
+        for t in hidden[P]:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load(path: Path, key: str) -> dict[int, list[torch.Tensor]] | None:
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key or meta.get("format") != str(CACHE_FORMAT):
+                raise ValueError("key or format mismatch")
+            layout: dict[str, int] = json.loads(meta["layout"])
+            hidden = {int(P): [f.get_tensor(f"p{P}_s{i}") for i in range(n)] for P, n in layout.items()}
+        if _checksum(hidden) != meta.get("checksum"):
+            raise ValueError("checksum mismatch")
+        return hidden
+    except Exception as exc:  # corrupt, truncated, stale: all mean "recompute"
+        log.warning("reference cache %s is unusable (%s); recomputing", path, exc)
+        warnings.warn(f"reference cache {path.name} unusable ({exc}); recomputed", stacklevel=3)
+        return None
+
+
+def _save(path: Path, key: str, hidden: dict[int, list[torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"p{P}_s{i}": t.contiguous() for P, ts in hidden.items() for i, t in enumerate(ts)}
+    meta: dict[str, Any] = {"key": key, "format": str(CACHE_FORMAT), "checksum": _checksum(hidden),
+                            "layout": json.dumps({str(P): len(ts) for P, ts in hidden.items()})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache must not stop a measurement
+        log.warning("could not write reference cache %s: %s", path, exc)
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+
