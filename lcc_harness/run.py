@@ -116,6 +116,7 @@ class Harness:
         self.samples = self.tokens.draw(cfg.samples, self.lengths[-1], cfg.seed)
         self._calibration: list[Sample] | None = None
         self._reference: Reference | None = None
+        self._short_ref: list[torch.Tensor] | None = None
 
     @property
     def calibration(self) -> list[Sample]:
@@ -167,16 +168,33 @@ class Harness:
         bar.close()
         return {L: summarize(L, sts) for L, sts in per_len.items()}
 
-    def run(self, method: Method | str) -> MethodResult:
+    def float_noise(self, model: torch.nn.Module, stats: dict[int, LengthStats]) -> float:
+        """Relative float noise: window KL at the shortest length from separate short passes of both models,
+        compared with the same statistic from the measurement (max over samples, relative to the mean)."""
+        L0 = self.lengths[0]
+        if self._short_ref is None:
+            self._short_ref = [final_hidden(self.lm.model, s.ids[:L0]) for s in self.samples]
+        ref_head, head = output_head(self.lm.model), output_head(model)
+        sts = [compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
+               for h, s in zip(self._short_ref, self.samples, strict=True)]
+        short = summarize(L0, sts).per_sample["window_kl"]
+        main = stats[L0].per_sample["window_kl"]
+        scale = max(abs(sum(main) / len(main)), 1e-12)
+        return max(abs(a - b) for a, b in zip(short, main, strict=True)) / scale
+
+    def run(self, method: Method | str, noise_probe: bool = False) -> MethodResult:
+        """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
         ref = self.reference
         model, ctx, t_compress = self.compress(m)
         t0 = time.perf_counter()
         try:
             stats = self.measure_model(model, m.id)
+            t_measure = time.perf_counter() - t0
+            if noise_probe:
+                ctx.info["float_noise"] = self.float_noise(model, stats)
         finally:
             del model
-        t_measure = time.perf_counter() - t0
         return MethodResult(
             method=m.id,
             model=self.cfg.model,

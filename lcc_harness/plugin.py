@@ -1,0 +1,517 @@
+"""pytest plugin: method fixtures × context-length cases, baseline checks, findings, reports.
+
+Registered through the `pytest11` entry point. Tests use these fixtures:
+  lcc_method   — a method id (parametrized from --lcc-methods / the profile; session scope)
+  lcc_length   — a context length (parametrized from --lcc-lengths / the profile)
+  lcc_result   — the method's MethodResult (computed once per session per method)
+  lcc          — the LccSession: check_kl, check_growth, check_finding
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import HarnessError, NonFiniteError
+
+log = logging.getLogger(__name__)
+
+OPTIONS: list[tuple[str, str, str]] = [
+    # (name, ini/dest, help)
+    ("model", "lcc_model", "model spec (default: the profile's)"),
+    ("methods", "lcc_methods", "comma-separated method ids or globs over the profile's methods"),
+    ("lengths", "lcc_lengths", "comma-separated context lengths (default: the profile's)"),
+    ("samples", "lcc_samples", "evaluation samples (default: the profile's)"),
+    ("corpus", "lcc_corpus", "corpus path (default: embedded Python reference)"),
+    ("device", "lcc_device", "cpu | cuda | auto (default auto)"),
+    ("dtype", "lcc_dtype", "float32 | bfloat16 | float16 (default by device)"),
+    ("profile", "lcc_profile", "smoke | default | paper (default: default)"),
+    ("report-dir", "lcc_report_dir", "where reports are written (default: <rootdir>/reports)"),
+    ("baseline-dir", "lcc_baseline_dir", "where baselines live (default: <rootdir>/baselines)"),
+    ("cache-dir", "lcc_cache_dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)"),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("lcc", "lcc-harness: long-context KL of compressed models")
+    for name, dest, help_ in OPTIONS:
+        g.addoption(f"--lcc-{name}", dest=dest, default=None, help=help_)
+        parser.addini(dest, help_, default=None)
+    g.addoption("--lcc-update-baselines", dest="lcc_update_baselines", action="store_true", default=False,
+                help="write baselines for the methods that ran (keeps the rest) instead of comparing")
+    g.addoption("--lcc-allow-extrapolation", dest="lcc_allow_extrapolation", action="store_true",
+                default=False, help="allow lengths beyond the model's maximum positions")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running cases (paper profile, long contexts)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is present")
+    try:
+        session = LccSession(config)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_KEY] = session
+
+
+_KEY = pytest.StashKey["LccSession"]()
+
+
+def _opt(config: pytest.Config, dest: str) -> str | None:
+    v = config.getoption(dest, default=None)
+    if v is None:
+        v = config.getini(dest)
+    return v or None
+
+
+class LccSession:
+    """Per-process state: options, the Harness (lazy), results per method, checks, and the run record."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        from .profiles import get_profile
+        from .run import parse_lengths
+
+        self.config = config
+        self.profile = get_profile(_opt(config, "lcc_profile") or "default")
+        p = self.profile
+        self.model = _opt(config, "lcc_model") or p.model
+        self.lengths = parse_lengths(_opt(config, "lcc_lengths") or list(p.lengths))
+        samples = _opt(config, "lcc_samples")
+        try:
+            self.samples = int(samples) if samples is not None else p.samples
+        except ValueError:
+            raise HarnessError(f"--lcc-samples '{samples}' is not an integer; pass e.g. --lcc-samples 4") from None
+        if self.samples <= 0:
+            raise HarnessError(f"--lcc-samples {self.samples} must be positive")
+        self.method_ids = self._select_methods(_opt(config, "lcc_methods"))
+        self.update = bool(config.getoption("lcc_update_baselines", default=False))
+        root = Path(config.rootpath)
+        self.report_dir = Path(_opt(config, "lcc_report_dir") or root / "reports")
+        self.baseline_dir = Path(_opt(config, "lcc_baseline_dir") or root / "baselines")
+        self.is_worker = hasattr(config, "workerinput")
+        self._harness = None
+        self.outcomes: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, Any] = {}
+        self.checks: list[dict[str, Any]] = []
+        self.growth: dict[str, dict[str, Any]] = {}
+        self.findings: list[dict[str, Any]] = []
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.baseline_changes: list[str] = []
+        self.started = _now()
+        self.used = False
+        self._baseline = None
+        self._baseline_loaded = False
+
+    # ---- configuration -------------------------------------------------------------------------
+    def _select_methods(self, text: str | None) -> list[str]:
+        from .methods.registry import parse_method
+
+        if not text:
+            return list(self.profile.methods)
+        out: list[str] = []
+        for tok in (t.strip() for t in text.split(",")):
+            if not tok:
+                continue
+            if any(ch in tok for ch in "*?["):
+                hits = [m for m in self.profile.methods if fnmatch.fnmatchcase(m, tok)]
+                if not hits:
+                    raise HarnessError(f"--lcc-methods pattern '{tok}' matches none of the profile's methods "
+                                       f"({', '.join(self.profile.methods)}); give ids or another pattern")
+                out.extend(h for h in hits if h not in out)
+            else:
+                mid = parse_method(tok).id  # validates; raises MethodError with suggestions
+                if mid not in out:
+                    out.append(mid)
+        return out
+
+    def run_config(self):
+        from .run import RunConfig
+
+        return RunConfig(model=self.model, lengths=self.lengths, samples=self.samples,
+                         corpus=_opt(self.config, "lcc_corpus"), device=_opt(self.config, "lcc_device") or "auto",
+                         dtype=_opt(self.config, "lcc_dtype"), calib_samples=self.profile.calib_samples,
+                         calib_length=self.profile.calib_length, cache_dir=_opt(self.config, "lcc_cache_dir"),
+                         allow_extrapolation=bool(self.config.getoption("lcc_allow_extrapolation", default=False)))
+
+    @property
+    def harness(self):
+        if self._harness is None:
+            from .run import Harness
+
+            self.used = True
+            self._harness = Harness(self.run_config())
+        return self._harness
+
+    # ---- identity / baselines -----------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        from .models import dtype_name
+
+        h = self.harness
+        return {"model": self.model, "dtype": dtype_name(h.lm.dtype), "device_type": h.lm.device_type,
+                "profile": self.profile.name}
+
+    def spec(self) -> dict[str, Any]:
+        import hashlib
+
+        h = self.harness
+        prov = json.dumps([s.span.to_dict() for s in h.samples], sort_keys=True).encode()
+        return {"lengths": list(self.lengths), "samples": self.samples, "seed": h.cfg.seed,
+                "corpus_sha256": h.corpus.fingerprint, "samples_sha256": hashlib.sha256(prov).hexdigest(),
+                "corpus": h.corpus.name,
+                "calibration": {"count": h.cfg.calib_samples, "length": h.cfg.calib_length}}
+
+    @property
+    def baseline_path(self) -> Path:
+        from .baselines import baseline_path
+
+        i = self.identity()
+        return baseline_path(self.baseline_dir, i["model"], i["dtype"], i["device_type"], i["profile"])
+
+    @property
+    def baseline(self):
+        """The loaded BaselineFile (None if missing). A corrupt or foreign file raises BaselineError."""
+        from .baselines import BaselineFile
+
+        if not self._baseline_loaded:
+            self._baseline = BaselineFile.load(self.baseline_path, self.identity(), self.spec())
+            self._baseline_loaded = True
+        return self._baseline
+
+    def update_command(self, methods: list[str]) -> str:
+        return (f"pytest suites/ --lcc-profile {self.profile.name} --lcc-methods {','.join(methods)} "
+                "--lcc-update-baselines")
+
+    # ---- results ------------------------------------------------------------------------------
+    def outcome(self, method_id: str) -> dict[str, Any]:
+        """Run a method once per session; returns {'status': ok|error|non-finite, 'error', 'result'}."""
+        if method_id not in self.outcomes:
+            try:
+                res = self.harness.run(method_id, noise_probe=self.update)
+                self.outcomes[method_id] = {"status": "ok", "error": "", "result": res}
+                self.results[method_id] = res
+            except NonFiniteError as exc:
+                self.outcomes[method_id] = {"status": "non-finite", "error": str(exc), "result": None}
+            except HarnessError as exc:
+                self.outcomes[method_id] = {"status": "error", "error": str(exc), "result": None}
+            except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+                    msg = (f"out of memory measuring {method_id} at lengths up to {max(self.lengths)}; use "
+                           "fewer or shorter --lcc-lengths, or a smaller chunk size")
+                self.outcomes[method_id] = {"status": "error", "error": msg, "result": None}
+                log.debug("method %s failed", method_id, exc_info=True)
+        return self.outcomes[method_id]
+
+    def result(self, method_id: str):
+        """The MethodResult; a failing method makes the calling test fail (non-finite) or error."""
+        o = self.outcome(method_id)
+        if o["status"] == "non-finite":
+            pytest.fail(f"{method_id}: non-finite output — {o['error']}", pytrace=False)
+        if o["status"] == "error":
+            raise MethodFailed(f"{method_id}: {o['error']}")
+        return o["result"]
+
+    def growth_of(self, method_id: str) -> dict[str, Any]:
+        from .findings import growth
+
+        if method_id not in self.growth:
+            res = self.result(method_id)
+            per = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
+            self.growth[method_id] = growth(per, self.lengths, seed=self.harness.cfg.seed).to_dict()
+        return self.growth[method_id]
+
+    def _stage_entry(self, method_id: str) -> None:
+        from .baselines import method_entry
+
+        res = self.result(method_id)
+        curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
+        info = dict(res.info.get("method_info", {}))
+        self.entries[method_id] = method_entry(curves, self.growth_of(method_id), info.pop("float_noise", 0.0),
+                                               info)
+
+    def _record_check(self, method_id: str, length: int | None, kind: str, chk) -> None:
+        self.checks.append({"method": method_id, "length": length, "kind": kind, "value": chk.value,
+                            "baseline": chk.baseline, "tolerance": chk.tolerance, "outcome": chk.outcome})
+
+    # ---- checks used by the suites ------------------------------------------------------------
+    def check_kl(self, method_id: str, length: int) -> None:
+        """Fail when window KL at `length` exceeds the baseline beyond its tolerance."""
+        from .baselines import compare
+
+        res = self.result(method_id)
+        value = res.stats[length].window_kl
+        if self.update:
+            self._stage_entry(method_id)
+            self.checks.append({"method": method_id, "length": length, "kind": "kl", "value": value,
+                                "baseline": None, "tolerance": None, "outcome": "updated"})
+            return
+        entry = self.baseline.kl_entry(method_id, length) if self.baseline else None
+        chk = compare(value, *(entry or (None, None)))
+        self._record_check(method_id, length, "kl", chk)
+        if chk.outcome == "missing":
+            pytest.fail(f"no baseline for {method_id} at length {length} in {self.baseline_path}; create it "
+                        f"with: {self.update_command([method_id])}", pytrace=False)
+        if chk.outcome == "fail":
+            pytest.fail(f"{method_id} window KL at {length}: {chk.message}", pytrace=False)
+
+    def check_growth(self, method_id: str) -> None:
+        """Fail when growth (window KL at longest ÷ shortest length) exceeds the baseline beyond tolerance."""
+        from .baselines import compare
+
+        g = self.growth_of(method_id)
+        if self.update:
+            self._stage_entry(method_id)
+            self.checks.append({"method": method_id, "length": None, "kind": "growth", "value": g["ratio"],
+                                "baseline": None, "tolerance": None, "outcome": "updated"})
+            return
+        entry = self.baseline.growth_entry(method_id) if self.baseline else None
+        chk = compare(g["ratio"], *(entry or (None, None)))
+        self._record_check(method_id, None, "growth", chk)
+        if chk.outcome == "missing":
+            pytest.fail(f"no growth baseline for {method_id} in {self.baseline_path}; create it with: "
+                        f"{self.update_command([method_id])}", pytrace=False)
+        if chk.outcome == "fail":
+            pytest.fail(f"{method_id} KL growth ×({self.lengths[0]}→{self.lengths[-1]}): {chk.message}",
+                        pytrace=False)
+
+    def check_finding(self, claim: str) -> dict[str, Any]:
+        """Evaluate one of the paper's claims and assert it reproduces the verdict stored in the baseline."""
+        from .findings import CLAIMS, evaluate_claim
+
+        roles = self.profile.roles
+        needed = [roles[r] for r in CLAIMS[claim]["roles"]]
+        missing = [m for m in needed if m not in self.method_ids]
+        if missing:
+            pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
+        if len(self.lengths) < 2:
+            pytest.skip(f"claim {claim} needs at least two context lengths")
+        curves = {}
+        for m in needed:
+            res = self.result(m)
+            curves[m] = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
+        f = evaluate_claim(claim, roles, curves, self.lengths, seed=self.harness.cfg.seed)
+        stored = None if self.update or self.baseline is None else self.baseline.findings.get(claim)
+        f["stored"] = stored
+        f["reproduced"] = None if stored is None else stored == f["holds"]
+        self.findings.append(f)
+        if self.update:
+            return f
+        if stored is None:
+            pytest.fail(f"no stored verdict for claim {claim} in {self.baseline_path}; create it with: "
+                        f"{self.update_command(needed)}", pytrace=False)
+        if stored != f["holds"]:
+            pytest.fail(f"claim {claim}: verdict changed from '{stored}' to '{f['holds']}' — {f['measured']}",
+                        pytrace=False)
+        return f
+
+    # ---- end of session -----------------------------------------------------------------------
+    def record(self) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        from . import __version__
+
+        h = self._harness
+        run: dict[str, Any] = {"profile": self.profile.name, "model": self.model, "lengths": list(self.lengths),
+                               "samples": self.samples, "started": self.started, "finished": _now(),
+                               "update": self.update,
+                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                            "harness": __version__}}
+        if h is not None:
+            md = h.metadata()
+            run.update({k: md[k] for k in ("dtype", "device_type", "corpus", "corpus_sha256", "seed")})
+            run["mode"] = "one-pass" if (h._reference is None or h._reference.one_pass) else "per-length"
+            run["baseline_file"] = _rel(self.baseline_path, Path(self.config.rootpath))
+            run["sample_spans"] = md["samples"]
+        methods = {}
+        for mid, o in self.outcomes.items():
+            d: dict[str, Any] = {"status": o["status"], "error": o["error"]}
+            if o["result"] is not None:
+                rd = o["result"].to_dict()
+                d.update({"curves": rd["curves"], "timings": rd["timings"], "method_info": rd["method_info"]})
+            methods[mid] = d
+        baselines = {}
+        b = None
+        if h is not None and not self.update:
+            try:
+                b = self.baseline
+            except HarnessError:
+                b = None
+        if b is not None:
+            baselines = {m: b.methods[m] for m in methods if m in b.methods}
+        growth = {}
+        for mid, g in self.growth.items():
+            growth[mid] = dict(g)
+            growth[mid]["baseline_verdict"] = (baselines.get(mid, {}).get("growth", {}).get("verdict"))
+        return {"run": run, "methods": methods, "checks": self.checks, "growth": growth, "baselines": baselines,
+                "findings": self.findings, "baseline_changes": self.baseline_changes}
+
+
+class MethodFailed(Exception):
+    """A method raised while compressing or measuring; its tests error with this message."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def get_session(config: pytest.Config) -> LccSession:
+    return config.stash[_KEY]
+
+
+# ---- parametrization and fixtures -------------------------------------------------------------
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    s = metafunc.config.stash.get(_KEY, None)
+    if s is None:
+        return
+    if "lcc_method" in metafunc.fixturenames:
+        metafunc.parametrize("lcc_method", s.method_ids, ids=s.method_ids, scope="session")
+    if "lcc_length" in metafunc.fixturenames:
+        metafunc.parametrize("lcc_length", list(s.lengths), ids=[str(L) for L in s.lengths])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    s = config.stash.get(_KEY, None)
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is available here"))
+        callspec = getattr(item, "callspec", None)
+        if s is not None and callspec is not None and "lcc_method" in callspec.params:
+            # keep each method's tests on one xdist worker (use --dist loadgroup)
+            item.add_marker(pytest.mark.xdist_group(callspec.params["lcc_method"]))
+        if s is not None and s.profile.slow and item.get_closest_marker("slow") is None and "lcc" in getattr(
+                item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def lcc(request: pytest.FixtureRequest) -> LccSession:
+    """The session's LccSession (checks, results, baselines)."""
+    s = get_session(request.config)
+    try:
+        s.harness  # noqa: B018 - build model, corpus and samples now, so errors surface once, clearly
+    except HarnessError as exc:
+        pytest.exit(f"lcc: {exc}", returncode=4)
+    return s
+
+
+@pytest.fixture(scope="session")
+def lcc_result(lcc: LccSession, lcc_method: str):
+    """The MethodResult of the parametrized method (once per session)."""
+    o = lcc.outcome(lcc_method)
+    if o["status"] == "error":
+        raise MethodFailed(f"{lcc_method}: {o['error']}")
+    return o["result"]
+
+
+# ---- session end: xdist transport, baselines, reports -----------------------------------------
+def _partial(s: LccSession) -> dict[str, Any]:
+    rec = s.record()
+    rec["entries"] = s.entries
+    rec["staged_findings"] = {f["claim"]: f["holds"] for f in s.findings}
+    rec["spec"] = s.spec() if s._harness is not None else None
+    rec["identity"] = s.identity() if s._harness is not None else None
+    return rec
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    out = getattr(node, "workeroutput", {}) or {}
+    if "lcc" in out:
+        s = get_session(node.config)
+        s.__dict__.setdefault("_worker_records", []).append(json.loads(out["lcc"]))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    s = session.config.stash.get(_KEY, None)
+    if s is None:
+        return
+    if s.is_worker:
+        if s.used:
+            session.config.workeroutput["lcc"] = json.dumps(_partial(s), default=str)
+        return
+    parts = [_partial(s)] if s.used else []
+    parts += getattr(s, "_worker_records", [])
+    if not parts:
+        return
+    rec = _merge(parts)
+    if s.update and not session.shouldfail and not getattr(session, "shouldstop", False):
+        _write_baselines(s, rec)
+    elif s.update:
+        rec["baseline_changes"].append("baselines NOT written: the session was interrupted")
+    s.final_record = rec
+    try:
+        from .report import write_reports
+
+        s.report_files = write_reports(_public(rec), s.report_dir)
+    except (OSError, HarnessError) as exc:
+        log.error("lcc: could not write reports to %s: %s", s.report_dir, exc)
+
+
+def _public(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if k not in ("entries", "staged_findings", "spec", "identity")}
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    base = dict(next((p for p in parts if p.get("identity")), parts[0]))
+    for key in ("methods", "growth", "baselines", "entries", "staged_findings"):
+        base[key] = {}
+        for p in parts:
+            base[key].update(p.get(key) or {})
+    for key in ("checks", "findings", "baseline_changes"):
+        base[key] = [x for p in parts for x in (p.get(key) or [])]
+    return base
+
+
+def _write_baselines(s: LccSession, rec: dict[str, Any]) -> None:
+    from . import __version__
+    from .baselines import baseline_path, update
+
+    if not rec.get("entries") and not rec.get("staged_findings"):
+        return
+    ident, spec = rec["identity"], rec["spec"]
+    path = baseline_path(s.baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"])
+    meta = {"versions": rec["run"]["versions"], "harness": __version__, "updated": rec["run"]["finished"][:10]}
+    changes = update(path, ident, spec, meta, rec["entries"], rec["staged_findings"])
+    rec["baseline_changes"].extend(changes or [f"{path.name}: no change"])
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    s = config.stash.get(_KEY, None)
+    rec = getattr(s, "final_record", None) if s is not None else None
+    if rec is None:
+        return
+    tr = terminalreporter
+    tr.section("lcc-harness")
+    try:
+        from .report import terminal_summary
+
+        tr.write_line(terminal_summary(_public(rec)))
+    except ImportError:
+        pass
+    for c in rec.get("baseline_changes", []):
+        tr.write_line(f"baseline: {c}")
+    better = [c for c in rec.get("checks", []) if c["outcome"] == "better"]
+    if better:
+        tr.write_line(f"{len(better)} check(s) clearly better than baseline; consider --lcc-update-baselines")
+    for f in getattr(s, "report_files", []) or []:
+        tr.write_line(f"report: {f}")
+
+
+if os.environ.get("LCC_DEBUG"):
+    logging.basicConfig(level=logging.DEBUG)

@@ -1,0 +1,61 @@
+"""Named run profiles: which model, lengths, samples and methods `pytest suites/` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import HarnessError
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A run spec plus the method ids that play each role in the paper's findings."""
+
+    name: str
+    model: str
+    lengths: tuple[int, ...]
+    samples: int
+    group: int  # group size of the quantizers (128 needs a divisor of every target input width)
+    calib_samples: int = 8
+    calib_length: int = 512
+    slow: bool = False
+    description: str = ""
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Role in the findings → method id."""
+        g = self.group
+        return {
+            "magnitude": "magnitude-s50",
+            "wanda": "wanda-s50",
+            "rtn3": f"rtn-w3-g{g}",
+            "rtn4": f"rtn-w4-g{g}",
+            "mixed3": f"mixed-w3-g{g}-p2",
+            "mixed3_random": f"mixed-random-w3-g{g}-p2",
+            "random10": "random-s10",
+        }
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        r = self.roles
+        return (r["magnitude"], r["wanda"], r["random10"], r["rtn4"], r["rtn3"], r["mixed3"], r["mixed3_random"])
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("smoke", "tiny-llama", (64, 128, 256), 3, group=32, calib_samples=4, calib_length=128,
+                description="tiny random Llama, lengths ≤ 256: seconds; exercises the harness itself"),
+        Profile("default", "smollm2-135m", (256, 512, 1024, 2048), 4, group=128,
+                description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores"),
+        Profile("paper", "smollm2-135m", (256, 512, 1024, 2048, 4096, 8192), 4, group=128, slow=True,
+                description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)"),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise HarnessError(f"unknown profile '{name}'; use one of {', '.join(PROFILES)}") from None

@@ -1,0 +1,14 @@
+"""KL regression gates: each method × each context length against the stored baseline.
+
+Method ids and lengths come from the profile (--lcc-profile) or --lcc-methods / --lcc-lengths.
+"""
+
+
+def test_kl_within_baseline(lcc, lcc_result, lcc_method, lcc_length):
+    """Window KL at this length must not exceed the baseline by more than its tolerance."""
+    lcc.check_kl(lcc_method, lcc_length)
+
+
+def test_kl_growth_within_baseline(lcc, lcc_result, lcc_method):
+    """Growth (window KL at the longest ÷ shortest length) must not exceed the baseline's."""
+    lcc.check_growth(lcc_method)

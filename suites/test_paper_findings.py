@@ -1,0 +1,13 @@
+"""The paper's findings as verdicts: each claim's measured verdict must reproduce the stored one.
+
+Whether a claim holds on the model is a measured fact recorded in the baseline; a change that flips it fails.
+"""
+
+import pytest
+
+from lcc_harness.findings import CLAIMS
+
+
+@pytest.mark.parametrize("claim", list(CLAIMS))
+def test_paper_finding_reproduces(lcc, claim):
+    lcc.check_finding(claim)
