@@ -84,7 +84,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     name = str(device or "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"device '{name}' is not a device name; use cpu, cuda or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             f"device '{name}' was asked for but CUDA is not available here; use --device cpu (or auto)"
@@ -101,6 +104,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None → float32 on CPU, bfloat16 on CUDA."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in set(_DTYPES.values()):
+            raise ModelLoadError(f"dtype '{dtype_name(dtype)}' is not supported; use one of float32, bfloat16, float16")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

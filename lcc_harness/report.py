@@ -1,0 +1,691 @@
+"""Reports of one harness run: Markdown tables, the JSON record, a KL-vs-context PNG, a terminal summary.
+
+Input is the run RECORD the pytest plugin collects (a plain JSON-able dict, see `write_reports`); nothing
+here reaches back into models or measurements. Every file is written atomically (temp file in the same
+folder, then `os.replace`), so a reader sees either the previous report or a complete new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tabulate import tabulate
+
+from .errors import HarnessError
+
+REPORT_MD = "kl_report.md"
+REPORT_JSON = "kl_report.json"
+REPORT_PNG = "kl_vs_context.png"
+CI_LEVEL = 0.90
+N_BOOT = 2000
+DASH = "—"
+
+OUTCOME_MARK = {
+    "pass": "✅ pass",
+    "fail": "❌ fail",
+    "better": "⬇ better",
+    "missing": "missing",
+    "updated": "updated",
+    "error": "⚠ error",
+}
+KIND_LABEL = {"kl": "window KL", "growth": "growth"}
+HOLDS_MARK = {"yes": "✅", "no": "❌", "partly": "◐", "inconclusive": "❔", "not run": "—"}
+
+HOW_TO_READ = (
+    "All KL values are KL(P_ref ‖ P_cmp) in nats per next-token distribution, P_ref from the uncompressed "
+    "model and P_cmp from the compressed copy, on the same tokens. At context length L, **window KL** is the "
+    "mean over positions (L/2, L] (what a model sees late in a long context) and **cumulative KL** the mean "
+    "over [0, L). p99 is the 99th percentile of per-position KL in the window, **top-1** the share of window "
+    "positions where both models' most likely next token agree, and **ΔNLL** = NLL_cmp − NLL_ref of the "
+    "actual next token (positive: the compressed model is worse). **Growth** = window KL at the longest "
+    "length ÷ at the shortest; **rel. slope** = slope of window KL against log2(length) ÷ its mean KL (the "
+    "fraction of its own level by which KL rises per doubling of context), with a 90 % bootstrap confidence "
+    "interval over samples. Checks compare window KL with the stored baseline and fail only when KL got "
+    "worse beyond the tolerance (lower KL is reported as ⬇ better)."
+)
+
+
+class ReportDirError(HarnessError, OSError):
+    """The report directory cannot be created or written; the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt_kl(x: Any) -> str:
+    """KL (or any non-negative magnitude) with 4 significant digits; e-notation below 1e-3 or from 1e4."""
+    if x is None:
+        return DASH
+    if not _finite(x):
+        return str(x) if isinstance(x, float) else DASH
+    ax = abs(x)
+    if ax == 0:
+        return "0"
+    if ax < 1e-3 or ax >= 1e4:
+        return f"{x:.3e}"
+    decimals = max(0, 3 - math.floor(math.log10(ax)))
+    return f"{x:.{decimals}f}"
+
+
+def fmt_signed(x: Any) -> str:
+    """Like `fmt_kl` but always signed (ΔNLL)."""
+    if not _finite(x):
+        return fmt_kl(x)
+    return ("+" if x >= 0 else "-") + fmt_kl(abs(x))
+
+
+def fmt_pct(x: Any) -> str:
+    """A fraction in [0, 1] as a percentage with two decimals (top-1 agreement)."""
+    return f"{100 * x:.2f} %" if _finite(x) else fmt_kl(x)
+
+
+def _fmt_ratio(x: Any) -> str:
+    return f"{x:.3g}×" if _finite(x) else fmt_kl(x)
+
+
+def _fmt_slope(x: Any) -> str:
+    return f"{x:+.3f}" if _finite(x) else fmt_kl(x)
+
+
+def _fmt_ci(ci: Any) -> str:
+    if isinstance(ci, Sequence) and len(ci) == 2 and all(_finite(v) for v in ci):
+        return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return DASH
+
+
+def _cell(s: Any) -> str:
+    """A string safe inside a Markdown table cell (one line, no bare pipes)."""
+    return " ".join(str(s).split()).replace("|", "\\|")
+
+
+def _one_line(s: Any, limit: int | None = None) -> str:
+    s = " ".join(str(s).split())
+    return s if limit is None or len(s) <= limit else s[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------- record access
+
+
+def _methods(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(record.get("methods") or {})
+
+
+def _curves(entry: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """A method's curves keyed by int length (the record keys them by str for JSON)."""
+    if entry.get("status", "ok") != "ok":
+        return {}
+    return {int(k): v for k, v in (entry.get("curves") or {}).items()}
+
+
+def _lengths(record: Mapping[str, Any]) -> list[int]:
+    """Run lengths plus any length some curve has, ascending."""
+    found = {int(L) for L in (record.get("run") or {}).get("lengths") or []}
+    for entry in _methods(record).values():
+        found.update(_curves(entry))
+    return sorted(found)
+
+
+def _baseline_kl(record: Mapping[str, Any], method: str, length: int) -> float | None:
+    curves = ((record.get("baselines") or {}).get(method) or {}).get("curves") or {}
+    point = curves.get(str(length), curves.get(length))
+    v = point.get("window_kl") if isinstance(point, Mapping) else None
+    return float(v) if _finite(v) else None
+
+
+def _bits(entry: Mapping[str, Any]) -> Any:
+    return (entry.get("method_info") or {}).get("effective_bits")
+
+
+def _run_title(run: Mapping[str, Any]) -> str:
+    return f"{run.get('model', '?')} ({run.get('dtype', '?')}, {run.get('device_type', '?')})"
+
+
+def _check_counts(checks: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in checks:
+        counts[str(c.get("outcome"))] = counts.get(str(c.get("outcome")), 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _metric_table(record: Mapping[str, Any], key: str, fmt: Any, with_bits: bool = False) -> str:
+    """methods × lengths table of one curve statistic."""
+    lengths = _lengths(record)
+    methods = _methods(record)
+    bits = with_bits and any(_finite(_bits(e)) for e in methods.values())
+    rows = []
+    for mid, entry in methods.items():
+        curves = _curves(entry)
+        status = entry.get("status", "ok")
+        row: list[str] = [_cell(mid)]
+        if bits:
+            row.append(f"{_bits(entry):.2f}" if _finite(_bits(entry)) else DASH)
+        row += [fmt((curves.get(L) or {}).get(key)) if curves else DASH for L in lengths]
+        if status != "ok":
+            row[0] += f" ({status})"
+        rows.append(row)
+    headers = ["method"] + (["bits/weight"] if bits else []) + [str(L) for L in lengths]
+    if not rows:
+        return "_No methods ran._"
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(headers) - 1),
+    )
+
+
+def _growth_table(record: Mapping[str, Any]) -> str:
+    lengths = _lengths(record)
+    lo, hi = (lengths[0], lengths[-1]) if lengths else (None, None)
+    rows = []
+    growth = record.get("growth") or {}
+    for mid, entry in _methods(record).items():
+        curves = _curves(entry)
+        g = growth.get(mid) or {}
+        if not curves and not g:
+            continue
+        was = g.get("baseline_verdict")
+        verdict = g.get("verdict") or DASH
+        if was and was != verdict:
+            verdict = f"**{verdict}** (changed)"
+        rows.append(
+            [
+                _cell(mid),
+                fmt_kl((curves.get(lo) or {}).get("window_kl")),
+                fmt_kl((curves.get(hi) or {}).get("window_kl")),
+                _fmt_ratio(g.get("ratio")),
+                _fmt_slope(g.get("rel_slope")),
+                _fmt_ci(g.get("ci")),
+                verdict,
+                was or DASH,
+            ]
+        )
+    if not rows:
+        return "_No growth statistics (no method completed)._"
+    headers = [
+        "method",
+        f"window KL @ {lo}",
+        f"window KL @ {hi}",
+        "growth",
+        "rel. slope / doubling",
+        "90 % CI",
+        "verdict",
+        "baseline verdict",
+    ]
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left", "right", "right", "right", "right", "right", "left", "left"),
+    )
+
+
+def _delta_pct(value: Any, baseline: Any) -> str:
+    if not (_finite(value) and _finite(baseline)) or baseline == 0:
+        return DASH
+    return f"{100 * (value - baseline) / baseline:+.1f} %"
+
+
+def _checks_table(record: Mapping[str, Any]) -> str:
+    checks = record.get("checks") or []
+    if not checks:
+        return "_No checks were run._"
+    rows = []
+    for c in checks:
+        outcome = str(c.get("outcome"))
+        rows.append(
+            [
+                _cell(c.get("method", "?")),
+                DASH if c.get("length") is None else str(c.get("length")),
+                str(c.get("kind", "")),
+                fmt_kl(c.get("value")),
+                fmt_kl(c.get("baseline")),
+                _delta_pct(c.get("value"), c.get("baseline")),
+                fmt_kl(c.get("tolerance")),
+                OUTCOME_MARK.get(outcome, outcome),
+            ]
+        )
+    headers = ["method", "length", "kind", "value", "baseline", "Δ %", "tolerance", "outcome"]
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left", "right", "left", "right", "right", "right", "right", "left"),
+    )
+
+
+def _summary_lines(record: Mapping[str, Any]) -> list[str]:
+    methods = _methods(record)
+    checks = record.get("checks") or []
+    counts = _check_counts(checks)
+    errored = [m for m, e in methods.items() if e.get("status", "ok") != "ok"]
+    bad = counts.get("fail", 0) + counts.get("error", 0) + len(errored)
+    head = "**FAILED**" if bad else "**PASSED**"
+    order = [k for k in OUTCOME_MARK if k in counts] + sorted(k for k in counts if k not in OUTCOME_MARK)
+    parts = [f"{counts[k]} {k}" for k in order]
+    lines = [
+        f"{head} — {len(methods)} method(s), {len(checks)} check(s)"
+        + (f": {', '.join(parts)}" if parts else "")
+        + (f"; {len(errored)} method(s) did not complete (see Errors)" if errored else "")
+        + "."
+    ]
+    failing = [c for c in checks if c.get("outcome") in ("fail", "error")]
+    if failing:
+        lines.append("")
+        for c in failing:
+            where = f" @ {c['length']}" if c.get("length") is not None else ""
+            tol = f", tolerance {fmt_kl(c.get('tolerance'))}" if c.get("tolerance") is not None else ""
+            lines.append(
+                f"- {OUTCOME_MARK.get(c.get('outcome'), c.get('outcome'))}: `{c.get('method')}`{where} "
+                f"{KIND_LABEL.get(c.get('kind'), c.get('kind'))} {fmt_kl(c.get('value'))} vs baseline {fmt_kl(c.get('baseline'))} "
+                f"({_delta_pct(c.get('value'), c.get('baseline'))}{tol})"
+            )
+    return lines
+
+
+def _findings_lines(record: Mapping[str, Any]) -> list[str]:
+    findings = record.get("findings") or []
+    if not findings:
+        return ["_No findings were evaluated in this run._"]
+    model = (record.get("run") or {}).get("model", "this model")
+    lines: list[str] = []
+    for f in findings:
+        holds = str(f.get("holds"))
+        lines.append(f"### {f.get('claim')} — {_one_line(f.get('title', ''))}")
+        lines.append("")
+        lines.append(f"- **Holds on {model}: {HOLDS_MARK.get(holds, '')} {holds}**".replace("  ", " "))
+        lines.append(f"- Paper: {_one_line(f.get('paper', DASH))}")
+        lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
+        if f.get("detail"):
+            lines.append(f"- {_one_line(f['detail'])}")
+        if f.get("stored") is not None or f.get("reproduced") is not None:
+            rep = {True: "yes", False: "**no**", None: DASH}.get(
+                f.get("reproduced"), str(f.get("reproduced"))
+            )
+            lines.append(
+                f"- Stored verdict: {f.get('stored') if f.get('stored') is not None else DASH}; "
+                f"reproduced: {rep}"
+            )
+        lines.append("")
+    return lines[:-1]
+
+
+def _timings_table(record: Mapping[str, Any]) -> str:
+    rows = []
+    for mid, e in _methods(record).items():
+        t = e.get("timings") or {}
+        rows.append(
+            [
+                _cell(mid),
+                str(e.get("status", "ok")),
+                *(
+                    f"{t[k]:.1f}" if _finite(t.get(k)) else DASH
+                    for k in ("reference_s", "compression_s", "measurement_s")
+                ),
+                f"{_bits(e):.2f}" if _finite(_bits(e)) else DASH,
+            ]
+        )
+    if not rows:
+        return "_No methods ran._"
+    return tabulate(
+        rows,
+        headers=["method", "status", "reference s", "compression s", "measurement s", "bits/weight"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
+def _duration(run: Mapping[str, Any]) -> str:
+    try:
+        s = (
+            datetime.fromisoformat(str(run.get("finished"))) - datetime.fromisoformat(str(run.get("started")))
+        ).total_seconds()
+    except (TypeError, ValueError):
+        return DASH
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _run_table(record: Mapping[str, Any]) -> str:
+    run = record.get("run") or {}
+    versions = run.get("versions") or {}
+    rows = [
+        ("model", run.get("model")),
+        ("dtype", run.get("dtype")),
+        ("device", run.get("device_type")),
+        ("profile", run.get("profile")),
+        ("corpus", run.get("corpus")),
+        ("corpus sha256", f"`{run.get('corpus_sha256')}`" if run.get("corpus_sha256") else DASH),
+        ("seed", run.get("seed")),
+        ("samples", run.get("samples")),
+        ("lengths", ", ".join(str(L) for L in run.get("lengths") or []) or DASH),
+        ("measurement", run.get("mode")),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or DASH),
+        ("started", run.get("started")),
+        ("finished", run.get("finished")),
+        ("duration", _duration(run)),
+        ("baseline file", f"`{run.get('baseline_file')}`" if run.get("baseline_file") else DASH),
+        ("baselines updated", "yes" if run.get("update") else "no"),
+    ]
+    return tabulate(
+        [[k, _cell(DASH if v is None else v)] for k, v in rows],
+        headers=["", ""],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
+def render_markdown(record: Mapping[str, Any]) -> str:
+    """The full Markdown report of a run record."""
+    run = record.get("run") or {}
+    methods = _methods(record)
+    out = [f"# Long-context KL report — {_run_title(run)}", "", HOW_TO_READ, "", "## Summary", ""]
+    out += _summary_lines(record)
+    sections = [
+        ("Window KL (nats), mean over positions (L/2, L]", _metric_table(record, "window_kl", fmt_kl, True)),
+        ("Cumulative KL (nats), mean over [0, L)", _metric_table(record, "cumulative_kl", fmt_kl)),
+        ("p99 of per-position KL in the window (nats)", _metric_table(record, "p99", fmt_kl)),
+        ("Top-1 agreement in the window", _metric_table(record, "top1", fmt_pct)),
+        ("ΔNLL in the window (nats, compressed − reference)", _metric_table(record, "dnll", fmt_signed)),
+        ("Growth with context", _growth_table(record)),
+        ("Baseline checks", _checks_table(record)),
+    ]
+    for title, body in sections:
+        out += ["", f"## {title}", "", body]
+    out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
+    errored = [(m, e) for m, e in methods.items() if e.get("status", "ok") != "ok"]
+    if errored:
+        out += ["", "## Errors", ""]
+        out += [
+            f"- `{m}` ({e.get('status')}): {_one_line(e.get('error') or 'no message')}" for m, e in errored
+        ]
+    changes = record.get("baseline_changes") or []
+    if changes or run.get("update"):
+        out += ["", "## Baseline changes", ""]
+        out += [f"- {_one_line(c)}" for c in changes] or ["_Update mode: no stored value changed._"]
+    out += ["", "## Timings", "", _timings_table(record), "", "## Run", "", _run_table(record), ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- terminal
+
+
+def terminal_summary(record: Mapping[str, Any]) -> str:
+    """A short plain-ASCII table for the pytest terminal summary: one row per method."""
+    run = record.get("run") or {}
+    lengths = _lengths(record)
+    lo, hi = (lengths[0], lengths[-1]) if lengths else (None, None)
+    growth = record.get("growth") or {}
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for c in record.get("checks") or []:
+        by_method.setdefault(str(c.get("method")), []).append(c)
+    rows, notes = [], []
+    for mid, entry in _methods(record).items():
+        curves = _curves(entry)
+        status = entry.get("status", "ok")
+        g = growth.get(mid) or {}
+        counts = _check_counts(by_method.get(mid, []))
+        checks = ", ".join(f"{n} {k.upper() if k in ('fail', 'error') else k}" for k, n in counts.items())
+        if status != "ok":
+            rows.append([mid, status.upper(), status.upper(), "-", "-", checks or "-"])
+            notes.append(f"  {mid}: {_one_line(entry.get('error') or status, 100)}")
+            continue
+        ratio = g.get("ratio")
+        rows.append(
+            [
+                mid,
+                fmt_kl((curves.get(lo) or {}).get("window_kl")),
+                fmt_kl((curves.get(hi) or {}).get("window_kl")),
+                f"{ratio:.3g}x" if _finite(ratio) else "-",
+                g.get("verdict") or "-",
+                checks or "-",
+            ]
+        )
+    head = (
+        f"lcc-harness: {_run_title(run)}, {run.get('samples', '?')} sample(s); window KL(P_ref||P_cmp), nats"
+    )
+    if not rows:
+        return head + "\n  no methods ran"
+    table = tabulate(
+        rows,
+        headers=["method", f"KL@{lo}", f"KL@{hi}", "growth", "verdict", "checks"],
+        tablefmt="simple",
+        disable_numparse=True,
+    )
+    lines = [head, table.replace("—", "-")] + notes
+    findings = record.get("findings") or []
+    if findings:
+        lines.append("paper claims: " + "; ".join(f"{f.get('claim')} {f.get('holds')}" for f in findings))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+
+def mean_band(
+    values: Sequence[float], rng: np.random.Generator, level: float = CI_LEVEL, n_boot: int = N_BOOT
+) -> tuple[float, float, float]:
+    """(mean, lo, hi) of per-sample values: bootstrap CI of the mean for n ≥ 3, mean ± SE for n = 2."""
+    x = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if x.size == 1:
+        return (mean, mean, mean)
+    if x.size < 3:
+        se = float(x.std(ddof=1) / math.sqrt(x.size))
+        return (mean, mean - se, mean + se)
+    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)  # (n_boot,)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(boot, [a, 1 - a])
+    return (mean, float(lo), float(hi))
+
+
+def render_png(record: Mapping[str, Any]) -> bytes:
+    """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    run = record.get("run") or {}
+    seed = int(run.get("seed") or 0)
+    lengths = _lengths(record)
+    series = []  # (method, xs, means, los, his, baseline xs, baseline ys, n samples)
+    for mid, entry in _methods(record).items():
+        curves = _curves(entry)
+        if not curves:
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(mid.encode())])
+        xs, ms, los, his, ns = [], [], [], [], []
+        for L in sorted(curves):
+            c = curves[L]
+            per = (c.get("per_sample") or {}).get("window_kl") or []
+            m, lo, hi = mean_band(per, rng) if per else (c.get("window_kl"), None, None)
+            if not _finite(m):
+                continue
+            xs.append(L)
+            ms.append(float(c["window_kl"]) if _finite(c.get("window_kl")) else m)
+            los.append(lo if _finite(lo) else ms[-1])
+            his.append(hi if _finite(hi) else ms[-1])
+            ns.append(len(per))
+        bl = [(L, _baseline_kl(record, mid, L)) for L in lengths]
+        bl = [(L, v) for L, v in bl if v is not None]
+        series.append((mid, _bits(entry), xs, ms, los, his, bl, max(ns, default=0)))
+
+    positive = [v for s in series for v in s[3] + [b for _, b in s[6]] if v > 0]
+    log_y = bool(positive) and max(positive) / min(positive) > 100
+
+    n_rows_legend = math.ceil((len(series) + 1) / 3) if series else 1
+    fig = Figure(figsize=(11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{i}" for i in range(10)]  # default cycle = tab10
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    hidden = []
+    for i, (mid, bits, xs, ms, los, his, bl, _n) in enumerate(series):
+        color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
+        label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
+        if log_y and all(m <= 0 for m in ms):
+            hidden.append(mid)
+            label += "  [KL = 0, off the log axis]"
+        ys = [m if (m > 0 or not log_y) else np.nan for m in ms]
+        ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=2, label=label, zorder=3)
+        if any(h > lo for lo, h in zip(los, his, strict=True)):
+            lo_b = [max(v, min(positive) / 10) if log_y else v for v in los] if positive else los
+            ax.fill_between(xs, lo_b, his, color=color, alpha=0.18, linewidth=0, zorder=2)
+        if bl:
+            ax.plot(
+                [L for L, _ in bl],
+                [v if (v > 0 or not log_y) else np.nan for _, v in bl],
+                color=color,
+                linestyle="--",
+                linewidth=1.4,
+                alpha=0.9,
+                zorder=2,
+            )
+
+    ax.set_xscale("log", base=2)
+    if lengths:
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.set_xticklabels([str(L) for L in lengths])
+        pad = 2**0.25
+        ax.set_xlim(lengths[0] / pad, lengths[-1] * pad)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if log_y:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.grid(True, which="major", alpha=0.35)
+    if log_y:
+        ax.grid(True, which="minor", axis="y", alpha=0.12)
+    ax.tick_params(labelsize=12)
+    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
+    ax.set_ylabel("window KL(P_ref ‖ P_cmp), nats" + ("  (log scale)" if log_y else ""), fontsize=13)
+    ax.set_title(f"Window KL vs context length — {_run_title(run)}", fontsize=15, pad=26)
+    n_samples = max((s[7] for s in series), default=0)
+    notes = ["window = positions (L/2, L]"]
+    if series:
+        notes.append(
+            f"band = 90 % bootstrap CI of the mean over {n_samples} samples"
+            if n_samples >= 3
+            else f"band = mean ± SE over {n_samples} samples"
+            if n_samples == 2
+            else "one sample: no band"
+        )
+    if any(s[6] for s in series):
+        notes.append("dashed = stored baseline")
+    notes.append(f"corpus {run.get('corpus', '?')}")
+    ax.text(
+        0.5,
+        1.015,
+        "; ".join(notes),
+        transform=ax.transAxes,
+        ha="center",
+        va="bottom",
+        fontsize=10.5,
+        color="0.3",
+    )
+    if not series:
+        ax.text(
+            0.5, 0.5, "no method completed", transform=ax.transAxes, ha="center", va="center", fontsize=16
+        )
+    else:
+        handles, labels = ax.get_legend_handles_labels()
+        if any(s[6] for s in series):
+            handles.append(Line2D([], [], color="0.35", linestyle="--", linewidth=1.4))
+            labels.append("stored baseline (same colour)")
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=min(3, len(handles)),
+            fontsize=11.5,
+            frameon=False,
+        )
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _not_writable(out_dir: Path, err: BaseException) -> ReportDirError:
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return ReportDirError(
+        f"report directory '{out_dir}' is not writable: {reason}; pass --lcc-report-dir to a writable folder"
+    )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(out_dir: str | os.PathLike[str]) -> Path:
+    """Create `out_dir` and prove a file can be written there; raise ReportDirError (a HarnessError) if not."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lcc-probe-", dir=out)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise _not_writable(out, e) from e
+    return out
+
+
+def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write kl_report.json, kl_report.md and kl_vs_context.png into `out_dir` (created); return their paths.
+
+    The JSON is the record itself (sorted keys, indent 1). Raises ReportDirError (an OSError and a
+    HarnessError) naming the directory when it cannot be written.
+    """
+    out = Path(out_dir)
+    paths = [out / REPORT_JSON, out / REPORT_MD, out / REPORT_PNG]
+    renderers = (
+        lambda: (json.dumps(record, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode(),
+        lambda: render_markdown(record).encode(),
+        lambda: render_png(record),  # last: if plotting fails, the JSON and Markdown are already there
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _not_writable(out, e) from e
+    for path, render in zip(paths, renderers, strict=True):
+        data = render()
+        try:
+            _write_atomic(path, data)
+        except OSError as e:
+            raise _not_writable(out, e) from e
+    return paths

@@ -1,0 +1,138 @@
+"""The pytest plugin end to end, in subprocesses on the tiny model (smoke profile)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+METHODS = "rtn-w3-g32,rtn-w4-g32"
+
+
+@pytest.fixture()
+def project(pytester: pytest.Pytester, tmp_path_factory) -> pytest.Pytester:
+    """A user project with the shipped suites, the smoke profile, and its own cache."""
+    for f in SUITES.glob("test_*.py"):
+        pytester.makepyfile(**{f.stem: f.read_text()})
+    pytester.makeini(textwrap.dedent(f"""
+        [pytest]
+        lcc_profile = smoke
+        lcc_cache_dir = {tmp_path_factory.mktemp("cache")}
+        """))
+    return pytester
+
+
+def run(p: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return p.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-rfE", *args)
+
+
+def baseline_file(p: pytest.Pytester) -> Path:
+    return p.path / "baselines" / "tiny-llama.float32.cpu.smoke.json"
+
+
+def test_missing_baseline_fails_with_command(project):
+    r = run(project, "--lcc-methods", METHODS, "test_kl_regression.py")
+    r.assert_outcomes(failed=8)
+    r.stdout.fnmatch_lines(["*no baseline for rtn-w3-g32 at length 64*create it with: pytest suites/ "
+                            "--lcc-profile smoke --lcc-methods rtn-w3-g32 --lcc-update-baselines*"])
+
+
+def test_update_then_pass_then_worse_method_fails(project):
+    r = run(project, "--lcc-methods", METHODS, "--lcc-update-baselines")
+    r.assert_outcomes(passed=9, skipped=3)  # claims needing unselected methods skip
+    data = json.loads(baseline_file(project).read_text())
+    assert sorted(data["methods"]) == ["rtn-w3-g32", "rtn-w4-g32"]
+    assert data["findings"] == {"lowbit-rises": data["findings"]["lowbit-rises"]}
+    before = baseline_file(project).read_text()
+
+    r = run(project, "--lcc-methods", METHODS)
+    r.assert_outcomes(passed=9, skipped=3)
+    assert (project.path / "reports" / "kl_report.md").exists()
+    assert (project.path / "reports" / "kl_vs_context.png").exists()
+
+    # re-running the update changes nothing on disk
+    run(project, "--lcc-methods", METHODS, "--lcc-update-baselines").assert_outcomes(passed=9, skipped=3)
+    assert baseline_file(project).read_text() == before
+
+    # a deliberately worse quantizer under the existing id: 3-bit ids quantize at 2 bits
+    project.makeconftest(textwrap.dedent("""
+        from dataclasses import dataclass
+        from lcc_harness.methods.basic import RTN
+        from lcc_harness.methods.registry import register
+
+        @register
+        @dataclass(frozen=True)
+        class WorseRTN(RTN):
+            def apply(self, model, ctx):
+                bits = self.bits - 1 if self.bits == 3 else self.bits
+                return RTN(bits=bits, group=self.group, sym=self.sym).apply(model, ctx)
+        """))
+    r = run(project, "--lcc-methods", METHODS, "test_kl_regression.py", "-k", "test_kl_within_baseline")
+    r.assert_outcomes(failed=3, passed=3)
+    out = r.stdout.str()
+    for L in (64, 128, 256):
+        assert f"FAILED test_kl_regression.py::test_kl_within_baseline[rtn-w3-g32-{L}]" in out
+        assert f"test_kl_within_baseline[rtn-w4-g32-{L}]" not in out
+
+
+def test_update_keeps_entries_that_did_not_run(project):
+    run(project, "--lcc-methods", METHODS, "--lcc-update-baselines", "test_kl_regression.py")
+    run(project, "--lcc-methods", "rtn-w3-g32", "--lcc-update-baselines", "test_kl_regression.py")
+    data = json.loads(baseline_file(project).read_text())
+    assert sorted(data["methods"]) == ["rtn-w3-g32", "rtn-w4-g32"]
+
+
+def test_failing_and_nan_methods_do_not_stop_the_others(project):
+    project.makeconftest(textwrap.dedent("""
+        import re
+        from dataclasses import dataclass
+        import torch
+        from lcc_harness.methods.registry import Method, register
+
+        @register
+        @dataclass(frozen=True)
+        class Boom(Method):
+            family = "boom"
+            pattern = re.compile(r"boom")
+            forms = ("boom",)
+            @property
+            def id(self):
+                return "boom"
+            @classmethod
+            def from_match(cls, m):
+                return cls()
+            def apply(self, model, ctx):
+                raise RuntimeError("kaboom in apply")
+
+        @register
+        @dataclass(frozen=True)
+        class NaNs(Method):
+            family = "nans"
+            pattern = re.compile(r"nans")
+            forms = ("nans",)
+            @property
+            def id(self):
+                return "nans"
+            @classmethod
+            def from_match(cls, m):
+                return cls()
+            def apply(self, model, ctx):
+                with torch.no_grad():
+                    model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+                return model
+        """))
+    run(project, "--lcc-methods", "rtn-w4-g32", "--lcc-update-baselines", "test_kl_regression.py")
+    r = run(project, "--lcc-methods", "boom,nans,rtn-w4-g32", "test_kl_regression.py")
+    r.assert_outcomes(passed=4, failed=4, errors=4)
+    out = r.stdout.str()
+    assert "ERROR test_kl_regression.py::test_kl_within_baseline[boom-64]" in out
+    assert "kaboom in apply" in out
+    assert "FAILED test_kl_regression.py::test_kl_within_baseline[nans-64]" in out
+    assert "non-finite" in out
+    report = json.loads((project.path / "reports" / "kl_report.json").read_text())
+    assert report["methods"]["boom"]["status"] == "error"
+    assert report["methods"]["nans"]["status"] == "non-finite"
+    assert report["methods"]["rtn-w4-g32"]["status"] == "ok"
