@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-
 from lcc_harness.methods import registry
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lcc-example-plugin"
 
