@@ -2,5 +2,7 @@
 
 from importlib.metadata import entry_points
 
+# pytester drives the plugin end to end in tests/test_plugin.py
+pytest_plugins = ["pytester"]
 if not any(ep.name == "lcc_harness" for ep in entry_points(group="pytest11")):
-    pytest_plugins = ["lcc_harness.plugin"]
+    pytest_plugins.append("lcc_harness.plugin")

@@ -15,5 +15,3 @@ def tiny() -> LoadedModel:
 @pytest.fixture()
 def cache_dir(tmp_path):
     return tmp_path / "cache"
-
-pytest_plugins = ["pytester"]
