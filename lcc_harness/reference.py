@@ -29,7 +29,7 @@ from .models import LoadedModel, dtype_name
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # KL between a short pass and the same positions of a long pass above this means the model's outputs
 # depend on the total length (measured on SmolLM2 float32: ≤ 3e-7).
 LENGTH_PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3, torch.float16: 5e-3}
@@ -90,46 +90,54 @@ def build_reference(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequenc
     """
     t0 = time.perf_counter()
     lengths = tuple(sorted(lengths))
+    key = reference_key(lm, samples, lengths, not naive)
+    path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
+    head = output_head(lm.model)
+    if use_cache:
+        loaded = _load(path, key)
+        if loaded is not None:
+            hidden, meta = loaded
+            notes = json.loads(meta.get("notes", "[]"))
+            for msg in notes:
+                warnings.warn(msg, stacklevel=2)
+            return Reference(list(samples), lengths, hidden, head, meta.get("one_pass") == "1", key,
+                             time.perf_counter() - t0, True, notes)
     notes: list[str] = []
     one_pass = not naive
+    first_long = None
     if one_pass:
-        reason = length_dependence(lm.model) or _probe_length_dependence(lm, samples[0], lengths)
+        reason = length_dependence(lm.model)
+        if reason is None and len(lengths) > 1:  # the probe reuses sample 0's long pass
+            first_long = final_hidden(lm.model, samples[0].ids[: lengths[-1]])
+            reason = _probe_length_dependence(lm, samples[0], lengths, first_long)
         if reason:
             one_pass = False
             msg = f"{lm.name}: {reason}; measuring one pass per length (slower)"
             warnings.warn(msg, stacklevel=2)
             notes.append(msg)
-    key = reference_key(lm, samples, lengths, one_pass)
-    path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
-    head = output_head(lm.model)
-    if use_cache:
-        hidden = _load(path, key)
-        if hidden is not None:
-            return Reference(list(samples), lengths, hidden, head, one_pass, key,
-                             time.perf_counter() - t0, True, notes)
-    hidden = {}
+    hidden: dict[int, list[torch.Tensor]] = {}
     from tqdm.auto import tqdm
 
     passes = passes_for(lengths, one_pass)
     bar = tqdm(total=len(passes) * len(samples), desc="reference", disable=not progress, leave=False)
     for P in passes:
         hidden[P] = []
-        for s in samples:
-            hidden[P].append(final_hidden(lm.model, s.ids[:P]))
+        for i, s in enumerate(samples):
+            reuse = first_long is not None and i == 0 and P == lengths[-1]
+            hidden[P].append(first_long if reuse else final_hidden(lm.model, s.ids[:P]))
             bar.update()
     bar.close()
     if use_cache:
-        _save(path, key, hidden)
+        _save(path, key, hidden, {"one_pass": "1" if one_pass else "0", "notes": json.dumps(notes)})
     return Reference(list(samples), lengths, hidden, head, one_pass, key, time.perf_counter() - t0, False, notes)
 
 
-def _probe_length_dependence(lm: LoadedModel, sample: Sample, lengths: tuple[int, ...]) -> str | None:
-    """Compare a pass at the shortest length with the same positions of the longest pass."""
-    if len(lengths) < 2:
-        return None
+def _probe_length_dependence(lm: LoadedModel, sample: Sample, lengths: tuple[int, ...],
+                             h_full: torch.Tensor) -> str | None:
+    """Compare a pass at the shortest length with the same positions of the longest pass (`h_full`)."""
     short, long_ = lengths[0], lengths[-1]
     probe = min(short, 256)
-    h_long = final_hidden(lm.model, sample.ids[:long_])[:probe]
+    h_long = h_full[:probe]
     h_short = final_hidden(lm.model, sample.ids[:probe])
     head = output_head(lm.model)
     kl = compare(head, head, h_long, h_short, sample.ids[:probe]).kl
@@ -148,7 +156,7 @@ def _checksum(hidden: dict[int, list[torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def _load(path: Path, key: str) -> dict[int, list[torch.Tensor]] | None:
+def _load(path: Path, key: str) -> tuple[dict[int, list[torch.Tensor]], dict[str, str]] | None:
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -162,19 +170,19 @@ def _load(path: Path, key: str) -> dict[int, list[torch.Tensor]] | None:
             hidden = {int(P): [f.get_tensor(f"p{P}_s{i}") for i in range(n)] for P, n in layout.items()}
         if _checksum(hidden) != meta.get("checksum"):
             raise ValueError("checksum mismatch")
-        return hidden
+        return hidden, meta
     except Exception as exc:  # corrupt, truncated, stale: all mean "recompute"
         log.warning("reference cache %s is unusable (%s); recomputing", path, exc)
         warnings.warn(f"reference cache {path.name} unusable ({exc}); recomputed", stacklevel=3)
         return None
 
 
-def _save(path: Path, key: str, hidden: dict[int, list[torch.Tensor]]) -> None:
+def _save(path: Path, key: str, hidden: dict[int, list[torch.Tensor]], extra: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"p{P}_s{i}": t.contiguous() for P, ts in hidden.items() for i, t in enumerate(ts)}
     meta: dict[str, Any] = {"key": key, "format": str(CACHE_FORMAT), "checksum": _checksum(hidden),
-                            "layout": json.dumps({str(P): len(ts) for P, ts in hidden.items()})}
+                            "layout": json.dumps({str(P): len(ts) for P, ts in hidden.items()}), **extra}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
