@@ -39,7 +39,10 @@ def collect_input_stats(model: nn.Module, linears: Sequence[tuple[str, nn.Linear
                         calibration: Sequence[torch.Tensor]) -> dict[str, InputStats]:
     """One calibration pass with forward pre-hooks on `linears`; returns name → InputStats."""
     if not calibration:
-        raise ValueError("this method needs calibration spans, but none were given")
+        from ..errors import MethodError
+
+        raise MethodError("this method needs calibration spans, but none were given; pass calibration "
+                          "(RunConfig.calib_samples > 0)")
     stats: dict[str, InputStats] = {}
     hooks = []
 

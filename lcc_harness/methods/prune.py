@@ -1,0 +1,221 @@
+"""Unstructured and N:M semi-structured weight pruning: magnitude, Wanda and random.
+
+Every family prunes each output row of every target Linear on its own (per-output comparison group):
+- `{family}-s{P}`: zero exactly k = round(P/100 · in_features) weights per row (Python `round`, i.e. half to
+  even), the k lowest scores; P is a percent with 0 < P < 100, written without trailing zeros (s50, s12.5).
+- `{family}-{N}:{M}`: keep at most N of every M consecutive input weights of a row (NVIDIA 2:4 convention),
+  i.e. zero the M−N lowest scores of each group; M must divide the input width of every target Linear.
+Scores: magnitude |W_ij|; Wanda |W_ij| · ‖X_j‖₂ (input column norms over the calibration tokens, collected in
+one pass on the dense model); random: uniform noise from `ctx.generator(name)`. Ties go to the lower input
+index (stable sort), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+import torch
+from torch import nn
+
+from ..errors import MethodError
+from ._calib import collect_input_stats
+from .registry import CompressContext, Method, check_range, register
+
+_NUM = r"-?\d+(?:\.\d+)?"
+
+
+def format_percent(p: float) -> str:
+    """Shortest decimal that round-trips `p`, without exponent or trailing zeros: 50.0 → '50', 12.5 → '12.5'."""
+    if not math.isfinite(p):
+        return str(p)
+    return format(Decimal(repr(float(p))).normalize(), "f")
+
+
+def rows_prune_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (O, I): True at the k lowest scores of each row of `scores` (O, I); ties → lower index."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.argsort(scores, dim=1, stable=True)[:, :k]  # (O, k)
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask (O, I): True at the M−N lowest scores of every group of M consecutive inputs of a row."""
+    out_f, in_f = scores.shape
+    groups = scores.reshape(out_f, in_f // m, m)  # (O, I/M, M)
+    idx = torch.argsort(groups, dim=2, stable=True)[..., : m - n]  # (O, I/M, M-N)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(out_f, in_f)
+
+
+@dataclass(frozen=True)
+class _Prune(Method):
+    """Shared shape of the three pruning families; subclasses set `family` and `scores`.
+
+    percent: sparsity in percent for `-s{P}`; in N:M mode (m > 0) it is derived as 100·(M−N)/M.
+    """
+
+    percent: float | None = None
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        fam = self.family
+        if self.m or self.n:
+            form = f"{fam}-{{N}}:{{M}} with integers 0 < N < M, e.g. {fam}-2:4"
+            check_range(self.id, "M", self.m, 2, 1 << 20, form)
+            check_range(self.id, "N", self.n, 1, self.m - 1, form)
+            implied = 100.0 * (self.m - self.n) / self.m
+            if self.percent is not None and not math.isclose(self.percent, implied):
+                raise MethodError(
+                    f"method '{self.id}': percent={self.percent} contradicts N:M sparsity "
+                    f"{format_percent(implied)}%; give either percent or N:M, not both"
+                )
+            object.__setattr__(self, "percent", implied)
+            return
+        if self.percent is None:
+            object.__setattr__(self, "percent", 50.0)
+        p = float(self.percent)
+        if not (0.0 < p < 100.0):
+            raise MethodError(
+                f"method '{self.id}': sparsity {format_percent(p)}% is out of range; write it as "
+                f"{fam}-s{{P}} with a percent 0 < P < 100 (e.g. {fam}-s50, {fam}-s12.5), "
+                f"or {fam}-{{N}}:{{M}} for N:M sparsity"
+            )
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @property
+    def id(self) -> str:
+        if self.m or self.n:
+            return f"{self.family}-{self.n}:{self.m}"
+        return f"{self.family}-s{format_percent(50.0 if self.percent is None else self.percent)}"
+
+    @classmethod
+    def from_match(cls, mt: re.Match[str]) -> _Prune:
+        if mt["pct"] is not None:
+            return cls(percent=float(mt["pct"]))
+        n_txt, m_txt = mt["n"], mt["m"]
+        if "." in n_txt or "." in m_txt or n_txt.startswith("-") or m_txt.startswith("-"):
+            raise MethodError(
+                f"method '{mt.group(0)}': N:M needs whole numbers 0 < N < M, got {n_txt}:{m_txt}; "
+                f"write it as {cls.family}-{{N}}:{{M}}, e.g. {cls.family}-2:4"
+            )
+        return cls(n=int(n_txt), m=int(m_txt))
+
+    def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
+        """Importance (out, in) float32 on the weight's device; the lowest scores are pruned."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
+        """Anything the scores need computed once for all layers (e.g. calibration statistics)."""
+        return {}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        linears = ctx.linears(model)
+        if self.structured:
+            for name, lin in linears:
+                if lin.in_features % self.m:
+                    raise MethodError(
+                        f"method '{self.id}': groups of M={self.m} do not divide the input "
+                        f"width {lin.in_features} of {name}; choose an M that divides every "
+                        "target Linear's input width (e.g. 2:4), or exclude that layer"
+                    )
+        state = self.prepare(model, linears, ctx)
+        n_zero = 0
+        n_total = 0
+        for name, lin in linears:
+            w = lin.weight  # (O, I)
+            s = self.scores(name, lin, ctx, state)  # (O, I) float32
+            if self.structured:
+                mask = nm_prune_mask(s, self.n, self.m)
+            else:
+                mask = rows_prune_mask(s, round(self.percent * lin.in_features / 100))
+            w.masked_fill_(mask, 0)
+            n_zero += int((w == 0).sum())
+            n_total += w.numel()
+        ctx.info["sparsity"] = n_zero / max(n_total, 1)
+        return model
+
+
+def _pattern(family: str) -> re.Pattern[str]:
+    return re.compile(rf"{family}-(?:s(?P<pct>{_NUM})|(?P<n>{_NUM}):(?P<m>{_NUM}))")
+
+
+_FORMS_NOTE = "0 < P < 100 percent per output row, or N:M = at most N nonzeros in every M consecutive inputs"
+
+
+@register
+@dataclass(frozen=True)
+class MagnitudePrune(_Prune):
+    """Zero the weights of smallest |W| in each output row (or each group of M)."""
+
+    family = "magnitude"
+    pattern = _pattern("magnitude")
+    forms = ("magnitude-s{P}", "magnitude-{N}:{M}")
+    examples = ("magnitude-s50", "magnitude-2:4")
+    description = (
+        f"magnitude pruning: remove the weights of smallest magnitude abs(W) per output row; {_FORMS_NOTE}"
+    )
+
+    def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
+        return lin.weight.detach().float().abs()
+
+
+@register
+@dataclass(frozen=True)
+class WandaPrune(_Prune):
+    """Wanda (Sun et al. 2023): score |W_ij| · ‖X_j‖₂, compared per output row; statistics from the dense model."""
+
+    family = "wanda"
+    pattern = _pattern("wanda")
+    forms = ("wanda-s{P}", "wanda-{N}:{M}")
+    examples = ("wanda-s50", "wanda-2:4")
+    description = (
+        f"Wanda pruning: remove the lowest abs(W_ij)·norm2(X_j) per output row (calibration "
+        f"inputs of the dense model); {_FORMS_NOTE}"
+    )
+    needs_calibration = True
+
+    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
+        if not ctx.calibration:
+            raise MethodError(
+                f"method '{self.id}' needs calibration spans, but the context has none; "
+                "run it through the harness (which draws them) or pass CompressContext(calibration=...)"
+            )
+        stats = collect_input_stats(model, linears, ctx.calibration)
+        missing = [name for name, _ in linears if name not in stats]
+        if missing:
+            raise MethodError(
+                f"method '{self.id}': target Linear(s) {missing[:3]} saw no calibration input; "
+                "exclude them from the targets"
+            )
+        return {name: st.col_norm for name, st in stats.items()}
+
+    def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
+        w = lin.weight.detach()
+        norm = state[name].to(device=w.device, dtype=torch.float32)  # (I,)
+        return w.float().abs() * norm[None, :]
+
+
+@register
+@dataclass(frozen=True)
+class RandomPrune(_Prune):
+    """Zero uniformly random weights in each output row (or group of M); seeded by ctx.generator(layer name)."""
+
+    family = "random"
+    pattern = _pattern("random")
+    forms = ("random-s{P}", "random-{N}:{M}")
+    examples = ("random-s10", "random-2:4")
+    description = f"random pruning (a floor for the other criteria), seeded per layer; {_FORMS_NOTE}"
+
+    def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
+        noise = torch.rand(lin.weight.shape, generator=ctx.generator(name), dtype=torch.float32)  # CPU
+        return noise.to(lin.weight.device)
