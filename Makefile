@@ -6,6 +6,8 @@ PYTHON ?= python3
 # CPU machines take the pinned CPU wheel; a GPU runner sets TORCH_SPEC to its CUDA build (or pre-installs one).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# OpenMP busy-waiting makes small ops ~50x slower when cores are shared (measured while developing GPTQ)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup report test bench lint clean-cache
 setup: $(VENV)/.installed

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +119,10 @@ class BaselineFile:
             raise BaselineError(f"baseline file '{path}' is not valid JSON ({exc}); restore it from git "
                                 "(`git checkout -- <file>`) or delete it and re-create with --lcc-update-baselines"
                                 ) from None
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("methods"), dict):
-            raise BaselineError(f"baseline file '{path}' does not follow schema {SCHEMA}; restore it from git or "
-                                "re-create it with --lcc-update-baselines")
+        problem = _schema_problem(data)
+        if problem:
+            raise BaselineError(f"baseline file '{path}' does not follow schema {SCHEMA} ({problem}); restore it "
+                                "from git or re-create it with --lcc-update-baselines")
         for k in IDENTITY_KEYS:
             if data.get(k) != identity.get(k):
                 raise BaselineError(f"baseline file '{path}' is for {k}={data.get(k)!r} but this run has "
@@ -140,6 +143,33 @@ class BaselineFile:
     def growth_entry(self, method: str) -> tuple[float, float] | None:
         g = self.methods.get(method, {}).get("growth")
         return (g["ratio"], g["tolerance"]) if g else None
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _schema_problem(data: Any) -> str | None:
+    """What is wrong with a parsed baseline file's structure, or None when it is usable."""
+    if not isinstance(data, dict):
+        return f"top level is a {type(data).__name__}, not an object"
+    if data.get("schema") != SCHEMA:
+        return f"schema is {data.get('schema')!r}"
+    if not isinstance(data.get("methods"), dict):
+        return "'methods' is not an object"
+    if not isinstance(data.get("findings", {}), dict):
+        return "'findings' is not an object"
+    for mid, entry in data["methods"].items():
+        curves = entry.get("curves") if isinstance(entry, dict) else None
+        growth = entry.get("growth") if isinstance(entry, dict) else None
+        if not isinstance(curves, dict) or not isinstance(growth, dict):
+            return f"method {mid!r} lacks 'curves' or 'growth'"
+        for L, c in curves.items():
+            if not (isinstance(c, dict) and _number(c.get("window_kl")) and _number(c.get("tolerance"))):
+                return f"method {mid!r} length {L} lacks a numeric window_kl/tolerance"
+        if not (_number(growth.get("ratio")) and _number(growth.get("tolerance"))):
+            return f"method {mid!r} growth lacks a numeric ratio/tolerance"
+    return None
 
 
 def method_entry(curves: Mapping[str, Mapping[str, Any]], growth: Mapping[str, Any], noise: float,
@@ -178,18 +208,20 @@ def update(path: Path, identity: Mapping[str, Any], spec: Mapping[str, Any], met
     Entries of methods that did not run are kept, unless the spec changed (then they are dropped, since they
     were measured on other samples). Written atomically under a lock.
     """
-    from .run import write_json_atomic
-
     with locked(path):
+        _remove_stale_temps(path)
         changes: list[str] = []
         data: dict[str, Any] = {}
         if path.exists():
             try:
                 data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 changes.append(f"{path.name}: unreadable old file replaced")
                 data = {}
-        same = (data.get("schema") == SCHEMA and all(data.get(k) == identity.get(k) for k in IDENTITY_KEYS)
+        if data and _schema_problem(data):
+            changes.append(f"{path.name}: old file of another schema replaced ({_schema_problem(data)})")
+            data = {}
+        same = (all(data.get(k) == identity.get(k) for k in IDENTITY_KEYS)
                 and all(data.get("spec", {}).get(k) == spec.get(k) for k in SPEC_KEYS))
         if data and not same:
             dropped = sorted(set(data.get("methods", {})) - set(entries))
@@ -226,3 +258,49 @@ def _diff(mid: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     if og.get("ratio") != ng.get("ratio") or og.get("verdict") != ng.get("verdict"):
         out.append(f"{mid} growth {og.get('ratio')} ({og.get('verdict')}) → {ng.get('ratio')} ({ng.get('verdict')})")
     return out
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files a killed writer of `path` left behind (call under `locked(path)`)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON (sorted keys, indent 1) so that `path` is always either the old file or the complete new one.
+
+    The text goes to a temp file in the same folder, is fsynced, then renamed over `path`. For fault-injection
+    tests, LCC_TEST_SLOW_WRITE=<seconds> pauses halfway through the temp file and again before the rename.
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    try:
+        pause = max(float(os.environ.get("LCC_TEST_SLOW_WRITE") or 0), 0.0)
+    except ValueError:
+        pause = 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            half = len(text) // 2 if pause else len(text)
+            f.write(text[:half])
+            if pause:
+                f.flush()
+                time.sleep(pause)
+            f.write(text[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        if pause:
+            time.sleep(pause)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

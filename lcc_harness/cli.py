@@ -31,6 +31,17 @@ def format_curve_table(stats: dict, fmt: str = "github") -> str:
                     tablefmt=fmt, floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"))
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
 def _cmd_measure(args: argparse.Namespace) -> int:
     from .run import Harness, RunConfig, parse_lengths, write_json_atomic
 
@@ -44,6 +55,10 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .methods.registry import parse_method
 
     method = parse_method(args.method)  # fail on a bad id before loading anything
+    if args.quiet:  # transformers' own "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     harness = Harness(cfg)
     result = harness.run(method)
     t = result.timings
@@ -53,8 +68,16 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     print(f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
           f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s")
     if args.json:
-        write_json_atomic(args.json, result.to_dict())
+        try:
+            write_json_atomic(args.json, result.to_dict())
+        except OSError as exc:
+            raise HarnessError(f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a "
+                               "writable path") from exc
         print(f"wrote {args.json}")
+    if result.errors:  # lengths that ran out of memory: the others are in the table above
+        for msg in result.errors.values():
+            print(f"lcc: error: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -67,21 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     m.add_argument("--method", required=True, help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
     m.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated context lengths")
-    m.add_argument("--samples", type=int, default=2, help="evaluation spans (default 2)")
+    m.add_argument("--samples", type=_positive_int, default=2, help="evaluation spans (default 2)")
     m.add_argument("--corpus", default=None, help="txt / jsonl / folder / saved dataset (default: embedded)")
     m.add_argument("--text-field", default="text", help="jsonl/dataset text field (default text)")
     m.add_argument("--device", default="auto", help="cpu | cuda | auto")
     m.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--calib-samples", type=int, default=8)
-    m.add_argument("--calib-length", type=int, default=512)
+    m.add_argument("--calib-samples", type=_positive_int, default=8)
+    m.add_argument("--calib-length", type=_positive_int, default=512)
     m.add_argument("--naive", action="store_true", help="one forward pass per length (for comparison)")
-    m.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="positions per LM-head chunk")
+    m.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK, help="positions per LM-head chunk")
     m.add_argument("--cache-dir", default=None, help="reference cache (default $LCC_CACHE_DIR or ~/.cache)")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
     m.add_argument("--allow-extrapolation", action="store_true", help="allow lengths beyond the model's positions")
     m.add_argument("--json", default=None, help="write the full result as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     m.set_defaults(func=_cmd_measure)
     return p
 
@@ -94,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         if args.debug:
             raise
-        print(f"lcc: error: {exc}", file=sys.stderr)
+        print(f"lcc: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lcc: interrupted", file=sys.stderr)

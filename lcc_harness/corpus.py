@@ -112,6 +112,9 @@ def _read_text(p: Path) -> str:
     except UnicodeDecodeError as exc:
         raise CorpusError(f"corpus file '{p}' is not UTF-8 (byte {exc.start}); convert it with "
                           "`iconv -t UTF-8`") from None
+    except OSError as exc:
+        raise CorpusError(f"corpus file '{p}' cannot be read ({exc.strerror or exc}); check its permissions "
+                          "or pass another corpus") from None
 
 
 def _load_jsonl(p: Path, text_field: str) -> list[Document]:
@@ -136,7 +139,12 @@ def _load_saved_dataset(p: Path, text_field: str) -> list[Document]:
     except ImportError:
         raise CorpusError(f"corpus '{p}' is a saved dataset but the `datasets` package is missing; "
                           "pip install 'lcc-harness[datasets]'") from None
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as exc:  # datasets raises many kinds for a damaged folder; all mean the same here
+        raise CorpusError(f"saved dataset '{p}' could not be loaded ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); re-save it "
+                          "with Dataset.save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         split = "test" if "test" in ds else sorted(ds)[0]
         ds = ds[split]

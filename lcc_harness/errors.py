@@ -31,3 +31,15 @@ class NonFiniteError(HarnessError):
 
 class BaselineError(HarnessError):
     """A baseline file that is corrupt, of the wrong schema, or for another model/dtype/device."""
+
+
+class MethodRunError(HarnessError):
+    """A method raised while compressing a model; the message names the method and the exception."""
+
+
+class OOMError(HarnessError):
+    """Compression or measurement ran out of memory; the message names the length and what to reduce."""
+
+
+class ReportDirError(HarnessError, OSError):
+    """The report directory cannot be created or written; the message names it and the fix."""

@@ -18,6 +18,9 @@ from torch import nn
 from .errors import NonFiniteError
 
 DEFAULT_CHUNK = 256
+# CPU: positions per block are capped so that one (rows, V) float32 block stays below glibc's largest
+# mmap threshold (32 MiB): blocks are then reused from the heap instead of page-faulted in afresh.
+BLOCK_BYTES = 24 * 2**20
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -91,26 +94,157 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def compare(ref_head: Head, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor,
             ids: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> PositionStats:
-    """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,)."""
+    """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,).
+
+    At most `chunk` positions are in flight at once; on CPU also at most about BLOCK_BYTES per (rows, V)
+    float32 block, which the allocator can then reuse instead of mapping fresh pages for every block."""
     T = h_ref.shape[0]
     if h_cmp.shape[0] != T or ids.shape[0] != T:
         raise ValueError(f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}")
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        lp_ref = torch.log_softmax(ref_head(h_ref[s:e]).float(), dim=-1)  # (c, V)
-        lp_cmp = torch.log_softmax(cmp_head(h_cmp[s:e]).float(), dim=-1)  # (c, V)
-        kl[s:e] = (lp_ref.exp() * (lp_ref - lp_cmp)).sum(dim=-1).cpu()
-        top1[s:e] = (lp_ref.argmax(dim=-1) == lp_cmp.argmax(dim=-1)).cpu()
+    bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+    s, rows = 0, min(chunk, 8)  # a small first block tells the vocabulary size
+    while s < T:
+        e = min(T, s + rows)
+        z_ref, z_cmp = ref_head(h_ref[s:e]), cmp_head(h_cmp[s:e])  # (c, V) each
+        if bufs is None:  # log-probability buffers, reused by every block
+            V = z_ref.shape[-1]
+            rows = min(chunk, max(1, BLOCK_BYTES // (4 * V))) if z_ref.device.type == "cpu" else chunk
+            bufs = tuple(torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device)
+                         for _ in range(2))
+        lp_ref = torch.log_softmax(z_ref.float(), dim=-1, out=bufs[0][: e - s])  # (c, V)
+        lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1, out=bufs[1][: e - s])  # (c, V)
+        del z_ref, z_cmp
+        top1[s:e] = (lp_ref.max(dim=-1).indices == lp_cmp.max(dim=-1).indices).cpu()  # first max, = argmax
         te = min(e, T - 1)  # positions with a next token inside the sequence
         if te > s:
             tgt = ids[s + 1:te + 1].to(lp_ref.device).view(-1, 1)  # (c', 1)
             nll_ref = -lp_ref[: te - s].gather(1, tgt).squeeze(1)
             nll_cmp = -lp_cmp[: te - s].gather(1, tgt).squeeze(1)
             dnll[s:te] = (nll_cmp - nll_ref).cpu()
-        del lp_ref, lp_cmp
+        # in place, the same arithmetic as (exp(lp_ref) * (lp_ref - lp_cmp)).sum(-1)
+        diff = torch.sub(lp_ref, lp_cmp, out=lp_cmp)
+        kl[s:e] = diff.mul_(lp_ref.exp_()).sum(dim=-1).cpu()
+        s = e
+    return PositionStats(kl, top1, dnll)
+
+
+@dataclass
+class RefSummary:
+    """The reference's next-token distributions reduced to what the measure needs, per position (T of them).
+
+    Valid against any model whose LM head is the same linear map (`shared_linear_head`): then
+    Σ_v p_ref(v)·(z_ref(v) − z_cmp(v)) = (h_ref − h_cmp)·mu, because z = scale·(W h + b) for both.
+    """
+
+    mu: torch.Tensor  # (T, H) float32: scale · Wᵀ p_ref, the expected output embedding under P_ref
+    lse: torch.Tensor  # (T,) float64: log Σ_v exp z_ref(v)
+    argmax: torch.Tensor  # (T,) int64: first maximal reference logit
+    nll: torch.Tensor  # (T-1,) float64: −log p_ref(token t+1) at position t
+    rows: int  # positions per block; compare_summary uses the same blocks, so identical models give 0
+
+    def prefix(self, n: int) -> RefSummary:
+        """The summary of the first n positions (causal: identical to a summary of an n-token pass)."""
+        return RefSummary(self.mu[:n], self.lse[:n], self.argmax[:n], self.nll[: max(n - 1, 0)], self.rows)
+
+
+def linear_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """(weight (V, H), bias, scale) when `output_head(model)` is exactly scale·(W h + b); None otherwise
+    (a head with hooks, a replaced forward, a subclass, or logit soft-capping)."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or "forward" in head.__dict__:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    from torch.nn.modules import module as _m
+
+    if getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None):
+        return None
+    return head.weight, head.bias, float(getattr(model.config, "logit_scale", None) or 1.0)
+
+
+@torch.no_grad()
+def shared_linear_head(ref_model: nn.Module, cmp_model: nn.Module) -> bool:
+    """True when both models' LM heads are the same plain linear map (equal weights, bias and scale)."""
+    a, b = linear_head(ref_model), linear_head(cmp_model)
+    if a is None or b is None or a[2] != b[2] or a[0].shape != b[0].shape or a[0].dtype != b[0].dtype:
+        return False
+    if (a[1] is None) != (b[1] is None) or (a[1] is not None and not torch.equal(a[1], b[1].to(a[1].device))):
+        return False
+    return a[0] is b[0] or torch.equal(a[0], b[0].to(a[0].device))
+
+
+def _rows(vocab: int, chunk: int, device: torch.device) -> int:
+    """Positions per block: `chunk`, and on CPU at most about BLOCK_BYTES of float32 logits."""
+    return min(chunk, max(1, BLOCK_BYTES // (4 * vocab))) if device.type == "cpu" else chunk
+
+
+def _lse_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (c, V) float32, overwritten with exp(z − max) → (lse (c,) float64, argmax (c,), Σ exp(z − max) (c,))."""
+    m, idx = z.max(dim=-1)  # first maximal logit, as argmax
+    s = z.sub_(m.unsqueeze(1)).exp_().sum(dim=-1)
+    return m.double() + s.double().log(), idx, s
+
+
+@torch.no_grad()
+def summarize_reference(model: nn.Module, h_ref: torch.Tensor, ids: torch.Tensor,
+                        chunk: int = DEFAULT_CHUNK) -> RefSummary:
+    """RefSummary of `model` (whose head must satisfy `linear_head`) from hidden states (T, H) of ids (T,)."""
+    lin = linear_head(model)
+    if lin is None:
+        raise ValueError(f"{type(model).__name__}'s LM head is not a plain linear map; use compare()")
+    weight, _, scale = lin
+    head = output_head(model)
+    w = weight if weight.dtype == torch.float32 else weight.float()  # (V, H)
+    T = h_ref.shape[0]
+    rows = _rows(w.shape[0], chunk, w.device)
+    mu = torch.empty(T, w.shape[1], dtype=torch.float32)
+    lse = torch.empty(T, dtype=torch.float64)
+    argmax = torch.empty(T, dtype=torch.int64)
+    nll = torch.empty(max(T - 1, 0), dtype=torch.float64)
+    for s in range(0, T, rows):
+        e = min(T, s + rows)
+        z = head(h_ref[s:e]).float()  # (c, V), a fresh tensor: overwritten below
+        te = min(e, T - 1)
+        z_next = z[: te - s].gather(1, ids[s + 1:te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        lse_b, idx, tot = _lse_(z)  # z now holds exp(z − max)
+        mu[s:e] = (z @ w).mul_((scale / tot).unsqueeze(1)).cpu()  # (c, H): scale · Wᵀ p
+        lse[s:e], argmax[s:e] = lse_b.cpu(), idx.cpu()
+        if z_next is not None:
+            nll[s:te] = (lse_b[: te - s] - z_next.double()).cpu()
+    return RefSummary(mu, lse, argmax, nll, rows)
+
+
+@torch.no_grad()
+def compare_summary(ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor,
+                    ids: torch.Tensor) -> PositionStats:
+    """`compare` against a RefSummary: the same statistics without recomputing the reference logits.
+
+    KL(P_ref ‖ P_cmp) = Σ p_ref·(z_ref − z_cmp) − lse_ref + lse_cmp = (h_ref − h_cmp)·mu − lse_ref + lse_cmp,
+    the scalars in float64; only the compared model's logits (float32, in the summary's blocks) are
+    computed. `cmp_head` must be the same linear map as the reference's (`shared_linear_head`)."""
+    T = h_ref.shape[0]
+    if h_cmp.shape[0] != T or ids.shape[0] != T or ref.lse.shape[0] != T:
+        raise ValueError(f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}, "
+                         f"summary {tuple(ref.lse.shape)}")
+    kl = torch.empty(T, dtype=torch.float32)
+    top1 = torch.empty(T, dtype=torch.bool)
+    dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    for s in range(0, T, ref.rows):
+        e = min(T, s + ref.rows)
+        z = cmp_head(h_cmp[s:e]).float()  # (c, V), a fresh tensor: overwritten below
+        te = min(e, T - 1)
+        z_next = z[: te - s].gather(1, ids[s + 1:te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        lse, idx, _ = _lse_(z)
+        del z
+        lse = lse.cpu()
+        dh = h_ref[s:e].double() - h_cmp[s:e].to(h_ref.device).double()  # (c, H)
+        kl[s:e] = ((dh * ref.mu[s:e].double()).sum(dim=-1) - ref.lse[s:e] + lse).float()
+        top1[s:e] = idx.cpu() == ref.argmax[s:e]
+        if z_next is not None:
+            dnll[s:te] = ((lse[: te - s] - z_next.double().cpu()) - ref.nll[s:te]).float()
     return PositionStats(kl, top1, dnll)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .errors import HarnessError, NonFiniteError
+from .errors import BaselineError, HarnessError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,14 @@ OPTIONS: list[tuple[str, str, str]] = [
     ("lengths", "lcc_lengths", "comma-separated context lengths (default: the profile's)"),
     ("samples", "lcc_samples", "evaluation samples (default: the profile's)"),
     ("corpus", "lcc_corpus", "corpus path (default: embedded Python reference)"),
+    ("text-field", "lcc_text_field", "jsonl / dataset text field of the corpus (default: text)"),
     ("device", "lcc_device", "cpu | cuda | auto (default auto)"),
     ("dtype", "lcc_dtype", "float32 | bfloat16 | float16 (default by device)"),
     ("profile", "lcc_profile", "smoke | default | paper (default: default)"),
     ("report-dir", "lcc_report_dir", "where reports are written (default: <rootdir>/reports)"),
     ("baseline-dir", "lcc_baseline_dir", "where baselines live (default: <rootdir>/baselines)"),
     ("cache-dir", "lcc_cache_dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)"),
+    ("chunk-size", "lcc_chunk_size", "positions per LM-head chunk (default 256; lower it when memory is short)"),
 ]
 
 
@@ -70,10 +72,25 @@ def _opt(config: pytest.Config, dest: str) -> str | None:
     return v or None
 
 
+def _positive_int(config: pytest.Config, name: str, default: int) -> int:
+    """--lcc-<name> as an integer ≥ 1, or `default` when not given; anything else is a HarnessError."""
+    text = _opt(config, f"lcc_{name.replace('-', '_')}")
+    if text is None:
+        return default
+    try:
+        v = int(text)
+    except ValueError:
+        raise HarnessError(f"--lcc-{name} '{text}' is not an integer; pass e.g. --lcc-{name} {default}") from None
+    if v < 1:
+        raise HarnessError(f"--lcc-{name} {v} must be at least 1; pass e.g. --lcc-{name} {default}")
+    return v
+
+
 class LccSession:
     """Per-process state: options, the Harness (lazy), results per method, checks, and the run record."""
 
     def __init__(self, config: pytest.Config) -> None:
+        from .measure import DEFAULT_CHUNK
         from .profiles import get_profile
         from .run import parse_lengths
 
@@ -82,13 +99,9 @@ class LccSession:
         p = self.profile
         self.model = _opt(config, "lcc_model") or p.model
         self.lengths = parse_lengths(_opt(config, "lcc_lengths") or list(p.lengths))
-        samples = _opt(config, "lcc_samples")
-        try:
-            self.samples = int(samples) if samples is not None else p.samples
-        except ValueError:
-            raise HarnessError(f"--lcc-samples '{samples}' is not an integer; pass e.g. --lcc-samples 4") from None
-        if self.samples <= 0:
-            raise HarnessError(f"--lcc-samples {self.samples} must be positive")
+        self.samples = _positive_int(config, "samples", p.samples)
+        self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
+        self._check_device()
         self.method_ids = self._select_methods(_opt(config, "lcc_methods"))
         self.update = bool(config.getoption("lcc_update_baselines", default=False))
         root = Path(config.rootpath)
@@ -109,6 +122,15 @@ class LccSession:
         self._baseline_loaded = False
 
     # ---- configuration -------------------------------------------------------------------------
+    def _check_device(self) -> None:
+        """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
+        from .models import resolve_device, resolve_dtype
+
+        try:
+            resolve_dtype(_opt(self.config, "lcc_dtype"), resolve_device(_opt(self.config, "lcc_device") or "auto"))
+        except HarnessError as exc:
+            raise HarnessError(str(exc).replace("--device", "--lcc-device")) from None
+
     def _select_methods(self, text: str | None) -> list[str]:
         from .methods.registry import parse_method
 
@@ -134,7 +156,8 @@ class LccSession:
         from .run import RunConfig
 
         return RunConfig(model=self.model, lengths=self.lengths, samples=self.samples,
-                         corpus=_opt(self.config, "lcc_corpus"), device=_opt(self.config, "lcc_device") or "auto",
+                         corpus=_opt(self.config, "lcc_corpus"), text_field=_opt(self.config, "lcc_text_field") or "text",
+                         chunk_size=self.chunk_size, device=_opt(self.config, "lcc_device") or "auto",
                          dtype=_opt(self.config, "lcc_dtype"), calib_samples=self.profile.calib_samples,
                          calib_length=self.profile.calib_length, cache_dir=_opt(self.config, "lcc_cache_dir"),
                          allow_extrapolation=bool(self.config.getoption("lcc_allow_extrapolation", default=False)))
@@ -144,8 +167,8 @@ class LccSession:
         if self._harness is None:
             from .run import Harness
 
-            self.used = True
             self._harness = Harness(self.run_config())
+            self.used = True
         return self._harness
 
     # ---- identity / baselines -----------------------------------------------------------------
@@ -173,6 +196,13 @@ class LccSession:
         i = self.identity()
         return baseline_path(self.baseline_dir, i["model"], i["dtype"], i["device_type"], i["profile"])
 
+    def stored(self) -> Any:
+        """The baseline file (None if missing); a corrupt or foreign file fails the calling test, naming it."""
+        try:
+            return self.baseline
+        except BaselineError as exc:
+            pytest.fail(str(exc), pytrace=False)
+
     @property
     def baseline(self):
         """The loaded BaselineFile (None if missing). A corrupt or foreign file raises BaselineError."""
@@ -189,39 +219,52 @@ class LccSession:
 
     # ---- results ------------------------------------------------------------------------------
     def outcome(self, method_id: str) -> dict[str, Any]:
-        """Run a method once per session; returns {'status': ok|error|non-finite, 'error', 'result'}."""
+        """Run a method once per session; returns {'status': ok|partial|error|non-finite, 'error', 'result'}.
+
+        'partial': some lengths ran out of memory (result.errors); the others were measured."""
         if method_id not in self.outcomes:
+            from .run import is_oom, oom_message
+
             try:
                 res = self.harness.run(method_id, noise_probe=self.update)
-                self.outcomes[method_id] = {"status": "ok", "error": "", "result": res}
+                err = "; ".join(res.errors.values())
+                self.outcomes[method_id] = {"status": "partial" if err else "ok", "error": err, "result": res}
                 self.results[method_id] = res
             except NonFiniteError as exc:
                 self.outcomes[method_id] = {"status": "non-finite", "error": str(exc), "result": None}
             except HarnessError as exc:
                 self.outcomes[method_id] = {"status": "error", "error": str(exc), "result": None}
-            except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as exc:
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-                    msg = (f"out of memory measuring {method_id} at lengths up to {max(self.lengths)}; use "
-                           "fewer or shorter --lcc-lengths, or a smaller chunk size")
+            except Exception as exc:  # a method's bug surfacing at measurement time (e.g. in a forward hook)
+                lines = str(exc).strip().splitlines()
+                msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                if is_oom(exc):
+                    msg = oom_message(f"running '{method_id}'", None, exc)
                 self.outcomes[method_id] = {"status": "error", "error": msg, "result": None}
                 log.debug("method %s failed", method_id, exc_info=True)
         return self.outcomes[method_id]
 
     def result(self, method_id: str):
-        """The MethodResult; a failing method makes the calling test fail (non-finite) or error."""
+        """The MethodResult; a method that failed makes the calling test fail, naming the method."""
         o = self.outcome(method_id)
         if o["status"] == "non-finite":
             pytest.fail(f"{method_id}: non-finite output — {o['error']}", pytrace=False)
         if o["status"] == "error":
-            raise MethodFailed(f"{method_id}: {o['error']}")
+            pytest.fail(f"{method_id}: {o['error']}", pytrace=False)
         return o["result"]
+
+    def complete_result(self, method_id: str, what: str):
+        """The MethodResult when every length was measured; else the calling test fails naming the lengths."""
+        res = self.result(method_id)
+        if res.errors:
+            pytest.fail(f"{method_id}: {what} needs every length, but length(s) {sorted(res.errors)} failed: "
+                        f"{res.errors[min(res.errors)]}", pytrace=False)
+        return res
 
     def growth_of(self, method_id: str) -> dict[str, Any]:
         from .findings import growth
 
         if method_id not in self.growth:
-            res = self.result(method_id)
+            res = self.complete_result(method_id, "growth")
             per = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
             self.growth[method_id] = growth(per, self.lengths, seed=self.harness.cfg.seed).to_dict()
         return self.growth[method_id]
@@ -229,7 +272,7 @@ class LccSession:
     def _stage_entry(self, method_id: str) -> None:
         from .baselines import method_entry
 
-        res = self.result(method_id)
+        res = self.complete_result(method_id, "a baseline entry")
         curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
         info = dict(res.info.get("method_info", {}))
         self.entries[method_id] = method_entry(curves, self.growth_of(method_id), info.pop("float_noise", 0.0),
@@ -245,13 +288,18 @@ class LccSession:
         from .baselines import compare
 
         res = self.result(method_id)
+        if length in res.errors:
+            self.checks.append({"method": method_id, "length": length, "kind": "kl", "value": None,
+                                "baseline": None, "tolerance": None, "outcome": "error"})
+            pytest.fail(res.errors[length], pytrace=False)
         value = res.stats[length].window_kl
         if self.update:
             self._stage_entry(method_id)
             self.checks.append({"method": method_id, "length": length, "kind": "kl", "value": value,
                                 "baseline": None, "tolerance": None, "outcome": "updated"})
             return
-        entry = self.baseline.kl_entry(method_id, length) if self.baseline else None
+        stored = self.stored()
+        entry = stored.kl_entry(method_id, length) if stored else None
         chk = compare(value, *(entry or (None, None)))
         self._record_check(method_id, length, "kl", chk)
         if chk.outcome == "missing":
@@ -270,7 +318,8 @@ class LccSession:
             self.checks.append({"method": method_id, "length": None, "kind": "growth", "value": g["ratio"],
                                 "baseline": None, "tolerance": None, "outcome": "updated"})
             return
-        entry = self.baseline.growth_entry(method_id) if self.baseline else None
+        stored = self.stored()
+        entry = stored.growth_entry(method_id) if stored else None
         chk = compare(g["ratio"], *(entry or (None, None)))
         self._record_check(method_id, None, "growth", chk)
         if chk.outcome == "missing":
@@ -293,10 +342,11 @@ class LccSession:
             pytest.skip(f"claim {claim} needs at least two context lengths")
         curves = {}
         for m in needed:
-            res = self.result(m)
+            res = self.complete_result(m, f"claim {claim}")
             curves[m] = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
         f = evaluate_claim(claim, roles, curves, self.lengths, seed=self.harness.cfg.seed)
-        stored = None if self.update or self.baseline is None else self.baseline.findings.get(claim)
+        baseline = None if self.update else self.stored()
+        stored = None if baseline is None else baseline.findings.get(claim)
         f["stored"] = stored
         f["reproduced"] = None if stored is None else stored == f["holds"]
         self.findings.append(f)
@@ -353,10 +403,6 @@ class LccSession:
                 "findings": self.findings, "baseline_changes": self.baseline_changes}
 
 
-class MethodFailed(Exception):
-    """A method raised while compressing or measuring; its tests error with this message."""
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -404,18 +450,27 @@ def lcc(request: pytest.FixtureRequest) -> LccSession:
     """The session's LccSession (checks, results, baselines)."""
     s = get_session(request.config)
     try:
+        if s._harness is None:
+            from .report import check_writable
+
+            check_writable(s.report_dir)  # before loading anything: fail fast, not after the run
         s.harness  # noqa: B018 - build model, corpus and samples now, so errors surface once, clearly
     except HarnessError as exc:
-        pytest.exit(f"lcc: {exc}", returncode=4)
-    return s
+        msg = f"lcc: {' '.join(str(exc).split())}"
+    else:
+        return s
+    if s.is_worker:  # pytest.exit in an xdist worker crashes the controller: stop this worker instead
+        request.session.shouldstop = msg
+        pytest.fail(msg, pytrace=False)
+    pytest.exit(msg, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
 def lcc_result(lcc: LccSession, lcc_method: str):
     """The MethodResult of the parametrized method (once per session)."""
     o = lcc.outcome(lcc_method)
-    if o["status"] == "error":
-        raise MethodFailed(f"{lcc_method}: {o['error']}")
+    if o["status"] == "error":  # setup fails: the method's tests are reported as errors, naming it
+        pytest.fail(f"{lcc_method}: {o['error']}", pytrace=False)
     return o["result"]
 
 
@@ -450,7 +505,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not parts:
         return
     rec = _merge(parts)
-    if s.update and not session.shouldfail and not getattr(session, "shouldstop", False):
+    interrupted = (exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
+                                  pytest.ExitCode.USAGE_ERROR)
+                   or session.shouldfail or getattr(session, "shouldstop", False))
+    if s.update and not interrupted:
         _write_baselines(s, rec)
     elif s.update:
         rec["baseline_changes"].append("baselines NOT written: the session was interrupted")

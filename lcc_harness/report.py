@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
-from .errors import HarnessError
+from .errors import ReportDirError
 
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
@@ -53,10 +53,6 @@ HOW_TO_READ = (
     "interval over samples. Checks compare window KL with the stored baseline and fail only when KL got "
     "worse beyond the tolerance (lower KL is reported as ⬇ better)."
 )
-
-
-class ReportDirError(HarnessError, OSError):
-    """The report directory cannot be created or written; the message names it and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -125,8 +121,9 @@ def _methods(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _curves(entry: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-    """A method's curves keyed by int length (the record keys them by str for JSON)."""
-    if entry.get("status", "ok") != "ok":
+    """A method's curves keyed by int length (the record keys them by str for JSON); 'partial' methods
+    (some lengths ran out of memory) have curves for the lengths that were measured."""
+    if entry.get("status", "ok") not in ("ok", "partial"):
         return {}
     return {int(k): v for k, v in (entry.get("curves") or {}).items()}
 
@@ -446,8 +443,9 @@ def terminal_summary(record: Mapping[str, Any]) -> str:
         counts = _check_counts(by_method.get(mid, []))
         checks = ", ".join(f"{n} {k.upper() if k in ('fail', 'error') else k}" for k, n in counts.items())
         if status != "ok":
-            rows.append([mid, status.upper(), status.upper(), "-", "-", checks or "-"])
             notes.append(f"  {mid}: {_one_line(entry.get('error') or status, 100)}")
+        if status not in ("ok", "partial"):
+            rows.append([mid, status.upper(), status.upper(), "-", "-", checks or "-"])
             continue
         ratio = g.get("ratio")
         rows.append(

@@ -9,15 +9,28 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
+from .baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
 from .corpus import Sample, TokenizedCorpus, load_corpus
-from .errors import LengthError
-from .measure import DEFAULT_CHUNK, LengthStats, PositionStats, check_finite, compare, final_hidden, output_head, summarize
+from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError
+from .measure import (
+    DEFAULT_CHUNK,
+    LengthStats,
+    PositionStats,
+    RefSummary,
+    check_finite,
+    compare,
+    compare_summary,
+    final_hidden,
+    output_head,
+    shared_linear_head,
+    summarize,
+    summarize_reference,
+)
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
 from .reference import Reference, build_reference
@@ -46,6 +59,10 @@ class RunConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     progress: bool = False
+    # Summarize the reference's next-token distributions once per session (RefSummary) instead of
+    # recomputing its LM head for every method, when the compressed model shares the reference's LM head.
+    # Same KL by algebra; float32 rounding differs (≈1e-5 nats per position at most on SmolLM2).
+    reference_summary: bool = False
 
 
 def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
@@ -71,7 +88,7 @@ def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
 
 
 def validate_lengths(lengths: Sequence[int], max_positions: int, model: str, allow_extrapolation: bool) -> None:
-    too_long = [L for L in lengths if L > max_positions]
+    too_long = [n for n in lengths if n > max_positions]
     if too_long and not allow_extrapolation:
         raise LengthError(
             f"length(s) {too_long} exceed {model}'s maximum of {max_positions} positions; drop them or "
@@ -79,9 +96,40 @@ def validate_lengths(lengths: Sequence[int], max_positions: int, model: str, all
         )
 
 
+def is_oom(exc: BaseException) -> bool:
+    """True for torch's OutOfMemoryError, MemoryError, and RuntimeErrors that say they ran out of memory
+    (CUDA: 'out of memory'; CPU allocator: "can't allocate memory")."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def oom_message(what: str, length: int | None, exc: BaseException) -> str:
+    """One line: what ran out of memory, at which length, and what to reduce."""
+    at = f" at length {length}" if length is not None else ""
+    return (f"out of memory {what}{at} ({_first_line(exc)}); measure shorter or fewer lengths"
+            f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
+            "(--chunk-size / --lcc-chunk-size), or use a device with more memory")
+
+
 @dataclass
 class MethodResult:
-    """One method measured against the reference: curves per length, provenance and timings."""
+    """One method measured against the reference: curves per length, provenance and timings.
+
+    `errors` maps a length that could not be measured (out of memory) to its message; `stats` lacks it.
+    """
 
     method: str
     model: str
@@ -90,6 +138,7 @@ class MethodResult:
     mode: str
     timings: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +148,7 @@ class MethodResult:
             "mode": self.mode,
             "curves": {str(L): s.to_dict() for L, s in self.stats.items()},
             "timings": self.timings,
+            **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
             **self.info,
         }
 
@@ -117,6 +167,7 @@ class Harness:
         self._calibration: list[Sample] | None = None
         self._reference: Reference | None = None
         self._short_ref: list[torch.Tensor] | None = None
+        self._summaries: dict[int, list[RefSummary]] = {}
 
     @property
     def calibration(self) -> list[Sample]:
@@ -130,9 +181,18 @@ class Harness:
     @property
     def reference(self) -> Reference:
         if self._reference is None:
-            self._reference = build_reference(self.lm, self.samples, self.lengths, naive=self.cfg.naive,
-                                              cache_dir=self.cfg.cache_dir, use_cache=self.cfg.use_cache,
-                                              progress=self.cfg.progress)
+            try:
+                self._reference = build_reference(self.lm, self.samples, self.lengths, naive=self.cfg.naive,
+                                                  cache_dir=self.cfg.cache_dir, use_cache=self.cfg.use_cache,
+                                                  progress=self.cfg.progress)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                msg = oom_message("computing the reference", self.lengths[-1], exc)
+            else:
+                return self._reference
+            _release_memory()
+            raise OOMError(msg)
         return self._reference
 
     def compress(self, method: Method | str) -> tuple[torch.nn.Module, CompressContext, float]:
@@ -143,30 +203,110 @@ class Harness:
         ctx = CompressContext(calibration=calib, include=self.cfg.include, exclude=self.cfg.exclude,
                               seed=self.cfg.seed)
         model = copy.deepcopy(self.lm.model)
-        model = m.apply(model, ctx) or model
+        try:
+            model = m.apply(model, ctx) or model
+        except HarnessError:
+            raise
+        except Exception as exc:  # a method's own bug or limit: one line naming the method
+            if not is_oom(exc):
+                raise MethodRunError(f"method '{m.id}' raised {_first_line(exc)} while compressing; fix the "
+                                     "method or leave it out (set LCC_DEBUG=1 or pass --debug for the "
+                                     "traceback)") from exc
+            msg = oom_message(f"compressing with '{m.id}'", None, exc)
+        else:
+            msg = None
+        if msg is not None:
+            del model
+            _release_memory()
+            raise OOMError(msg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                    raise NonFiniteError(f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "
+                                         "the compressed weights must be finite")
         model.eval()
         return model, ctx, time.perf_counter() - t0
 
     def measure_model(self, model: torch.nn.Module, method_id: str) -> dict[int, LengthStats]:
-        """Per-length statistics of `model` against the reference (one pass per sample unless naive)."""
+        """Per-length statistics of `model` against the reference (one pass per sample unless naive).
+
+        Raises OOMError when any length runs out of memory (see `measure_lengths` for partial results)."""
+        stats, errors = self.measure_lengths(model, method_id)
+        if errors:
+            raise OOMError(errors[min(errors)])
+        return stats
+
+    def measure_lengths(self, model: torch.nn.Module, method_id: str
+                        ) -> tuple[dict[int, LengthStats], dict[int, str]]:
+        """Per-length statistics, plus length → message for lengths that ran out of memory.
+
+        A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
+        the lengths that fit are still measured; once a length fails, longer ones are not tried."""
         from tqdm.auto import tqdm
 
         ref = self.reference
         head = output_head(model)
-        per_len: dict[int, list[PositionStats]] = {L: [] for L in self.lengths}
+        summary = self.cfg.reference_summary and shared_linear_head(self.lm.model, model)
+        per_len: dict[int, list[PositionStats]] = {}
+        errors: dict[int, str] = {}
         passes = ref.passes()
         bar = tqdm(total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress,
                    leave=False)
+
+        def attempt(P: int, run_len: int, lens: tuple[int, ...]) -> None:
+            if errors:
+                for L in lens:
+                    errors[L] = f"'{method_id}' not measured at length {L}: length {min(errors)} ran out of memory"
+                return
+            try:
+                sts = self._measure_pass(model, head, ref, P, run_len, lens, method_id, summary)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                msg = oom_message(f"measuring '{method_id}'", run_len, exc)
+            else:
+                per_len.update(dict.fromkeys(lens, sts))
+                return
+            _release_memory()  # outside the except block: the traceback no longer holds activations
+            errors[run_len] = msg
+
         for P, covered in passes.items():
-            for i, s in enumerate(ref.samples):
-                h = final_hidden(model, s.ids[:P])  # (P, H)
-                st = compare(ref.head, head, ref.hidden[P][i], h, s.ids[:P], self.cfg.chunk_size)
-                for L in covered:
-                    check_finite(method_id, L, i, st)
-                    per_len[L].append(st)
-                bar.update()
+            attempt(P, P, covered)
+            if P in errors and len(covered) > 1:  # the one pass failed: measure shorter lengths one by one
+                failed = errors.pop(P)
+                for L in covered[:-1]:
+                    attempt(P, L, (L,))
+                errors.setdefault(P, failed)
+            bar.update(len(ref.samples))
         bar.close()
-        return {L: summarize(L, sts) for L, sts in per_len.items()}
+        return {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}, dict(sorted(errors.items()))
+
+    def reference_summaries(self, P: int) -> list[RefSummary]:
+        """RefSummary of every sample of reference pass P, computed once per harness."""
+        if P not in self._summaries:
+            ref = self.reference
+            self._summaries[P] = [summarize_reference(self.lm.model, h, s.ids[:P], self.cfg.chunk_size)
+                                  for h, s in zip(ref.hidden[P], ref.samples, strict=True)]
+        return self._summaries[P]
+
+    def _measure_pass(self, model: torch.nn.Module, head: Any, ref: Reference, P: int, run_len: int,
+                      lengths: Sequence[int], method_id: str, summary: bool = False) -> list[PositionStats]:
+        """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
+        RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError."""
+        out = []
+        for i, s in enumerate(ref.samples):
+            h_ref = ref.hidden[P][i][:run_len]
+            if summary:
+                summ = self.reference_summaries(P)[i].prefix(run_len)
+            h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
+            if summary:
+                st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
+            else:
+                st = compare(ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
+            for L in lengths:
+                check_finite(method_id, L, i, st)
+            out.append(st)
+        return out
 
     def float_noise(self, model: torch.nn.Module, stats: dict[int, LengthStats]) -> float:
         """Relative float noise: window KL at the shortest length from separate short passes of both models,
@@ -189,7 +329,9 @@ class Harness:
         model, ctx, t_compress = self.compress(m)
         t0 = time.perf_counter()
         try:
-            stats = self.measure_model(model, m.id)
+            stats, errors = self.measure_lengths(model, m.id)
+            if not stats:  # not even the shortest length fits
+                raise OOMError(errors[min(errors)])
             t_measure = time.perf_counter() - t0
             if noise_probe:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
@@ -204,6 +346,7 @@ class Harness:
             timings={"reference_s": ref.seconds, "reference_cache_hit": ref.cache_hit,
                      "compression_s": t_compress, "measurement_s": t_measure},
             info={"method_info": dict(ctx.info), **self.metadata()},
+            errors=errors,
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -227,25 +370,3 @@ class Harness:
         if self._reference is not None and self._reference.notes:
             md["notes"] = list(self._reference.notes)
         return md
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON (sorted keys, indented) so that the file is either the old one or complete."""
-    import json
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
