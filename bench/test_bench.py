@@ -1,0 +1,249 @@
+"""Benchmarks of the measurement protocol (issue "Benchmarks"); the report is written at session end.
+
+1. forward: one plain `model(ids)` at the longest length, the unit of every ratio (repeated before each
+   measured method, so that a changing CPU load hits both sides; the median is used).
+2. reference: cold (computed and cached), a second harness's cache hit, and the opt-in RefSummary.
+3. measure: per (method, sample) measurement time, one pass at the longest length covering all lengths
+   (and, where the method keeps the LM head, the same with RunConfig.reference_summary).
+4. compress: compression time per method (independent of the evaluation lengths).
+5. naive: the whole run of the naive protocol (one pass per length, reference recomputed per method)
+   against the one-pass run of the same methods, lengths and samples.
+6. rss: peak resident memory per length, each in a fresh process (bench/_rss_probe.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.conftest import Bench, get_bench
+from lcc_harness.errors import HarnessError
+from lcc_harness.measure import shared_linear_head
+
+CFG = get_bench().cfg
+PROBE = Path(__file__).with_name("_rss_probe.py")
+
+
+def _time(fn, *args, **kw) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def timed(benchmark, fn, *args, **kw) -> tuple[object, float]:
+    """Run `fn` once under pytest-benchmark (rounds=1) and return its result and wall seconds."""
+    box: dict[str, object] = {}
+
+    def run():
+        box["out"], box["s"] = _time(fn, *args, **kw)
+        return box["out"]
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    return box["out"], float(box["s"])  # type: ignore[arg-type]
+
+
+def _plain_forward(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """One plain `model(ids)` (logits for every position), output discarded."""
+    with torch.no_grad():
+        out = model(ids.view(1, -1))
+        del out
+
+
+def forward_round(b: Bench, model: torch.nn.Module | None = None) -> float:
+    """Seconds of one plain forward of `model` (default: the reference model) at the longest length."""
+    ids = b.main.samples[0].ids[: CFG.lengths[-1]]
+    _, dt = _time(_plain_forward, b.lm.model if model is None else model, ids)
+    return dt
+
+
+def test_forward(bench: Bench, benchmark) -> None:
+    """The unit: one plain forward of the uncompressed model at the longest length."""
+    _plain_forward(bench.lm.model, bench.main.samples[0].ids[:128])  # warm-up (thread pools, kernels)
+    ids = bench.main.samples[0].ids[: CFG.lengths[-1]]
+    _, dt = timed(benchmark, _plain_forward, bench.lm.model, ids)
+    bench.results.setdefault("forward_rounds_s", []).append(dt)
+    benchmark.extra_info["length"] = CFG.lengths[-1]
+
+
+def test_reference_cold(bench: Bench, benchmark) -> None:
+    """Reference hidden states for all samples (one pass each) computed and written to an empty cache."""
+    h = bench.main
+    ref, _ = timed(benchmark, lambda: h.reference)
+    assert not ref.cache_hit and ref.one_pass
+    bench.record("reference", "cold_s", ref.seconds)
+    benchmark.extra_info["passes"] = {str(P): len(v) for P, v in ref.hidden.items()}
+
+
+def test_reference_cache_hit(bench: Bench, benchmark) -> None:
+    """A second harness (a second run) loads the reference from the cache."""
+    cold = bench.main.reference
+    h2 = bench.harness()
+    ref, _ = timed(benchmark, lambda: h2.reference)
+    assert ref.cache_hit, "the second run recomputed the reference instead of loading it"
+    for P in cold.hidden:
+        for a, b in zip(cold.hidden[P], ref.hidden[P], strict=True):
+            assert torch.equal(a, b)
+    bench.record("reference", "hit_s", ref.seconds)
+    bench.results["cache_hit_ratio"] = ref.seconds / cold.seconds
+
+
+def test_reference_summary(bench: Bench, benchmark) -> None:
+    """The opt-in RefSummary (RunConfig.reference_summary): one LM-head pass per sample per session."""
+    h = bench.fast
+    P = max(h.reference.hidden)
+    _, dt = timed(benchmark, h.reference_summaries, P)
+    bench.record("reference", "summary_s", dt)
+
+
+@pytest.mark.parametrize("method", CFG.ratio_methods)
+def test_measure(bench: Bench, benchmark, method: str) -> None:
+    """Measurement alone (all lengths from one pass per sample), per sample, next to a fresh forward."""
+    h = bench.main
+    _ = h.reference, h.calibration  # shared, not part of this method's numbers
+    bench.results.setdefault("forward_rounds_s", []).append(forward_round(bench))
+    try:
+        model, _ctx, t_compress = h.compress(method)
+    except HarnessError as exc:
+        bench.record("errors", method, str(exc))
+        pytest.skip(f"{method}: {exc}")
+    try:
+        if os.environ.get("LCC_BENCH_OWN_FORWARD", "1") != "0":
+            bench.record("own_forward_s", method, forward_round(bench, model))
+        stats, t = timed(benchmark, h.measure_model, model, method)
+        if shared_linear_head(bench.lm.model, model):  # the opt-in path on the same compressed model
+            fast, t_fast = _time(bench.fast.measure_model, model, method)
+            bench.record("per_method_summary_s", method, t_fast / CFG.samples)
+            for L in stats:  # same KL by algebra: only float32 rounding may differ
+                assert abs(fast[L].window_kl - stats[L].window_kl) <= 1e-3 * abs(stats[L].window_kl) + 1e-6, L
+                assert abs(fast[L].top1 - stats[L].top1) <= 1e-3, L
+            bench.record(
+                "summary_vs_exact",
+                method,
+                {
+                    str(L): {
+                        "window_kl": [stats[L].window_kl, fast[L].window_kl],
+                        "p99": [stats[L].p99, fast[L].p99],
+                        "top1": [stats[L].top1, fast[L].top1],
+                    }
+                    for L in stats
+                },
+            )
+    finally:
+        del model
+        bench.collect()
+    assert set(stats) == set(CFG.lengths)
+    bench.record("measure_s", method, t)
+    bench.record("per_method_s", method, t / CFG.samples)
+    bench.record("onepass_compress_s", method, t_compress)
+    bench.record("window_kl", method, {str(L): s.window_kl for L, s in stats.items()})
+
+
+@pytest.mark.parametrize("method", CFG.compress_methods)
+def test_compress(bench: Bench, benchmark, method: str) -> None:
+    """Compression time: deep copy of the model + the method (+ calibration when it needs it)."""
+    h = bench.main
+    _ = h.calibration  # drawn once, not timed
+
+    def run() -> object:
+        try:
+            _model, _ctx, seconds = h.compress(method)
+        except HarnessError as exc:
+            return exc
+        return seconds
+
+    out, _ = timed(benchmark, run)
+    bench.collect()
+    if isinstance(out, HarnessError):  # e.g. a family missing from this checkout: reported, not a failure
+        bench.record("errors", method, " ".join(str(out).split()))
+        pytest.skip(f"{method}: {out}")
+    bench.record("compress_s", method, out)
+
+
+def _whole_run(b: Bench, methods: tuple[str, ...], naive: bool) -> dict[str, object]:
+    """The naive protocol's whole run: per method a fresh naive harness (reference recomputed, no cache),
+    compression and per-length measurement."""
+    parts: dict[str, dict[str, float]] = {}
+    for m in methods:
+        h = b.harness(naive=naive, use_cache=False)
+        ref, t_ref = _time(lambda h=h: h.reference)
+        assert ref.one_pass is (not naive)
+        model, _, t_c = h.compress(m)
+        _, t_m = _time(h.measure_model, model, m)
+        del model
+        b.collect()
+        parts[m] = {"reference_s": t_ref, "compress_s": t_c, "measure_s": t_m}
+    return parts
+
+
+def test_naive_whole_run(bench: Bench, benchmark) -> None:
+    """Naive (a pass per length, reference per method) versus one-pass (one reference, one pass per
+    sample) for the same methods: the one-pass side reuses test_reference_cold and test_measure."""
+    methods = tuple(m for m in CFG.naive_methods if m not in bench.results.get("errors", {}))
+    onepass = {}
+    for m in methods:
+        if m not in bench.results.get("measure_s", {}):  # not measured above (e.g. -k): measure it now
+            model, _, t_c = bench.main.compress(m)
+            _, t_m = _time(bench.main.measure_model, model, m)
+            del model
+            bench.record("measure_s", m, t_m)
+            bench.record("onepass_compress_s", m, t_c)
+        onepass[m] = {
+            "compress_s": bench.results["onepass_compress_s"][m],
+            "measure_s": bench.results["measure_s"][m],
+        }
+    _ = bench.main.reference
+    ref_s = bench.results.get("reference", {}).get("cold_s", bench.main.reference.seconds)
+    parts, _ = timed(benchmark, _whole_run, bench, methods, True)
+    naive_s = sum(sum(p.values()) for p in parts.values())
+    onepass_s = ref_s + sum(sum(p.values()) for p in onepass.values())
+    no_compress = (
+        naive_s - sum(p["compress_s"] for p in parts.values()),
+        onepass_s - sum(p["compress_s"] for p in onepass.values()),
+    )
+    bench.results["naive"] = {
+        "methods": list(methods),
+        "naive_s": naive_s,
+        "one_pass_s": onepass_s,
+        "naive_parts": parts,
+        "one_pass_parts": {"reference_s": ref_s, **onepass},
+        "speedup_without_compression": no_compress[0] / no_compress[1],
+    }
+    bench.results["naive_speedup"] = naive_s / onepass_s
+
+
+@pytest.mark.parametrize("length", CFG.rss_lengths)
+def test_peak_rss(bench: Bench, benchmark, length: int) -> None:
+    """Peak RSS of load + reference + compressed copy + measurement at `length`, in a fresh process."""
+    cmd = [
+        sys.executable,
+        str(PROBE),
+        "--model",
+        CFG.model,
+        "--length",
+        str(length),
+        "--lengths",
+        ",".join(map(str, CFG.lengths)),
+        "--samples",
+        str(CFG.samples),
+        "--method",
+        CFG.ratio_methods[0],
+    ]
+    if CFG.chunk_size:
+        cmd += ["--chunk-size", str(CFG.chunk_size)]
+    if CFG.threads:
+        cmd += ["--threads", str(CFG.threads)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc, _ = timed(benchmark, subprocess.run, cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    bench.record("rss", str(length), rec)
