@@ -170,7 +170,7 @@ class Bench:
     loads: list[dict[str, Any]] = field(default_factory=list)
     _lm: Any = None
     _harness: Any = None
-    _fast: Any = None
+    _exact: Any = None
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -215,12 +215,15 @@ class Bench:
         return self._harness
 
     @property
-    def fast(self) -> Any:
-        """A harness with `reference_summary=True` (its reference comes from the main one's cache)."""
-        if self._fast is None:
-            _ = self.main.reference  # written to the cache first
-            self._fast = self.harness(reference_summary=True)
-        return self._fast
+    def exact(self) -> Any:
+        """A harness with `reference_summary=False` (the direct path: the reference's LM head recomputed for
+        every method), sharing the main harness's reference hidden states."""
+        if self._exact is None:
+            import dataclasses
+
+            self._exact = self.harness(reference_summary=False)
+            self._exact._reference = dataclasses.replace(self.main.reference, summaries={})
+        return self._exact
 
     def record(self, section: str, key: str, value: Any) -> None:
         self.results.setdefault(section, {})[key] = value

@@ -56,7 +56,10 @@ def slug(text: str) -> str:
 
 
 def baseline_path(root: Path, model: str, dtype: str, device_type: str, profile: str) -> Path:
-    return Path(root) / f"{slug(Path(model).name if os.sep in model else model)}.{dtype}.{device_type}.{profile}.json"
+    return (
+        Path(root)
+        / f"{slug(Path(model).name if os.sep in model else model)}.{dtype}.{device_type}.{profile}.json"
+    )
 
 
 def tolerance(value: float, se: float, noise: float) -> float:
@@ -77,8 +80,10 @@ class Check:
         if self.baseline is None:
             return f"{self.value:.5g} (no baseline)"
         rel = (self.value / self.baseline - 1) if self.baseline else float("inf")
-        return (f"{self.value:.5g} vs baseline {self.baseline:.5g} ({rel:+.1%}; tolerance +{self.tolerance:.3g}"
-                f" → limit {self.baseline + self.tolerance:.5g})")
+        return (
+            f"{self.value:.5g} vs baseline {self.baseline:.5g} ({rel:+.1%}; tolerance +{self.tolerance:.3g}"
+            f" → limit {self.baseline + self.tolerance:.5g})"
+        )
 
 
 def compare(value: float, baseline: float | None, tol: float | None) -> Check:
@@ -116,24 +121,31 @@ class BaselineFile:
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BaselineError(f"baseline file '{path}' is not valid JSON ({exc}); restore it from git "
-                                "(`git checkout -- <file>`) or delete it and re-create with --lcc-update-baselines"
-                                ) from None
+            raise BaselineError(
+                f"baseline file '{path}' is not valid JSON ({exc}); restore it from git "
+                "(`git checkout -- <file>`) or delete it and re-create with --lcc-update-baselines"
+            ) from None
         problem = _schema_problem(data)
         if problem:
-            raise BaselineError(f"baseline file '{path}' does not follow schema {SCHEMA} ({problem}); restore it "
-                                "from git or re-create it with --lcc-update-baselines")
+            raise BaselineError(
+                f"baseline file '{path}' does not follow schema {SCHEMA} ({problem}); restore it "
+                "from git or re-create it with --lcc-update-baselines"
+            )
         for k in IDENTITY_KEYS:
             if data.get(k) != identity.get(k):
-                raise BaselineError(f"baseline file '{path}' is for {k}={data.get(k)!r} but this run has "
-                                    f"{identity.get(k)!r}; use the matching file or re-create it with "
-                                    "--lcc-update-baselines")
+                raise BaselineError(
+                    f"baseline file '{path}' is for {k}={data.get(k)!r} but this run has "
+                    f"{identity.get(k)!r}; use the matching file or re-create it with "
+                    "--lcc-update-baselines"
+                )
         stored = data.get("spec", {})
         diff = [k for k in SPEC_KEYS if stored.get(k) != spec.get(k)]
         if diff:
-            raise BaselineError(f"baseline file '{path}' was measured with other {', '.join(diff)} "
-                                f"({', '.join(f'{k}={stored.get(k)!r}' for k in diff)}); run with the same "
-                                "options or re-create it with --lcc-update-baselines")
+            raise BaselineError(
+                f"baseline file '{path}' was measured with other {', '.join(diff)} "
+                f"({', '.join(f'{k}={stored.get(k)!r}' for k in diff)}); run with the same "
+                "options or re-create it with --lcc-update-baselines"
+            )
         return cls(path, data)
 
     def kl_entry(self, method: str, length: int) -> tuple[float, float] | None:
@@ -172,8 +184,12 @@ def _schema_problem(data: Any) -> str | None:
     return None
 
 
-def method_entry(curves: Mapping[str, Mapping[str, Any]], growth: Mapping[str, Any], noise: float,
-                 method_info: Mapping[str, Any]) -> dict[str, Any]:
+def method_entry(
+    curves: Mapping[str, Mapping[str, Any]],
+    growth: Mapping[str, Any],
+    noise: float,
+    method_info: Mapping[str, Any],
+) -> dict[str, Any]:
     """The stored form of one method: per-length window KL with SE and tolerance, and growth."""
     import numpy as np
 
@@ -181,8 +197,12 @@ def method_entry(curves: Mapping[str, Mapping[str, Any]], growth: Mapping[str, A
     for L, c in curves.items():
         per = np.asarray(c["per_sample"]["window_kl"], dtype=np.float64)
         se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
-        out_curves[str(L)] = {"window_kl": c["window_kl"], "cumulative_kl": c["cumulative_kl"], "se": se,
-                              "tolerance": tolerance(c["window_kl"], se, noise)}
+        out_curves[str(L)] = {
+            "window_kl": c["window_kl"],
+            "cumulative_kl": c["cumulative_kl"],
+            "se": se,
+            "tolerance": tolerance(c["window_kl"], se, noise),
+        }
     g = dict(growth)
     g["tolerance"] = tolerance(g["ratio"], g["ratio_se"], noise)
     info = {k: v for k, v in method_info.items() if isinstance(v, int | float | str | bool)}
@@ -201,8 +221,14 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def update(path: Path, identity: Mapping[str, Any], spec: Mapping[str, Any], meta: Mapping[str, Any],
-           entries: Mapping[str, dict[str, Any]], findings: Mapping[str, str]) -> list[str]:
+def update(
+    path: Path,
+    identity: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    entries: Mapping[str, dict[str, Any]],
+    findings: Mapping[str, str],
+) -> list[str]:
     """Merge `entries` (method id → method_entry) and `findings` into the file; returns what changed.
 
     Entries of methods that did not run are kept, unless the spec changed (then they are dropped, since they
@@ -221,11 +247,14 @@ def update(path: Path, identity: Mapping[str, Any], spec: Mapping[str, Any], met
         if data and _schema_problem(data):
             changes.append(f"{path.name}: old file of another schema replaced ({_schema_problem(data)})")
             data = {}
-        same = (all(data.get(k) == identity.get(k) for k in IDENTITY_KEYS)
-                and all(data.get("spec", {}).get(k) == spec.get(k) for k in SPEC_KEYS))
+        same = all(data.get(k) == identity.get(k) for k in IDENTITY_KEYS) and all(
+            data.get("spec", {}).get(k) == spec.get(k) for k in SPEC_KEYS
+        )
         if data and not same:
             dropped = sorted(set(data.get("methods", {})) - set(entries))
-            changes.append(f"{path.name}: run spec changed; dropped {len(dropped)} stale entr(y/ies) {dropped}")
+            changes.append(
+                f"{path.name}: run spec changed; dropped {len(dropped)} stale entr(y/ies) {dropped}"
+            )
             data = {}
         methods = dict(data.get("methods", {}))
         for mid, entry in entries.items():
@@ -240,9 +269,14 @@ def update(path: Path, identity: Mapping[str, Any], spec: Mapping[str, Any], met
             if stored_findings.get(claim) != holds:
                 changes.append(f"finding {claim}: {stored_findings.get(claim)} → {holds}")
             stored_findings[claim] = holds
-        new = {"schema": SCHEMA, **{k: identity[k] for k in IDENTITY_KEYS}, "spec": dict(spec),
-               "meta": dict(meta) if (changes or not data) else data.get("meta", dict(meta)),
-               "methods": methods, "findings": stored_findings}
+        new = {
+            "schema": SCHEMA,
+            **{k: identity[k] for k in IDENTITY_KEYS},
+            "spec": dict(spec),
+            "meta": dict(meta) if (changes or not data) else data.get("meta", dict(meta)),
+            "methods": methods,
+            "findings": stored_findings,
+        }
         if new != data:
             write_json_atomic(path, new)
         return changes
@@ -256,7 +290,9 @@ def _diff(mid: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
             out.append(f"{mid}@{L} window_kl {o} → {c['window_kl']}")
     og, ng = old.get("growth", {}), new.get("growth", {})
     if og.get("ratio") != ng.get("ratio") or og.get("verdict") != ng.get("verdict"):
-        out.append(f"{mid} growth {og.get('ratio')} ({og.get('verdict')}) → {ng.get('ratio')} ({ng.get('verdict')})")
+        out.append(
+            f"{mid} growth {og.get('ratio')} ({og.get('verdict')}) → {ng.get('ratio')} ({ng.get('verdict')})"
+        )
     return out
 
 

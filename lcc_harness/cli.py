@@ -27,8 +27,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
     """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL) as a table."""
     rows = [[L, s.window_kl, s.cumulative_kl, s.p99, s.top1, s.dnll] for L, s in sorted(stats.items())]
-    return tabulate(rows, headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL"],
-                    tablefmt=fmt, floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"))
+    return tabulate(
+        rows,
+        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL"],
+        tablefmt=fmt,
+        floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"),
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -46,11 +50,22 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .run import Harness, RunConfig, parse_lengths, write_json_atomic
 
     cfg = RunConfig(
-        model=args.model, lengths=parse_lengths(args.lengths), samples=args.samples, corpus=args.corpus,
-        text_field=args.text_field, device=args.device, dtype=args.dtype, seed=args.seed,
-        calib_samples=args.calib_samples, calib_length=args.calib_length, naive=args.naive,
-        chunk_size=args.chunk_size, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        allow_extrapolation=args.allow_extrapolation, progress=not args.quiet,
+        model=args.model,
+        lengths=parse_lengths(args.lengths),
+        samples=args.samples,
+        corpus=args.corpus,
+        text_field=args.text_field,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        calib_samples=args.calib_samples,
+        calib_length=args.calib_length,
+        naive=args.naive,
+        chunk_size=args.chunk_size,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        allow_extrapolation=args.allow_extrapolation,
+        progress=not args.quiet,
     )
     from .methods.registry import parse_method
 
@@ -62,17 +77,22 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     harness = Harness(cfg)
     result = harness.run(method)
     t = result.timings
-    print(f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
-          f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats")
+    print(
+        f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
+        f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats"
+    )
     print(format_curve_table(result.stats))
-    print(f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
-          f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s")
+    print(
+        f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
+        f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s"
+    )
     if args.json:
         try:
             write_json_atomic(args.json, result.to_dict())
         except OSError as exc:
-            raise HarnessError(f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a "
-                               "writable path") from exc
+            raise HarnessError(
+                f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"
+            ) from exc
         print(f"wrote {args.json}")
     if result.errors:  # lengths that ran out of memory: the others are in the table above
         for msg in result.errors.values():
@@ -99,10 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--calib-samples", type=_positive_int, default=8)
     m.add_argument("--calib-length", type=_positive_int, default=512)
     m.add_argument("--naive", action="store_true", help="one forward pass per length (for comparison)")
-    m.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK, help="positions per LM-head chunk")
+    m.add_argument(
+        "--chunk-size", type=_positive_int, default=DEFAULT_CHUNK, help="positions per LM-head chunk"
+    )
     m.add_argument("--cache-dir", default=None, help="reference cache (default $LCC_CACHE_DIR or ~/.cache)")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
-    m.add_argument("--allow-extrapolation", action="store_true", help="allow lengths beyond the model's positions")
+    m.add_argument(
+        "--allow-extrapolation", action="store_true", help="allow lengths beyond the model's positions"
+    )
     m.add_argument("--json", default=None, help="write the full result as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

@@ -73,8 +73,10 @@ def load_corpus(path: str | Path | None = None, text_field: str = "text") -> Cor
         return default_corpus()
     p = Path(path).expanduser()
     if not p.exists():
-        raise CorpusError(f"corpus '{path}' does not exist; pass a .txt, .jsonl, a folder of .txt files, "
-                          "a datasets.save_to_disk folder, or omit it for the embedded default")
+        raise CorpusError(
+            f"corpus '{path}' does not exist; pass a .txt, .jsonl, a folder of .txt files, "
+            "a datasets.save_to_disk folder, or omit it for the embedded default"
+        )
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             docs = _load_saved_dataset(p, text_field)
@@ -110,11 +112,14 @@ def _read_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"corpus file '{p}' is not UTF-8 (byte {exc.start}); convert it with "
-                          "`iconv -t UTF-8`") from None
+        raise CorpusError(
+            f"corpus file '{p}' is not UTF-8 (byte {exc.start}); convert it with `iconv -t UTF-8`"
+        ) from None
     except OSError as exc:
-        raise CorpusError(f"corpus file '{p}' cannot be read ({exc.strerror or exc}); check its permissions "
-                          "or pass another corpus") from None
+        raise CorpusError(
+            f"corpus file '{p}' cannot be read ({exc.strerror or exc}); check its permissions "
+            "or pass another corpus"
+        ) from None
 
 
 def _load_jsonl(p: Path, text_field: str) -> list[Document]:
@@ -125,10 +130,14 @@ def _load_jsonl(p: Path, text_field: str) -> list[Document]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"corpus '{p}' line {lineno} is not valid JSON ({exc.msg}); fix that line") from None
+            raise CorpusError(
+                f"corpus '{p}' line {lineno} is not valid JSON ({exc.msg}); fix that line"
+            ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise CorpusError(f"corpus '{p}' line {lineno} has no string field '{text_field}'; "
-                              "add it or choose the field with --text-field")
+            raise CorpusError(
+                f"corpus '{p}' line {lineno} has no string field '{text_field}'; "
+                "add it or choose the field with --text-field"
+            )
         docs.append(Document(f"{p.name}:{lineno}", obj[text_field]))
     return docs
 
@@ -137,20 +146,26 @@ def _load_saved_dataset(p: Path, text_field: str) -> list[Document]:
     try:
         import datasets
     except ImportError:
-        raise CorpusError(f"corpus '{p}' is a saved dataset but the `datasets` package is missing; "
-                          "pip install 'lcc-harness[datasets]'") from None
+        raise CorpusError(
+            f"corpus '{p}' is a saved dataset but the `datasets` package is missing; "
+            "pip install 'lcc-harness[datasets]'"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as exc:  # datasets raises many kinds for a damaged folder; all mean the same here
-        raise CorpusError(f"saved dataset '{p}' could not be loaded ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); re-save it "
-                          "with Dataset.save_to_disk") from None
+        raise CorpusError(
+            f"saved dataset '{p}' could not be loaded ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); re-save it "
+            "with Dataset.save_to_disk"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         split = "test" if "test" in ds else sorted(ds)[0]
         ds = ds[split]
     if text_field not in ds.column_names:
-        raise CorpusError(f"dataset '{p}' has no column '{text_field}' (columns: {ds.column_names}); "
-                          "choose one with --text-field")
+        raise CorpusError(
+            f"dataset '{p}' has no column '{text_field}' (columns: {ds.column_names}); "
+            "choose one with --text-field"
+        )
     return [Document(f"{p.name}[{i}]", t) for i, t in enumerate(ds[text_field]) if isinstance(t, str)]
 
 
@@ -174,8 +189,9 @@ class TokenizedCorpus:
     def n_tokens(self) -> int:
         return sum(len(t) for t in self.tokens.values())
 
-    def draw(self, n: int, length: int, seed: int, exclude: Sequence[Span] = (),
-             purpose: str = "evaluation") -> list[Sample]:
+    def draw(
+        self, n: int, length: int, seed: int, exclude: Sequence[Span] = (), purpose: str = "evaluation"
+    ) -> list[Sample]:
         """n non-overlapping spans of `length` tokens, chosen by `seed`, avoiding `exclude`."""
         if n <= 0 or length <= 0:
             raise CorpusError(f"{purpose} needs a positive sample count and length (got {n} × {length})")
@@ -196,7 +212,7 @@ class TokenizedCorpus:
         samples = []
         for i in order:
             name, start = slots[i]
-            ids = torch.tensor(self.tokens[name][start:start + length], dtype=torch.int64)
+            ids = torch.tensor(self.tokens[name][start : start + length], dtype=torch.int64)
             samples.append(Sample(ids, Span(name, start, length, ids_hash(ids))))
         return samples
 

@@ -107,15 +107,23 @@ def _combine(parts: Sequence[str]) -> str:
 
 
 CLAIMS: dict[str, dict[str, Any]] = {
-    "pruning-flat": {"title": "Pruning (magnitude, Wanda) stays roughly flat as context grows",
-                     "roles": ("magnitude", "wanda")},
-    "lowbit-rises": {"title": "Low-bit weight quantization rises with context (3-bit clearly; 4-bit reported)",
-                     "roles": ("rtn3", "rtn4")},
-    "remedy-mitigates": {"title": "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL "
-                                  "and its growth vs plain 3-bit, and beats random selection at equal budget",
-                         "roles": ("rtn3", "mixed3", "mixed3_random")},
-    "random-prune-rises": {"title": "Randomly pruning 10 % of weights gives a rising KL",
-                           "roles": ("random10",)},
+    "pruning-flat": {
+        "title": "Pruning (magnitude, Wanda) stays roughly flat as context grows",
+        "roles": ("magnitude", "wanda"),
+    },
+    "lowbit-rises": {
+        "title": "Low-bit weight quantization rises with context (3-bit clearly; 4-bit reported)",
+        "roles": ("rtn3", "rtn4"),
+    },
+    "remedy-mitigates": {
+        "title": "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL "
+        "and its growth vs plain 3-bit, and beats random selection at equal budget",
+        "roles": ("rtn3", "mixed3", "mixed3_random"),
+    },
+    "random-prune-rises": {
+        "title": "Randomly pruning 10 % of weights gives a rising KL",
+        "roles": ("random10",),
+    },
 }
 
 
@@ -123,8 +131,13 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def evaluate_claim(claim: str, roles: Mapping[str, str], curves: Mapping[str, Mapping[int, Sequence[float]]],
-                   lengths: Sequence[int], seed: int = 0) -> dict[str, Any]:
+def evaluate_claim(
+    claim: str,
+    roles: Mapping[str, str],
+    curves: Mapping[str, Mapping[int, Sequence[float]]],
+    lengths: Sequence[int],
+    seed: int = 0,
+) -> dict[str, Any]:
     """One finding: {'claim', 'title', 'paper', 'measured', 'holds', 'detail'}.
 
     curves: method id → {length: per-sample window KL}. Every method of the claim's roles must be present.
@@ -136,12 +149,16 @@ def evaluate_claim(claim: str, roles: Mapping[str, str], curves: Mapping[str, Ma
 
     def desc(r: str) -> str:
         x = g[r]
-        return (f"{roles[r]}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
-                f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})")
+        return (
+            f"{roles[r]}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
+            f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})"
+        )
 
     if claim == "pruning-flat":
-        parts = ["yes" if g[r].verdict == "flat" else "no" if g[r].verdict == "rising" else "inconclusive"
-                 for r in spec["roles"]]
+        parts = [
+            "yes" if g[r].verdict == "flat" else "no" if g[r].verdict == "rising" else "inconclusive"
+            for r in spec["roles"]
+        ]
         holds, paper = _combine(parts), "flat"
         measured = "; ".join(f"{roles[r]}: {g[r].verdict}" for r in spec["roles"])
         detail = "; ".join(desc(r) for r in spec["roles"])
@@ -155,21 +172,37 @@ def evaluate_claim(claim: str, roles: Mapping[str, str], curves: Mapping[str, Ma
         w_m, w_r, w_c = (curves[roles[r]][Lmax] for r in ("mixed3", "rtn3", "mixed3_random"))
         kl = paired_difference(w_m, w_r, seed)
         ctrl = paired_difference(w_m, w_c, seed)
-        slope_lower = ("yes" if g["mixed3"].ci[1] < g["rtn3"].ci[0]
-                       else "no" if g["mixed3"].ci[0] >= g["rtn3"].ci[1] else "inconclusive")
+        slope_lower = (
+            "yes"
+            if g["mixed3"].ci[1] < g["rtn3"].ci[0]
+            else "no"
+            if g["mixed3"].ci[0] >= g["rtn3"].ci[1]
+            else "inconclusive"
+        )
         parts = [_lower(*kl), slope_lower, _lower(*ctrl)]
         holds, paper = _combine(parts), "lower KL, lower growth, beats random"
-        measured = (f"KL@{Lmax} vs {roles['rtn3']}: {kl[0]:+.1%} ({parts[0]}); growth lower: {parts[1]}; "
-                    f"vs random control: {ctrl[0]:+.1%} ({parts[2]})")
-        detail = (f"window KL at {Lmax}: {roles['mixed3']} {_fmt(np.mean(w_m))}, {roles['rtn3']} "
-                  f"{_fmt(np.mean(w_r))} ({kl[0]:+.1%}, 90 % CI [{kl[1]:+.1%}, {kl[2]:+.1%}]), "
-                  f"{roles['mixed3_random']} {_fmt(np.mean(w_c))} ({ctrl[0]:+.1%}, CI [{ctrl[1]:+.1%}, "
-                  f"{ctrl[2]:+.1%}]); {desc('mixed3')}; {desc('rtn3')}")
+        measured = (
+            f"KL@{Lmax} vs {roles['rtn3']}: {kl[0]:+.1%} ({parts[0]}); growth lower: {parts[1]}; "
+            f"vs random control: {ctrl[0]:+.1%} ({parts[2]})"
+        )
+        detail = (
+            f"window KL at {Lmax}: {roles['mixed3']} {_fmt(np.mean(w_m))}, {roles['rtn3']} "
+            f"{_fmt(np.mean(w_r))} ({kl[0]:+.1%}, 90 % CI [{kl[1]:+.1%}, {kl[2]:+.1%}]), "
+            f"{roles['mixed3_random']} {_fmt(np.mean(w_c))} ({ctrl[0]:+.1%}, CI [{ctrl[1]:+.1%}, "
+            f"{ctrl[2]:+.1%}]); {desc('mixed3')}; {desc('rtn3')}"
+        )
     elif claim == "random-prune-rises":
         v = g["random10"].verdict
         holds = "yes" if v == "rising" else "no" if v == "flat" else "inconclusive"
         paper, measured, detail = "rising", f"{roles['random10']}: {v}", desc("random10")
     else:  # pragma: no cover - CLAIMS and this function are edited together
         raise KeyError(claim)
-    return {"claim": claim, "title": spec["title"], "paper": paper, "measured": measured, "holds": holds,
-            "detail": detail, "methods": [roles[r] for r in spec["roles"]]}
+    return {
+        "claim": claim,
+        "title": spec["title"],
+        "paper": paper,
+        "measured": measured,
+        "holds": holds,
+        "detail": detail,
+        "methods": [roles[r] for r in spec["roles"]],
+    }

@@ -92,15 +92,23 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(ref_head: Head, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor,
-            ids: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> PositionStats:
+def compare(
+    ref_head: Head,
+    cmp_head: Head,
+    h_ref: torch.Tensor,
+    h_cmp: torch.Tensor,
+    ids: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+) -> PositionStats:
     """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,).
 
     At most `chunk` positions are in flight at once; on CPU also at most about BLOCK_BYTES per (rows, V)
     float32 block, which the allocator can then reuse instead of mapping fresh pages for every block."""
     T = h_ref.shape[0]
     if h_cmp.shape[0] != T or ids.shape[0] != T:
-        raise ValueError(f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}")
+        raise ValueError(
+            f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}"
+        )
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
@@ -112,15 +120,16 @@ def compare(ref_head: Head, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Te
         if bufs is None:  # log-probability buffers, reused by every block
             V = z_ref.shape[-1]
             rows = min(chunk, max(1, BLOCK_BYTES // (4 * V))) if z_ref.device.type == "cpu" else chunk
-            bufs = tuple(torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device)
-                         for _ in range(2))
+            bufs = tuple(
+                torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device) for _ in range(2)
+            )
         lp_ref = torch.log_softmax(z_ref.float(), dim=-1, out=bufs[0][: e - s])  # (c, V)
         lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1, out=bufs[1][: e - s])  # (c, V)
         del z_ref, z_cmp
         top1[s:e] = (lp_ref.max(dim=-1).indices == lp_cmp.max(dim=-1).indices).cpu()  # first max, = argmax
         te = min(e, T - 1)  # positions with a next token inside the sequence
         if te > s:
-            tgt = ids[s + 1:te + 1].to(lp_ref.device).view(-1, 1)  # (c', 1)
+            tgt = ids[s + 1 : te + 1].to(lp_ref.device).view(-1, 1)  # (c', 1)
             nll_ref = -lp_ref[: te - s].gather(1, tgt).squeeze(1)
             nll_cmp = -lp_cmp[: te - s].gather(1, tgt).squeeze(1)
             dnll[s:te] = (nll_cmp - nll_ref).cpu()
@@ -156,7 +165,11 @@ def linear_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, fl
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or "forward" in head.__dict__:
         return None
-    if head._forward_hooks or head._forward_pre_hooks or getattr(model.config, "final_logit_softcapping", None):
+    if (
+        head._forward_hooks
+        or head._forward_pre_hooks
+        or getattr(model.config, "final_logit_softcapping", None)
+    ):
         return None
     from torch.nn.modules import module as _m
 
@@ -176,6 +189,12 @@ def shared_linear_head(ref_model: nn.Module, cmp_model: nn.Module) -> bool:
     return a[0] is b[0] or torch.equal(a[0], b[0].to(a[0].device))
 
 
+def summary_rows(model: nn.Module, chunk: int) -> int:
+    """Positions per block of `summarize_reference(model, …, chunk)`; 0 when the head allows no summary."""
+    lin = linear_head(model)
+    return 0 if lin is None else _rows(lin[0].shape[0], chunk, lin[0].device)
+
+
 def _rows(vocab: int, chunk: int, device: torch.device) -> int:
     """Positions per block: `chunk`, and on CPU at most about BLOCK_BYTES of float32 logits."""
     return min(chunk, max(1, BLOCK_BYTES // (4 * vocab))) if device.type == "cpu" else chunk
@@ -189,8 +208,9 @@ def _lse_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def summarize_reference(model: nn.Module, h_ref: torch.Tensor, ids: torch.Tensor,
-                        chunk: int = DEFAULT_CHUNK) -> RefSummary:
+def summarize_reference(
+    model: nn.Module, h_ref: torch.Tensor, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK
+) -> RefSummary:
     """RefSummary of `model` (whose head must satisfy `linear_head`) from hidden states (T, H) of ids (T,)."""
     lin = linear_head(model)
     if lin is None:
@@ -208,7 +228,9 @@ def summarize_reference(model: nn.Module, h_ref: torch.Tensor, ids: torch.Tensor
         e = min(T, s + rows)
         z = head(h_ref[s:e]).float()  # (c, V), a fresh tensor: overwritten below
         te = min(e, T - 1)
-        z_next = z[: te - s].gather(1, ids[s + 1:te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        z_next = (
+            z[: te - s].gather(1, ids[s + 1 : te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        )
         lse_b, idx, tot = _lse_(z)  # z now holds exp(z − max)
         mu[s:e] = (z @ w).mul_((scale / tot).unsqueeze(1)).cpu()  # (c, H): scale · Wᵀ p
         lse[s:e], argmax[s:e] = lse_b.cpu(), idx.cpu()
@@ -218,8 +240,9 @@ def summarize_reference(model: nn.Module, h_ref: torch.Tensor, ids: torch.Tensor
 
 
 @torch.no_grad()
-def compare_summary(ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor,
-                    ids: torch.Tensor) -> PositionStats:
+def compare_summary(
+    ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor, ids: torch.Tensor
+) -> PositionStats:
     """`compare` against a RefSummary: the same statistics without recomputing the reference logits.
 
     KL(P_ref ‖ P_cmp) = Σ p_ref·(z_ref − z_cmp) − lse_ref + lse_cmp = (h_ref − h_cmp)·mu − lse_ref + lse_cmp,
@@ -227,8 +250,10 @@ def compare_summary(ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp:
     computed. `cmp_head` must be the same linear map as the reference's (`shared_linear_head`)."""
     T = h_ref.shape[0]
     if h_cmp.shape[0] != T or ids.shape[0] != T or ref.lse.shape[0] != T:
-        raise ValueError(f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}, "
-                         f"summary {tuple(ref.lse.shape)}")
+        raise ValueError(
+            f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}, "
+            f"summary {tuple(ref.lse.shape)}"
+        )
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
@@ -236,7 +261,9 @@ def compare_summary(ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp:
         e = min(T, s + ref.rows)
         z = cmp_head(h_cmp[s:e]).float()  # (c, V), a fresh tensor: overwritten below
         te = min(e, T - 1)
-        z_next = z[: te - s].gather(1, ids[s + 1:te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        z_next = (
+            z[: te - s].gather(1, ids[s + 1 : te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
+        )
         lse, idx, _ = _lse_(z)
         del z
         lse = lse.cpu()
@@ -254,7 +281,7 @@ def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
     win_kl = [s.kl[lo:length] for s in stats]
     cum_kl = [s.kl[:length] for s in stats]
     win_top1 = [s.top1[lo:length].float() for s in stats]
-    win_dnll = [s.dnll[lo:length - 1] for s in stats]
+    win_dnll = [s.dnll[lo : length - 1] for s in stats]
     pooled = torch.cat(win_kl).double()
     q = torch.quantile(pooled, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
     per = {
@@ -268,7 +295,10 @@ def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
         length=length,
         window_kl=float(pooled.mean()),
         cumulative_kl=float(torch.cat(cum_kl).double().mean()),
-        p50=q[0], p90=q[1], p99=q[2], max=float(pooled.max()),
+        p50=q[0],
+        p90=q[1],
+        p99=q[2],
+        max=float(pooled.max()),
         top1=float(torch.cat(win_top1).double().mean()),
         dnll=float(all_dnll.mean()) if all_dnll.numel() else 0.0,
         per_sample=per,

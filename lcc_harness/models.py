@@ -97,22 +97,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None → float32 on CPU, bfloat16 on CUDA."""
     if isinstance(dtype, torch.dtype):
         if dtype not in set(_DTYPES.values()):
-            raise ModelLoadError(f"dtype '{dtype_name(dtype)}' is not supported; use one of float32, bfloat16, float16")
+            raise ModelLoadError(
+                f"dtype '{dtype_name(dtype)}' is not supported; use one of float32, bfloat16, float16"
+            )
         return dtype
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ModelLoadError(f"dtype '{dtype}' is not supported; use one of float32, bfloat16, float16") from None
+        raise ModelLoadError(
+            f"dtype '{dtype}' is not supported; use one of float32, bfloat16, float16"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -151,8 +161,11 @@ def build_tiny_llama(seed: int = TINY_SEED, **overrides: Any) -> nn.Module:
     return model
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = "auto",
-               dtype: str | torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
     """Resolve a model spec to a LoadedModel in eval mode with gradients off.
 
     spec: 'smollm2-135m', 'tiny-llama', a local HF directory, a '.gguf' file, or a hub id already cached.
@@ -202,8 +215,9 @@ def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype) -> tuple[nn.Modul
     try:
         _check_gguf_header(path)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     **_hf_kwargs(dev, dt))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, **_hf_kwargs(dev, dt)
+        )
     except ModelLoadError:
         raise
     except Exception as exc:  # the GGUF reader raises many kinds; all mean the same thing here
@@ -232,16 +246,21 @@ def _load_hf(name: str, dev: torch.device, dt: torch.dtype, what: str) -> tuple[
                 f"{what} is not in the local Hugging Face cache and lcc-harness never downloads; "
                 f"fetch it beforehand (e.g. `huggingface-cli download {name}`) or pass a local directory"
             ) from exc
-        raise ModelLoadError(f"{what} could not be loaded: {_first_line(exc)}; check that it holds "
-                             "config.json and the weights") from exc
+        raise ModelLoadError(
+            f"{what} could not be loaded: {_first_line(exc)}; check that it holds config.json and the weights"
+        ) from exc
     except Exception as exc:
-        raise ModelLoadError(f"{what} could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
-                             "the weights are corrupt or truncated — re-save the model") from exc
+        raise ModelLoadError(
+            f"{what} could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+            "the weights are corrupt or truncated — re-save the model"
+        ) from exc
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"{what} has no usable tokenizer ({_first_line(exc)}); save the tokenizer "
-                             "next to the model (tokenizer.save_pretrained)") from exc
+        raise ModelLoadError(
+            f"{what} has no usable tokenizer ({_first_line(exc)}); save the tokenizer "
+            "next to the model (tokenizer.save_pretrained)"
+        ) from exc
     return model, tok
 
 
@@ -250,16 +269,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def _finish(name: str, model: nn.Module, tok: Any, source: str, dev: torch.device, dt: torch.dtype,
-            extra: dict[str, Any] | None = None) -> LoadedModel:
+def _finish(
+    name: str,
+    model: nn.Module,
+    tok: Any,
+    source: str,
+    dev: torch.device,
+    dt: torch.dtype,
+    extra: dict[str, Any] | None = None,
+) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     if not hasattr(model, "hf_device_map"):
         model.to(dev)
     cfg = model.config
     max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
-    return LoadedModel(name=name, model=model, tokenizer=tok, source=source, device=dev, dtype=dt,
-                       max_positions=max_pos, extra=dict(extra or {}))
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tok,
+        source=source,
+        device=dev,
+        dtype=dt,
+        max_positions=max_pos,
+        extra=dict(extra or {}),
+    )
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -274,6 +308,7 @@ def model_fingerprint(model: nn.Module) -> str:
     with torch.no_grad():
         for name, p in model.state_dict().items():
             t = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{t.sum().item():.12e}:{t.abs().sum().item():.12e}"
-                     .encode())
+            h.update(
+                f"{name}:{tuple(p.shape)}:{p.dtype}:{t.sum().item():.12e}:{t.abs().sum().item():.12e}".encode()
+            )
     return h.hexdigest()

@@ -37,7 +37,11 @@ OPTIONS: list[tuple[str, str, str]] = [
     ("report-dir", "lcc_report_dir", "where reports are written (default: <rootdir>/reports)"),
     ("baseline-dir", "lcc_baseline_dir", "where baselines live (default: <rootdir>/baselines)"),
     ("cache-dir", "lcc_cache_dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)"),
-    ("chunk-size", "lcc_chunk_size", "positions per LM-head chunk (default 256; lower it when memory is short)"),
+    (
+        "chunk-size",
+        "lcc_chunk_size",
+        "positions per LM-head chunk (default 256; lower it when memory is short)",
+    ),
 ]
 
 
@@ -46,15 +50,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, dest, help_ in OPTIONS:
         g.addoption(f"--lcc-{name}", dest=dest, default=None, help=help_)
         parser.addini(dest, help_, default=None)
-    g.addoption("--lcc-update-baselines", dest="lcc_update_baselines", action="store_true", default=False,
-                help="write baselines for the methods that ran (keeps the rest) instead of comparing")
-    g.addoption("--lcc-allow-extrapolation", dest="lcc_allow_extrapolation", action="store_true",
-                default=False, help="allow lengths beyond the model's maximum positions")
+    g.addoption(
+        "--lcc-update-baselines",
+        dest="lcc_update_baselines",
+        action="store_true",
+        default=False,
+        help="write baselines for the methods that ran (keeps the rest) instead of comparing",
+    )
+    g.addoption(
+        "--lcc-allow-extrapolation",
+        dest="lcc_allow_extrapolation",
+        action="store_true",
+        default=False,
+        help="allow lengths beyond the model's maximum positions",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running cases (paper profile, long contexts)")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is present")
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device; skipped with a reason where none is present"
+    )
     try:
         session = LccSession(config)
     except HarnessError as exc:
@@ -80,7 +96,9 @@ def _positive_int(config: pytest.Config, name: str, default: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise HarnessError(f"--lcc-{name} '{text}' is not an integer; pass e.g. --lcc-{name} {default}") from None
+        raise HarnessError(
+            f"--lcc-{name} '{text}' is not an integer; pass e.g. --lcc-{name} {default}"
+        ) from None
     if v < 1:
         raise HarnessError(f"--lcc-{name} {v} must be at least 1; pass e.g. --lcc-{name} {default}")
     return v
@@ -127,7 +145,9 @@ class LccSession:
         from .models import resolve_device, resolve_dtype
 
         try:
-            resolve_dtype(_opt(self.config, "lcc_dtype"), resolve_device(_opt(self.config, "lcc_device") or "auto"))
+            resolve_dtype(
+                _opt(self.config, "lcc_dtype"), resolve_device(_opt(self.config, "lcc_device") or "auto")
+            )
         except HarnessError as exc:
             raise HarnessError(str(exc).replace("--device", "--lcc-device")) from None
 
@@ -143,8 +163,10 @@ class LccSession:
             if any(ch in tok for ch in "*?["):
                 hits = [m for m in self.profile.methods if fnmatch.fnmatchcase(m, tok)]
                 if not hits:
-                    raise HarnessError(f"--lcc-methods pattern '{tok}' matches none of the profile's methods "
-                                       f"({', '.join(self.profile.methods)}); give ids or another pattern")
+                    raise HarnessError(
+                        f"--lcc-methods pattern '{tok}' matches none of the profile's methods "
+                        f"({', '.join(self.profile.methods)}); give ids or another pattern"
+                    )
                 out.extend(h for h in hits if h not in out)
             else:
                 mid = parse_method(tok).id  # validates; raises MethodError with suggestions
@@ -155,12 +177,20 @@ class LccSession:
     def run_config(self):
         from .run import RunConfig
 
-        return RunConfig(model=self.model, lengths=self.lengths, samples=self.samples,
-                         corpus=_opt(self.config, "lcc_corpus"), text_field=_opt(self.config, "lcc_text_field") or "text",
-                         chunk_size=self.chunk_size, device=_opt(self.config, "lcc_device") or "auto",
-                         dtype=_opt(self.config, "lcc_dtype"), calib_samples=self.profile.calib_samples,
-                         calib_length=self.profile.calib_length, cache_dir=_opt(self.config, "lcc_cache_dir"),
-                         allow_extrapolation=bool(self.config.getoption("lcc_allow_extrapolation", default=False)))
+        return RunConfig(
+            model=self.model,
+            lengths=self.lengths,
+            samples=self.samples,
+            corpus=_opt(self.config, "lcc_corpus"),
+            text_field=_opt(self.config, "lcc_text_field") or "text",
+            chunk_size=self.chunk_size,
+            device=_opt(self.config, "lcc_device") or "auto",
+            dtype=_opt(self.config, "lcc_dtype"),
+            calib_samples=self.profile.calib_samples,
+            calib_length=self.profile.calib_length,
+            cache_dir=_opt(self.config, "lcc_cache_dir"),
+            allow_extrapolation=bool(self.config.getoption("lcc_allow_extrapolation", default=False)),
+        )
 
     @property
     def harness(self):
@@ -176,18 +206,27 @@ class LccSession:
         from .models import dtype_name
 
         h = self.harness
-        return {"model": self.model, "dtype": dtype_name(h.lm.dtype), "device_type": h.lm.device_type,
-                "profile": self.profile.name}
+        return {
+            "model": self.model,
+            "dtype": dtype_name(h.lm.dtype),
+            "device_type": h.lm.device_type,
+            "profile": self.profile.name,
+        }
 
     def spec(self) -> dict[str, Any]:
         import hashlib
 
         h = self.harness
         prov = json.dumps([s.span.to_dict() for s in h.samples], sort_keys=True).encode()
-        return {"lengths": list(self.lengths), "samples": self.samples, "seed": h.cfg.seed,
-                "corpus_sha256": h.corpus.fingerprint, "samples_sha256": hashlib.sha256(prov).hexdigest(),
-                "corpus": h.corpus.name,
-                "calibration": {"count": h.cfg.calib_samples, "length": h.cfg.calib_length}}
+        return {
+            "lengths": list(self.lengths),
+            "samples": self.samples,
+            "seed": h.cfg.seed,
+            "corpus_sha256": h.corpus.fingerprint,
+            "samples_sha256": hashlib.sha256(prov).hexdigest(),
+            "corpus": h.corpus.name,
+            "calibration": {"count": h.cfg.calib_samples, "length": h.cfg.calib_length},
+        }
 
     @property
     def baseline_path(self) -> Path:
@@ -214,8 +253,10 @@ class LccSession:
         return self._baseline
 
     def update_command(self, methods: list[str]) -> str:
-        return (f"pytest suites/ --lcc-profile {self.profile.name} --lcc-methods {','.join(methods)} "
-                "--lcc-update-baselines")
+        return (
+            f"pytest suites/ --lcc-profile {self.profile.name} --lcc-methods {','.join(methods)} "
+            "--lcc-update-baselines"
+        )
 
     # ---- results ------------------------------------------------------------------------------
     def outcome(self, method_id: str) -> dict[str, Any]:
@@ -256,8 +297,11 @@ class LccSession:
         """The MethodResult when every length was measured; else the calling test fails naming the lengths."""
         res = self.result(method_id)
         if res.errors:
-            pytest.fail(f"{method_id}: {what} needs every length, but length(s) {sorted(res.errors)} failed: "
-                        f"{res.errors[min(res.errors)]}", pytrace=False)
+            pytest.fail(
+                f"{method_id}: {what} needs every length, but length(s) {sorted(res.errors)} failed: "
+                f"{res.errors[min(res.errors)]}",
+                pytrace=False,
+            )
         return res
 
     def growth_of(self, method_id: str) -> dict[str, Any]:
@@ -275,12 +319,22 @@ class LccSession:
         res = self.complete_result(method_id, "a baseline entry")
         curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
         info = dict(res.info.get("method_info", {}))
-        self.entries[method_id] = method_entry(curves, self.growth_of(method_id), info.pop("float_noise", 0.0),
-                                               info)
+        self.entries[method_id] = method_entry(
+            curves, self.growth_of(method_id), info.pop("float_noise", 0.0), info
+        )
 
     def _record_check(self, method_id: str, length: int | None, kind: str, chk) -> None:
-        self.checks.append({"method": method_id, "length": length, "kind": kind, "value": chk.value,
-                            "baseline": chk.baseline, "tolerance": chk.tolerance, "outcome": chk.outcome})
+        self.checks.append(
+            {
+                "method": method_id,
+                "length": length,
+                "kind": kind,
+                "value": chk.value,
+                "baseline": chk.baseline,
+                "tolerance": chk.tolerance,
+                "outcome": chk.outcome,
+            }
+        )
 
     # ---- checks used by the suites ------------------------------------------------------------
     def check_kl(self, method_id: str, length: int) -> None:
@@ -289,22 +343,43 @@ class LccSession:
 
         res = self.result(method_id)
         if length in res.errors:
-            self.checks.append({"method": method_id, "length": length, "kind": "kl", "value": None,
-                                "baseline": None, "tolerance": None, "outcome": "error"})
+            self.checks.append(
+                {
+                    "method": method_id,
+                    "length": length,
+                    "kind": "kl",
+                    "value": None,
+                    "baseline": None,
+                    "tolerance": None,
+                    "outcome": "error",
+                }
+            )
             pytest.fail(res.errors[length], pytrace=False)
         value = res.stats[length].window_kl
         if self.update:
             self._stage_entry(method_id)
-            self.checks.append({"method": method_id, "length": length, "kind": "kl", "value": value,
-                                "baseline": None, "tolerance": None, "outcome": "updated"})
+            self.checks.append(
+                {
+                    "method": method_id,
+                    "length": length,
+                    "kind": "kl",
+                    "value": value,
+                    "baseline": None,
+                    "tolerance": None,
+                    "outcome": "updated",
+                }
+            )
             return
         stored = self.stored()
         entry = stored.kl_entry(method_id, length) if stored else None
         chk = compare(value, *(entry or (None, None)))
         self._record_check(method_id, length, "kl", chk)
         if chk.outcome == "missing":
-            pytest.fail(f"no baseline for {method_id} at length {length} in {self.baseline_path}; create it "
-                        f"with: {self.update_command([method_id])}", pytrace=False)
+            pytest.fail(
+                f"no baseline for {method_id} at length {length} in {self.baseline_path}; create it "
+                f"with: {self.update_command([method_id])}",
+                pytrace=False,
+            )
         if chk.outcome == "fail":
             pytest.fail(f"{method_id} window KL at {length}: {chk.message}", pytrace=False)
 
@@ -315,19 +390,32 @@ class LccSession:
         g = self.growth_of(method_id)
         if self.update:
             self._stage_entry(method_id)
-            self.checks.append({"method": method_id, "length": None, "kind": "growth", "value": g["ratio"],
-                                "baseline": None, "tolerance": None, "outcome": "updated"})
+            self.checks.append(
+                {
+                    "method": method_id,
+                    "length": None,
+                    "kind": "growth",
+                    "value": g["ratio"],
+                    "baseline": None,
+                    "tolerance": None,
+                    "outcome": "updated",
+                }
+            )
             return
         stored = self.stored()
         entry = stored.growth_entry(method_id) if stored else None
         chk = compare(g["ratio"], *(entry or (None, None)))
         self._record_check(method_id, None, "growth", chk)
         if chk.outcome == "missing":
-            pytest.fail(f"no growth baseline for {method_id} in {self.baseline_path}; create it with: "
-                        f"{self.update_command([method_id])}", pytrace=False)
+            pytest.fail(
+                f"no growth baseline for {method_id} in {self.baseline_path}; create it with: "
+                f"{self.update_command([method_id])}",
+                pytrace=False,
+            )
         if chk.outcome == "fail":
-            pytest.fail(f"{method_id} KL growth ×({self.lengths[0]}→{self.lengths[-1]}): {chk.message}",
-                        pytrace=False)
+            pytest.fail(
+                f"{method_id} KL growth ×({self.lengths[0]}→{self.lengths[-1]}): {chk.message}", pytrace=False
+            )
 
     def check_finding(self, claim: str) -> dict[str, Any]:
         """Evaluate one of the paper's claims and assert it reproduces the verdict stored in the baseline."""
@@ -353,11 +441,16 @@ class LccSession:
         if self.update:
             return f
         if stored is None:
-            pytest.fail(f"no stored verdict for claim {claim} in {self.baseline_path}; create it with: "
-                        f"{self.update_command(needed)}", pytrace=False)
+            pytest.fail(
+                f"no stored verdict for claim {claim} in {self.baseline_path}; create it with: "
+                f"{self.update_command(needed)}",
+                pytrace=False,
+            )
         if stored != f["holds"]:
-            pytest.fail(f"claim {claim}: verdict changed from '{stored}' to '{f['holds']}' — {f['measured']}",
-                        pytrace=False)
+            pytest.fail(
+                f"claim {claim}: verdict changed from '{stored}' to '{f['holds']}' — {f['measured']}",
+                pytrace=False,
+            )
         return f
 
     # ---- end of session -----------------------------------------------------------------------
@@ -368,11 +461,20 @@ class LccSession:
         from . import __version__
 
         h = self._harness
-        run: dict[str, Any] = {"profile": self.profile.name, "model": self.model, "lengths": list(self.lengths),
-                               "samples": self.samples, "started": self.started, "finished": _now(),
-                               "update": self.update,
-                               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                            "harness": __version__}}
+        run: dict[str, Any] = {
+            "profile": self.profile.name,
+            "model": self.model,
+            "lengths": list(self.lengths),
+            "samples": self.samples,
+            "started": self.started,
+            "finished": _now(),
+            "update": self.update,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "harness": __version__,
+            },
+        }
         if h is not None:
             md = h.metadata()
             run.update({k: md[k] for k in ("dtype", "device_type", "corpus", "corpus_sha256", "seed")})
@@ -398,9 +500,16 @@ class LccSession:
         growth = {}
         for mid, g in self.growth.items():
             growth[mid] = dict(g)
-            growth[mid]["baseline_verdict"] = (baselines.get(mid, {}).get("growth", {}).get("verdict"))
-        return {"run": run, "methods": methods, "checks": self.checks, "growth": growth, "baselines": baselines,
-                "findings": self.findings, "baseline_changes": self.baseline_changes}
+            growth[mid]["baseline_verdict"] = baselines.get(mid, {}).get("growth", {}).get("verdict")
+        return {
+            "run": run,
+            "methods": methods,
+            "checks": self.checks,
+            "growth": growth,
+            "baselines": baselines,
+            "findings": self.findings,
+            "baseline_changes": self.baseline_changes,
+        }
 
 
 def _now() -> str:
@@ -440,8 +549,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if s is not None and callspec is not None and "lcc_method" in callspec.params:
             # keep each method's tests on one xdist worker (use --dist loadgroup)
             item.add_marker(pytest.mark.xdist_group(callspec.params["lcc_method"]))
-        if s is not None and s.profile.slow and item.get_closest_marker("slow") is None and "lcc" in getattr(
-                item, "fixturenames", ()):
+        if (
+            s is not None
+            and s.profile.slow
+            and item.get_closest_marker("slow") is None
+            and "lcc" in getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.slow)
 
 
@@ -505,9 +618,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not parts:
         return
     rec = _merge(parts)
-    interrupted = (exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR,
-                                  pytest.ExitCode.USAGE_ERROR)
-                   or session.shouldfail or getattr(session, "shouldstop", False))
+    interrupted = (
+        exitstatus
+        in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR)
+        or session.shouldfail
+        or getattr(session, "shouldstop", False)
+    )
     if s.update and not interrupted:
         _write_baselines(s, rec)
     elif s.update:
@@ -543,8 +659,14 @@ def _write_baselines(s: LccSession, rec: dict[str, Any]) -> None:
     if not rec.get("entries") and not rec.get("staged_findings"):
         return
     ident, spec = rec["identity"], rec["spec"]
-    path = baseline_path(s.baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"])
-    meta = {"versions": rec["run"]["versions"], "harness": __version__, "updated": rec["run"]["finished"][:10]}
+    path = baseline_path(
+        s.baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"]
+    )
+    meta = {
+        "versions": rec["run"]["versions"],
+        "harness": __version__,
+        "updated": rec["run"]["finished"][:10],
+    }
     changes = update(path, ident, spec, meta, rec["entries"], rec["staged_findings"])
     rec["baseline_changes"].extend(changes or [f"{path.name}: no change"])
 

@@ -38,18 +38,47 @@ class Profile:
     @property
     def methods(self) -> tuple[str, ...]:
         r = self.roles
-        return (r["magnitude"], r["wanda"], r["random10"], r["rtn4"], r["rtn3"], r["mixed3"], r["mixed3_random"])
+        return (
+            r["magnitude"],
+            r["wanda"],
+            r["random10"],
+            r["rtn4"],
+            r["rtn3"],
+            r["mixed3"],
+            r["mixed3_random"],
+        )
 
 
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile("smoke", "tiny-llama", (64, 128, 256), 3, group=32, calib_samples=4, calib_length=128,
-                description="tiny random Llama, lengths ≤ 256: seconds; exercises the harness itself"),
-        Profile("default", "smollm2-135m", (256, 512, 1024, 2048), 4, group=64,
-                description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores"),
-        Profile("paper", "smollm2-135m", (256, 512, 1024, 2048, 4096, 8192), 4, group=64, slow=True,
-                description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)"),
+        Profile(
+            "smoke",
+            "tiny-llama",
+            (64, 128, 256),
+            3,
+            group=32,
+            calib_samples=4,
+            calib_length=128,
+            description="tiny random Llama, lengths ≤ 256: seconds; exercises the harness itself",
+        ),
+        Profile(
+            "default",
+            "smollm2-135m",
+            (256, 512, 1024, 2048),
+            4,
+            group=64,
+            description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores",
+        ),
+        Profile(
+            "paper",
+            "smollm2-135m",
+            (256, 512, 1024, 2048, 4096, 8192),
+            4,
+            group=64,
+            slow=True,
+            description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)",
+        ),
     )
 }
 

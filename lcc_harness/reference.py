@@ -1,13 +1,18 @@
 """The reference run: final hidden states of the uncompressed model, computed once and cached on disk.
 
+With `summary_chunk`, each pass also carries the reference's next-token distributions reduced to a
+RefSummary (measure.summarize_reference): the LM-head work on the reference is then done once per
+reference, not once per method, and a cache hit costs nothing but reading the file.
+
 Cache entries are safetensors files named by a hash of everything they depend on (model fingerprint,
-dtype, device type, sample provenance, pass lengths, library versions, cache format). The metadata
-repeats the full key and a sha256 of the tensor bytes; an entry whose key or checksum does not match
-is recomputed, never used.
+dtype, device type, sample provenance, pass lengths, summary blocks, library versions, cache format).
+The metadata repeats the full key and a sha256 of the tensor bytes; an entry whose key or checksum does
+not match is recomputed, never used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,12 +29,23 @@ import torch
 
 from . import __version__
 from .corpus import Sample
-from .measure import Head, compare, final_hidden, length_dependence, output_head, passes_for
+from .measure import (
+    DEFAULT_CHUNK,
+    Head,
+    RefSummary,
+    compare,
+    final_hidden,
+    length_dependence,
+    output_head,
+    passes_for,
+    summarize_reference,
+    summary_rows,
+)
 from .models import LoadedModel, dtype_name
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # KL between a short pass and the same positions of a long pass above this means the model's outputs
 # depend on the total length (measured on SmolLM2 float32: ≤ 3e-7).
 LENGTH_PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3, torch.float16: 5e-3}
@@ -44,7 +60,8 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Reference:
-    """Reference hidden states per pass length: hidden[P][i] is (P, H) for sample i."""
+    """Reference hidden states per pass length: hidden[P][i] is (P, H) for sample i; summaries[P][i] its
+    RefSummary when one was asked for and the LM head is a plain linear map (else summaries is empty)."""
 
     samples: list[Sample]
     lengths: tuple[int, ...]
@@ -55,12 +72,16 @@ class Reference:
     seconds: float = 0.0
     cache_hit: bool = False
     notes: list[str] = field(default_factory=list)
+    summaries: dict[int, list[RefSummary]] = field(default_factory=dict)
+    summary_seconds: float = 0.0
 
     def passes(self) -> dict[int, tuple[int, ...]]:
         return passes_for(self.lengths, self.one_pass)
 
 
-def reference_key(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], one_pass: bool) -> str:
+def reference_key(
+    lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], one_pass: bool, rows: int = 0
+) -> str:
     import transformers
 
     spec = {
@@ -76,32 +97,53 @@ def reference_key(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[
         "samples": [s.span.to_dict() for s in samples],
         "lengths": sorted(lengths),
         "one_pass": one_pass,
+        "summary_rows": rows,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def build_reference(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], *,
-                    naive: bool = False, cache_dir: Path | str | None = None, use_cache: bool = True,
-                    progress: bool = False) -> Reference:
-    """Compute (or load from cache) the reference hidden states for `samples` at `lengths`.
+def build_reference(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    lengths: Sequence[int],
+    *,
+    naive: bool = False,
+    cache_dir: Path | str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    summary_chunk: int | None = DEFAULT_CHUNK,
+) -> Reference:
+    """Compute (or load from cache) the reference hidden states for `samples` at `lengths`, and with
+    `summary_chunk` (positions per LM-head block) their RefSummary when the model's head allows one.
 
     One pass per sample at the longest length unless `naive` or the model's outputs depend on the total
     length (then one pass per length, with a warning).
     """
     t0 = time.perf_counter()
     lengths = tuple(sorted(lengths))
-    key = reference_key(lm, samples, lengths, not naive)
+    rows = summary_rows(lm.model, summary_chunk) if summary_chunk else 0
+    key = reference_key(lm, samples, lengths, not naive, rows)
     path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
     head = output_head(lm.model)
     if use_cache:
         loaded = _load(path, key)
         if loaded is not None:
-            hidden, meta = loaded
+            hidden, summaries, meta = loaded
             notes = json.loads(meta.get("notes", "[]"))
             for msg in notes:
                 warnings.warn(msg, stacklevel=2)
-            return Reference(list(samples), lengths, hidden, head, meta.get("one_pass") == "1", key,
-                             time.perf_counter() - t0, True, notes)
+            return Reference(
+                list(samples),
+                lengths,
+                hidden,
+                head,
+                meta.get("one_pass") == "1",
+                key,
+                time.perf_counter() - t0,
+                True,
+                notes,
+                summaries,
+            )
     notes: list[str] = []
     one_pass = not naive
     first_long = None
@@ -123,17 +165,45 @@ def build_reference(lm: LoadedModel, samples: Sequence[Sample], lengths: Sequenc
     for P in passes:
         hidden[P] = []
         for i, s in enumerate(samples):
-            reuse = first_long is not None and i == 0 and P == lengths[-1]
+            reuse = first_long is not None and i == 0 and lengths[-1] == P
             hidden[P].append(first_long if reuse else final_hidden(lm.model, s.ids[:P]))
             bar.update()
     bar.close()
+    t_sum = time.perf_counter()
+    summaries = (
+        {
+            P: [
+                summarize_reference(lm.model, h, s.ids[:P], summary_chunk)
+                for h, s in zip(hs, samples, strict=True)
+            ]
+            for P, hs in hidden.items()
+        }
+        if rows
+        else {}
+    )
+    t_sum = time.perf_counter() - t_sum
     if use_cache:
-        _save(path, key, hidden, {"one_pass": "1" if one_pass else "0", "notes": json.dumps(notes)})
-    return Reference(list(samples), lengths, hidden, head, one_pass, key, time.perf_counter() - t0, False, notes)
+        _save(
+            path, key, hidden, summaries, {"one_pass": "1" if one_pass else "0", "notes": json.dumps(notes)}
+        )
+    return Reference(
+        list(samples),
+        lengths,
+        hidden,
+        head,
+        one_pass,
+        key,
+        time.perf_counter() - t0,
+        False,
+        notes,
+        summaries,
+        t_sum,
+    )
 
 
-def _probe_length_dependence(lm: LoadedModel, sample: Sample, lengths: tuple[int, ...],
-                             h_full: torch.Tensor) -> str | None:
+def _probe_length_dependence(
+    lm: LoadedModel, sample: Sample, lengths: tuple[int, ...], h_full: torch.Tensor
+) -> str | None:
     """Compare a pass at the shortest length with the same positions of the longest pass (`h_full`)."""
     short, long_ = lengths[0], lengths[-1]
     probe = min(short, 256)
@@ -148,15 +218,30 @@ def _probe_length_dependence(lm: LoadedModel, sample: Sample, lengths: tuple[int
     return None
 
 
-def _checksum(hidden: dict[int, list[torch.Tensor]]) -> str:
+SUMMARY_FIELDS = ("mu", "lse", "argmax", "nll")
+
+
+def _tensors(
+    hidden: dict[int, list[torch.Tensor]], summaries: dict[int, list[RefSummary]]
+) -> dict[str, torch.Tensor]:
+    out = {f"p{P}_s{i}": t.contiguous() for P, ts in hidden.items() for i, t in enumerate(ts)}
+    for P, ss in summaries.items():
+        for i, sm in enumerate(ss):
+            out.update({f"p{P}_s{i}_{f}": getattr(sm, f).contiguous() for f in SUMMARY_FIELDS})
+    return out
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for P in sorted(hidden):
-        for t in hidden[P]:
-            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def _load(path: Path, key: str) -> tuple[dict[int, list[torch.Tensor]], dict[str, str]] | None:
+def _load(
+    path: Path, key: str
+) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[RefSummary]], dict[str, str]] | None:
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -167,22 +252,47 @@ def _load(path: Path, key: str) -> tuple[dict[int, list[torch.Tensor]], dict[str
             if meta.get("key") != key or meta.get("format") != str(CACHE_FORMAT):
                 raise ValueError("key or format mismatch")
             layout: dict[str, int] = json.loads(meta["layout"])
-            hidden = {int(P): [f.get_tensor(f"p{P}_s{i}") for i in range(n)] for P, n in layout.items()}
-        if _checksum(hidden) != meta.get("checksum"):
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        if _checksum(tensors) != meta.get("checksum"):
             raise ValueError("checksum mismatch")
-        return hidden, meta
+        hidden = {int(P): [tensors[f"p{P}_s{i}"] for i in range(n)] for P, n in layout.items()}
+        rows = int(meta.get("summary_rows", "0"))
+        summaries = (
+            {
+                int(P): [
+                    RefSummary(*(tensors[f"p{P}_s{i}_{f}"] for f in SUMMARY_FIELDS), rows) for i in range(n)
+                ]
+                for P, n in layout.items()
+            }
+            if rows
+            else {}
+        )
+        return hidden, summaries, meta
     except Exception as exc:  # corrupt, truncated, stale: all mean "recompute"
         log.warning("reference cache %s is unusable (%s); recomputing", path, exc)
         warnings.warn(f"reference cache {path.name} unusable ({exc}); recomputed", stacklevel=3)
         return None
 
 
-def _save(path: Path, key: str, hidden: dict[int, list[torch.Tensor]], extra: dict[str, str]) -> None:
+def _save(
+    path: Path,
+    key: str,
+    hidden: dict[int, list[torch.Tensor]],
+    summaries: dict[int, list[RefSummary]],
+    extra: dict[str, str],
+) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"p{P}_s{i}": t.contiguous() for P, ts in hidden.items() for i, t in enumerate(ts)}
-    meta: dict[str, Any] = {"key": key, "format": str(CACHE_FORMAT), "checksum": _checksum(hidden),
-                            "layout": json.dumps({str(P): len(ts) for P, ts in hidden.items()}), **extra}
+    tensors = _tensors(hidden, summaries)
+    rows = next((ss[0].rows for ss in summaries.values() if ss), 0)
+    meta: dict[str, Any] = {
+        "key": key,
+        "format": str(CACHE_FORMAT),
+        "checksum": _checksum(tensors),
+        "layout": json.dumps({str(P): len(ts) for P, ts in hidden.items()}),
+        "summary_rows": str(rows),
+        **extra,
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
@@ -191,8 +301,5 @@ def _save(path: Path, key: str, hidden: dict[int, list[torch.Tensor]], extra: di
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache must not stop a measurement
         log.warning("could not write reference cache %s: %s", path, exc)
-        try:
+        with contextlib.suppress(OSError, UnboundLocalError):
             os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
-

@@ -21,7 +21,6 @@ from .measure import (
     DEFAULT_CHUNK,
     LengthStats,
     PositionStats,
-    RefSummary,
     check_finite,
     compare,
     compare_summary,
@@ -29,7 +28,6 @@ from .measure import (
     output_head,
     shared_linear_head,
     summarize,
-    summarize_reference,
 )
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
@@ -59,10 +57,11 @@ class RunConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = ()
     progress: bool = False
-    # Summarize the reference's next-token distributions once per session (RefSummary) instead of
-    # recomputing its LM head for every method, when the compressed model shares the reference's LM head.
-    # Same KL by algebra; float32 rounding differs (≈1e-5 nats per position at most on SmolLM2).
-    reference_summary: bool = False
+    # Summarize the reference's next-token distributions once per reference (RefSummary, cached with it)
+    # instead of recomputing its LM head for every method; used for every compressed model that shares the
+    # reference's LM head, the others take the direct path (`compare`). Same KL by algebra; float32
+    # rounding differs (window KL within 1e-5 relative on SmolLM2, bench/). False: always the direct path.
+    reference_summary: bool = True
 
 
 def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
@@ -75,7 +74,9 @@ def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
                 raise ValueError
             v = int(x)
         except (TypeError, ValueError):
-            raise LengthError(f"context length '{x}' is not an integer; pass lengths like 256,512,1024") from None
+            raise LengthError(
+                f"context length '{x}' is not an integer; pass lengths like 256,512,1024"
+            ) from None
         if v <= 0:
             raise LengthError(f"context length {v} must be positive; pass lengths like 256,512,1024")
         out.append(v)
@@ -87,7 +88,9 @@ def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def validate_lengths(lengths: Sequence[int], max_positions: int, model: str, allow_extrapolation: bool) -> None:
+def validate_lengths(
+    lengths: Sequence[int], max_positions: int, model: str, allow_extrapolation: bool
+) -> None:
     too_long = [n for n in lengths if n > max_positions]
     if too_long and not allow_extrapolation:
         raise LengthError(
@@ -119,9 +122,11 @@ def _release_memory() -> None:
 def oom_message(what: str, length: int | None, exc: BaseException) -> str:
     """One line: what ran out of memory, at which length, and what to reduce."""
     at = f" at length {length}" if length is not None else ""
-    return (f"out of memory {what}{at} ({_first_line(exc)}); measure shorter or fewer lengths"
-            f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
-            "(--chunk-size / --lcc-chunk-size), or use a device with more memory")
+    return (
+        f"out of memory {what}{at} ({_first_line(exc)}); measure shorter or fewer lengths"
+        f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
+        "(--chunk-size / --lcc-chunk-size), or use a device with more memory"
+    )
 
 
 @dataclass
@@ -167,24 +172,34 @@ class Harness:
         self._calibration: list[Sample] | None = None
         self._reference: Reference | None = None
         self._short_ref: list[torch.Tensor] | None = None
-        self._summaries: dict[int, list[RefSummary]] = {}
 
     @property
     def calibration(self) -> list[Sample]:
         """Calibration spans, drawn lazily from what the evaluation spans leave."""
         if self._calibration is None:
-            self._calibration = self.tokens.draw(self.cfg.calib_samples, self.cfg.calib_length,
-                                                 self.cfg.seed + 1, exclude=[s.span for s in self.samples],
-                                                 purpose="calibration")
+            self._calibration = self.tokens.draw(
+                self.cfg.calib_samples,
+                self.cfg.calib_length,
+                self.cfg.seed + 1,
+                exclude=[s.span for s in self.samples],
+                purpose="calibration",
+            )
         return self._calibration
 
     @property
     def reference(self) -> Reference:
         if self._reference is None:
             try:
-                self._reference = build_reference(self.lm, self.samples, self.lengths, naive=self.cfg.naive,
-                                                  cache_dir=self.cfg.cache_dir, use_cache=self.cfg.use_cache,
-                                                  progress=self.cfg.progress)
+                self._reference = build_reference(
+                    self.lm,
+                    self.samples,
+                    self.lengths,
+                    naive=self.cfg.naive,
+                    cache_dir=self.cfg.cache_dir,
+                    use_cache=self.cfg.use_cache,
+                    progress=self.cfg.progress,
+                    summary_chunk=self.cfg.chunk_size if self.cfg.reference_summary else None,
+                )
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -200,8 +215,9 @@ class Harness:
         m = parse_method(method) if isinstance(method, str) else method
         t0 = time.perf_counter()
         calib = tuple(s.ids for s in self.calibration) if m.needs_calibration else ()
-        ctx = CompressContext(calibration=calib, include=self.cfg.include, exclude=self.cfg.exclude,
-                              seed=self.cfg.seed)
+        ctx = CompressContext(
+            calibration=calib, include=self.cfg.include, exclude=self.cfg.exclude, seed=self.cfg.seed
+        )
         model = copy.deepcopy(self.lm.model)
         try:
             model = m.apply(model, ctx) or model
@@ -209,9 +225,11 @@ class Harness:
             raise
         except Exception as exc:  # a method's own bug or limit: one line naming the method
             if not is_oom(exc):
-                raise MethodRunError(f"method '{m.id}' raised {_first_line(exc)} while compressing; fix the "
-                                     "method or leave it out (set LCC_DEBUG=1 or pass --debug for the "
-                                     "traceback)") from exc
+                raise MethodRunError(
+                    f"method '{m.id}' raised {_first_line(exc)} while compressing; fix the "
+                    "method or leave it out (set LCC_DEBUG=1 or pass --debug for the "
+                    "traceback)"
+                ) from exc
             msg = oom_message(f"compressing with '{m.id}'", None, exc)
         else:
             msg = None
@@ -222,8 +240,10 @@ class Harness:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                    raise NonFiniteError(f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "
-                                         "the compressed weights must be finite")
+                    raise NonFiniteError(
+                        f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "
+                        "the compressed weights must be finite"
+                    )
         model.eval()
         return model, ctx, time.perf_counter() - t0
 
@@ -236,8 +256,9 @@ class Harness:
             raise OOMError(errors[min(errors)])
         return stats
 
-    def measure_lengths(self, model: torch.nn.Module, method_id: str
-                        ) -> tuple[dict[int, LengthStats], dict[int, str]]:
+    def measure_lengths(
+        self, model: torch.nn.Module, method_id: str
+    ) -> tuple[dict[int, LengthStats], dict[int, str]]:
         """Per-length statistics, plus length → message for lengths that ran out of memory.
 
         A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
@@ -246,17 +267,20 @@ class Harness:
 
         ref = self.reference
         head = output_head(model)
-        summary = self.cfg.reference_summary and shared_linear_head(self.lm.model, model)
+        summary = bool(ref.summaries) and shared_linear_head(self.lm.model, model)
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
         passes = ref.passes()
-        bar = tqdm(total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress,
-                   leave=False)
+        bar = tqdm(
+            total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress, leave=False
+        )
 
         def attempt(P: int, run_len: int, lens: tuple[int, ...]) -> None:
             if errors:
                 for L in lens:
-                    errors[L] = f"'{method_id}' not measured at length {L}: length {min(errors)} ran out of memory"
+                    errors[L] = (
+                        f"'{method_id}' not measured at length {L}: length {min(errors)} ran out of memory"
+                    )
                 return
             try:
                 sts = self._measure_pass(model, head, ref, P, run_len, lens, method_id, summary)
@@ -279,25 +303,28 @@ class Harness:
                 errors.setdefault(P, failed)
             bar.update(len(ref.samples))
         bar.close()
-        return {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}, dict(sorted(errors.items()))
+        return {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}, dict(
+            sorted(errors.items())
+        )
 
-    def reference_summaries(self, P: int) -> list[RefSummary]:
-        """RefSummary of every sample of reference pass P, computed once per harness."""
-        if P not in self._summaries:
-            ref = self.reference
-            self._summaries[P] = [summarize_reference(self.lm.model, h, s.ids[:P], self.cfg.chunk_size)
-                                  for h, s in zip(ref.hidden[P], ref.samples, strict=True)]
-        return self._summaries[P]
-
-    def _measure_pass(self, model: torch.nn.Module, head: Any, ref: Reference, P: int, run_len: int,
-                      lengths: Sequence[int], method_id: str, summary: bool = False) -> list[PositionStats]:
+    def _measure_pass(
+        self,
+        model: torch.nn.Module,
+        head: Any,
+        ref: Reference,
+        P: int,
+        run_len: int,
+        lengths: Sequence[int],
+        method_id: str,
+        summary: bool = False,
+    ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError."""
         out = []
         for i, s in enumerate(ref.samples):
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
-                summ = self.reference_summaries(P)[i].prefix(run_len)
+                summ = ref.summaries[P][i].prefix(run_len)
             h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
@@ -315,8 +342,10 @@ class Harness:
         if self._short_ref is None:
             self._short_ref = [final_hidden(self.lm.model, s.ids[:L0]) for s in self.samples]
         ref_head, head = output_head(self.lm.model), output_head(model)
-        sts = [compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
-               for h, s in zip(self._short_ref, self.samples, strict=True)]
+        sts = [
+            compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
+            for h, s in zip(self._short_ref, self.samples, strict=True)
+        ]
         short = summarize(L0, sts).per_sample["window_kl"]
         main = stats[L0].per_sample["window_kl"]
         scale = max(abs(sum(main) / len(main)), 1e-12)
@@ -343,8 +372,12 @@ class Harness:
             lengths=self.lengths,
             stats=stats,
             mode="one-pass" if ref.one_pass else "per-length",
-            timings={"reference_s": ref.seconds, "reference_cache_hit": ref.cache_hit,
-                     "compression_s": t_compress, "measurement_s": t_measure},
+            timings={
+                "reference_s": ref.seconds,
+                "reference_cache_hit": ref.cache_hit,
+                "compression_s": t_compress,
+                "measurement_s": t_measure,
+            },
             info={"method_info": dict(ctx.info), **self.metadata()},
             errors=errors,
         )
@@ -365,8 +398,11 @@ class Harness:
             "samples": [s.span.to_dict() for s in self.samples],
         }
         if self._calibration is not None:
-            md["calibration"] = {"count": self.cfg.calib_samples, "length": self.cfg.calib_length,
-                                 "spans": [s.span.to_dict() for s in self._calibration]}
+            md["calibration"] = {
+                "count": self.cfg.calib_samples,
+                "length": self.cfg.calib_length,
+                "spans": [s.span.to_dict() for s in self._calibration],
+            }
         if self._reference is not None and self._reference.notes:
             md["notes"] = list(self._reference.notes)
         return md

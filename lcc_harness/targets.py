@@ -11,8 +11,9 @@ from torch import nn
 DEFAULT_INCLUDE: tuple[str, ...] = ("*layers.*", "*.h.*", "*.blocks.*")
 
 
-def iter_linears(model: nn.Module, include: Sequence[str] = DEFAULT_INCLUDE,
-                 exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
+def iter_linears(
+    model: nn.Module, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = ()
+) -> Iterator[tuple[str, nn.Linear]]:
     """Yield (qualified name, nn.Linear) whose name matches any `include` glob and no `exclude` glob."""
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):

@@ -29,7 +29,7 @@ def test_sampling_is_deterministic_and_records_provenance():
     assert [s.span for s in tc.draw(4, 512, seed=8)] != [s.span for s in a]
     for s in a:
         toks = tc.tokens[s.span.document]
-        assert s.ids.tolist() == toks[s.span.start:s.span.start + 512]
+        assert s.ids.tolist() == toks[s.span.start : s.span.start + 512]
         assert s.span.length == 512 and s.span.ids_sha256 == ids_hash(s.ids)
 
 
@@ -40,7 +40,10 @@ def test_calibration_disjoint_from_evaluation():
     for c in cal:
         for e in ev:
             if c.span.document == e.span.document:
-                assert c.span.start + c.span.length <= e.span.start or e.span.start + e.span.length <= c.span.start
+                assert (
+                    c.span.start + c.span.length <= e.span.start
+                    or e.span.start + e.span.length <= c.span.start
+                )
 
 
 def test_too_small_corpus_says_how_much_it_has(tmp_path):

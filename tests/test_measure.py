@@ -114,7 +114,9 @@ def test_rtn_on_harness_copy_leaves_reference_untouched(harness, tiny):
     assert ctx.info["effective_bits"] == pytest.approx(3 + (16 + 3) / 32)
     for k, v in tiny.model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(
+        model.model.layers[0].mlp.up_proj.weight, tiny.model.model.layers[0].mlp.up_proj.weight
+    )
     assert torch.equal(model.lm_head.weight, tiny.model.lm_head.weight)  # LM head not a target by default
     _ = CompressContext()
 

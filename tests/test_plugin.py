@@ -17,11 +17,13 @@ def project(pytester: pytest.Pytester, tmp_path_factory) -> pytest.Pytester:
     """A user project with the shipped suites, the smoke profile, and its own cache."""
     for f in SUITES.glob("test_*.py"):
         pytester.makepyfile(**{f.stem: f.read_text()})
-    pytester.makeini(textwrap.dedent(f"""
+    pytester.makeini(
+        textwrap.dedent(f"""
         [pytest]
         lcc_profile = smoke
         lcc_cache_dir = {tmp_path_factory.mktemp("cache")}
-        """))
+        """)
+    )
     return pytester
 
 
@@ -36,8 +38,12 @@ def baseline_file(p: pytest.Pytester) -> Path:
 def test_missing_baseline_fails_with_command(project):
     r = run(project, "--lcc-methods", METHODS, "test_kl_regression.py")
     r.assert_outcomes(failed=8)
-    r.stdout.fnmatch_lines(["*no baseline for rtn-w3-g32 at length 64*create it with: pytest suites/ "
-                            "--lcc-profile smoke --lcc-methods rtn-w3-g32 --lcc-update-baselines*"])
+    r.stdout.fnmatch_lines(
+        [
+            "*no baseline for rtn-w3-g32 at length 64*create it with: pytest suites/ "
+            "--lcc-profile smoke --lcc-methods rtn-w3-g32 --lcc-update-baselines*"
+        ]
+    )
 
 
 def test_update_then_pass_then_worse_method_fails(project):
@@ -58,7 +64,8 @@ def test_update_then_pass_then_worse_method_fails(project):
     assert baseline_file(project).read_text() == before
 
     # a deliberately worse quantizer under the existing id: 3-bit ids quantize at 2 bits
-    project.makeconftest(textwrap.dedent("""
+    project.makeconftest(
+        textwrap.dedent("""
         from dataclasses import dataclass
         from lcc_harness.methods.basic import RTN
         from lcc_harness.methods.registry import register
@@ -69,7 +76,8 @@ def test_update_then_pass_then_worse_method_fails(project):
             def apply(self, model, ctx):
                 bits = self.bits - 1 if self.bits == 3 else self.bits
                 return RTN(bits=bits, group=self.group, sym=self.sym).apply(model, ctx)
-        """))
+        """)
+    )
     r = run(project, "--lcc-methods", METHODS, "test_kl_regression.py", "-k", "test_kl_within_baseline")
     r.assert_outcomes(failed=3, passed=3)
     out = r.stdout.str()
@@ -86,7 +94,8 @@ def test_update_keeps_entries_that_did_not_run(project):
 
 
 def test_failing_and_nan_methods_do_not_stop_the_others(project):
-    project.makeconftest(textwrap.dedent("""
+    project.makeconftest(
+        textwrap.dedent("""
         import re
         from dataclasses import dataclass
         import torch
@@ -123,7 +132,8 @@ def test_failing_and_nan_methods_do_not_stop_the_others(project):
                 with torch.no_grad():
                     model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
                 return model
-        """))
+        """)
+    )
     run(project, "--lcc-methods", "rtn-w4-g32", "--lcc-update-baselines", "test_kl_regression.py")
     r = run(project, "--lcc-methods", "boom,nans,rtn-w4-g32", "test_kl_regression.py")
     r.assert_outcomes(passed=4, failed=4, errors=4)

@@ -35,14 +35,17 @@ def run_calibration(model: nn.Module, calibration: Sequence[torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, linears: Sequence[tuple[str, nn.Linear]],
-                        calibration: Sequence[torch.Tensor]) -> dict[str, InputStats]:
+def collect_input_stats(
+    model: nn.Module, linears: Sequence[tuple[str, nn.Linear]], calibration: Sequence[torch.Tensor]
+) -> dict[str, InputStats]:
     """One calibration pass with forward pre-hooks on `linears`; returns name → InputStats."""
     if not calibration:
         from ..errors import MethodError
 
-        raise MethodError("this method needs calibration spans, but none were given; pass calibration "
-                          "(RunConfig.calib_samples > 0)")
+        raise MethodError(
+            "this method needs calibration spans, but none were given; pass calibration "
+            "(RunConfig.calib_samples > 0)"
+        )
     stats: dict[str, InputStats] = {}
     hooks = []
 

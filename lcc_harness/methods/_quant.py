@@ -18,8 +18,10 @@ def resolve_group(in_features: int, group: int, where: str = "") -> int:
     if in_features % group:
         from ..errors import MethodError
 
-        raise MethodError(f"group size {group} does not divide the input width {in_features}{where}; "
-                          "use a divisor of it, or per-channel (g0)")
+        raise MethodError(
+            f"group size {group} does not divide the input width {in_features}{where}; "
+            "use a divisor of it, or per-channel (g0)"
+        )
     return group
 
 
@@ -43,7 +45,9 @@ def quant_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return s, z
 
 
-def quantize_dequantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+def quantize_dequantize(
+    x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, sym: bool
+) -> torch.Tensor:
     """Round x to its grid and return the dequantized float32 values."""
     xf = x.float()
     if sym:

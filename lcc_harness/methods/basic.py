@@ -50,12 +50,16 @@ class RTN(Method):
     pattern = re.compile(r"rtn-w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?")
     forms = ("rtn-w{bits}-g{group}[-sym]",)
     examples = ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g0-sym")
-    description = ("weight-only round-to-nearest, bits 2-8, per group of G input channels (g0 = per "
-                   "channel), asymmetric min-max with integer zero point; -sym for symmetric")
+    description = (
+        "weight-only round-to-nearest, bits 2-8, per group of G input channels (g0 = per "
+        "channel), asymmetric min-max with integer zero point; -sym for symmetric"
+    )
 
     def __post_init__(self) -> None:
         check_range(self.id, "bits", self.bits, 2, 8, "rtn-w{2..8}-g{group}")
-        check_range(self.id, "group", self.group, 0, 1 << 20, "rtn-w{bits}-g{divisor of input width, 0=per channel}")
+        check_range(
+            self.id, "group", self.group, 0, 1 << 20, "rtn-w{bits}-g{divisor of input width, 0=per channel}"
+        )
 
     @property
     def id(self) -> str:

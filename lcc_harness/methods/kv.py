@@ -11,9 +11,10 @@ rotary embedding and the values as projected, asymmetric min-max with an integer
 
 Where: a registered attention function (`AttentionInterface`, named `lcc_kvquant_<base>`) replaces the
 model's `sdpa`/`eager` one on the compressed copy only (its own config; the reference is another object).
-It builds both versions of the cache, quantized and exact, concatenates them along the key axis (2T keys)
-and lets each query see the quantized copy of earlier blocks and the exact copy of its own block, through
-the attention mask, then delegates to the original implementation. Queries, weights and everything else
+It builds both versions of the cache, quantized and exact, and for each chunk of QUERY_CHUNK queries
+concatenates the quantized keys up to the chunk's end with the exact keys of the chunk's blocks; the
+attention mask lets each query see the quantized copy of earlier blocks and the exact copy of its own
+block, and the original implementation does the rest. Queries, weights and everything else
 are untouched.
 
 Why one full pass is a decode: with use_cache=False every query t attends, in one pass, to exactly the
@@ -23,7 +24,8 @@ measurement equals per-length passes and token-by-token decoding with a quantize
 attends to the exact prompt; this measures every position as decoded, the long-context regime.)
 Equal up to float noise: passes of different lengths compute keys with ~1e-6 differences, and a value
 that sits on a rounding boundary can then land one level apart (seen on SmolLM2 at 2 bits: KL ≤ 3e-5).
-Cost: attention runs over 2T keys with an explicit mask, about twice the attention time.
+Cost: an explicit mask prevents the causal kernels' skipping, so attention does about T²/2 + T·QUERY_CHUNK
+key-query products where a plain causal pass does T²/2.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ ATTR = "lcc_kv_quant"  # attribute set on each attention module of the compresse
 NAME_PREFIX = "lcc_kvquant_"
 SUPPORTED_BASES = ("sdpa", "eager")
 FORM = "kv-k{2..8}v{2..8}[-g{group}]"
+# Query rows per attention call (rounded down to whole blocks). Each call sees the quantized keys up to its
+# last query and the exact keys of its own blocks, so the masked attention costs about T²/2 + T·rows
+# key-query pairs instead of the 2T² of one call over [quantized | exact] for every query.
+QUERY_CHUNK = 512
 
 
 def quantize_keys(key: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -73,19 +79,19 @@ def quantize_values(value: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return quantize_dequantize(vg, s, z, bits, sym=False).reshape(B, H, T, D).to(value.dtype)
 
 
-def residual_masks(
-    q_len: int, kv_len: int, group: int, device: torch.device
+def chunk_masks(
+    a: int, b: int, a0: int, group: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which (query, key) pairs read the quantized / the exact cache: two bool (q_len, kv_len) tensors.
+    """Which (query, key) pairs read the quantized / the exact cache, for the queries at positions [a, b).
 
-    Queries are the last q_len of kv_len positions. Quantized: key block < query block; exact: same block
-    and key position <= query position. Both imply causality.
-    """
-    kpos = torch.arange(kv_len, device=device)
-    qpos = kpos[kv_len - q_len :]
-    kb, qb = kpos // group, qpos // group
-    quant = kb[None, :] < qb[:, None]  # (Tq, Tk)
-    exact = (kb[None, :] == qb[:, None]) & (kpos[None, :] <= qpos[:, None])  # (Tq, Tk)
+    Quantized: key block < query block; exact: same block and key ≤ query (both imply causality). Quantized keys [0, b) → (b−a, b), exact keys
+    [a0, b) → (b−a, b−a0). Keys at or after b are never visible to these queries (causal); exact keys
+    before a0 are not either when a0 is the start of position a's block."""
+    qpos = torch.arange(a, b, device=device)
+    kq, ke = torch.arange(b, device=device), torch.arange(a0, b, device=device)
+    qb = (qpos // group)[:, None]
+    quant = (kq // group)[None, :] < qb  # (Tq, b)
+    exact = ((ke // group)[None, :] == qb) & (ke[None, :] <= qpos[:, None])  # (Tq, b − a0)
     return quant, exact
 
 
@@ -93,20 +99,26 @@ def _combine_mask(
     mask: torch.Tensor | None,
     quant: torch.Tensor,
     exact: torch.Tensor,
-    kv_len: int,
+    qcols: tuple[int, int],
+    ecols: tuple[int, int],
     base: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The mask over [quantized cache | exact cache] (…, Tq, 2*Tk), in the form `base` expects."""
+    """The mask over [quantized keys qcols | exact keys ecols] (…, Tq, len(qcols) + len(ecols)), in the form
+    `base` expects; `mask` (…, Tq, ≥ Tk), when given, is the model's own mask over key positions."""
     if mask is None:
-        out = torch.cat([quant, exact], dim=-1)[None, None]  # (1, 1, Tq, 2Tk)
+        out = torch.cat([quant, exact], dim=-1)[None, None]  # (1, 1, Tq, Tk')
     elif mask.dtype == torch.bool:
-        m = mask[..., :kv_len]
-        return torch.cat([m & quant, m & exact], dim=-1)
+        return torch.cat([mask[..., slice(*qcols)] & quant, mask[..., slice(*ecols)] & exact], dim=-1)
     else:  # additive float mask: keep its values where allowed
-        m = mask[..., :kv_len]
-        lo = torch.finfo(m.dtype).min
-        return torch.cat([m.masked_fill(~quant, lo), m.masked_fill(~exact, lo)], dim=-1)
+        lo = torch.finfo(mask.dtype).min
+        return torch.cat(
+            [
+                mask[..., slice(*qcols)].masked_fill(~quant, lo),
+                mask[..., slice(*ecols)].masked_fill(~exact, lo),
+            ],
+            dim=-1,
+        )
     if base == "eager":  # eager adds the mask to the scores
         return torch.zeros(out.shape, dtype=dtype, device=out.device).masked_fill(
             ~out, torch.finfo(dtype).min
@@ -151,10 +163,26 @@ def _make_attention(base: str) -> Callable:
             return fn(module, query, key, value, attention_mask, **kwargs)
         kq = quantize_keys(key, spec.key_bits, G)  # (B, Hkv, Tk, D)
         vq = quantize_values(value, spec.value_bits, min(G, value.shape[-1]))  # (B, Hkv, Tk, Dv)
-        quant, exact = residual_masks(q_len, kv_len, G, key.device)
-        mask = _combine_mask(attention_mask, quant, exact, kv_len, base, query.dtype)
-        kwargs.pop("is_causal", None)  # the mask above is the causal structure
-        return fn(module, query, torch.cat([kq, key], dim=2), torch.cat([vq, value], dim=2), mask, **kwargs)
+        kwargs.pop("is_causal", None)  # the masks below are the causal structure
+        rows = max(G, QUERY_CHUNK // G * G)  # query rows per call, whole blocks
+        outs, weights = [], None
+        for qs in range(0, q_len, rows):
+            qe = min(q_len, qs + rows)
+            a, b = kv_len - q_len + qs, kv_len - q_len + qe  # absolute positions of these queries
+            a0 = a // G * G  # first exact key any of them sees: the start of its own block
+            quant, exact = chunk_masks(a, b, a0, G, key.device)
+            m = None if attention_mask is None else attention_mask[..., qs:qe, :]
+            mask = _combine_mask(m, quant, exact, (0, b), (a0, b), base, query.dtype)
+            out, weights = fn(
+                module,
+                query[:, :, qs:qe],
+                torch.cat([kq[:, :, :b], key[:, :, a0:b]], dim=2),
+                torch.cat([vq[:, :, :b], value[:, :, a0:b]], dim=2),
+                mask,
+                **kwargs,
+            )
+            outs.append(out)  # (B, q, H, D): transformers' attention functions return queries on dim 1
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), (weights if len(outs) == 1 else None)
 
     return attention
 

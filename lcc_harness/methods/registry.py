@@ -153,5 +153,6 @@ def parse_methods(ids: Sequence[str]) -> list[Method]:
 def check_range(method_id: str, name: str, value: float, lo: float, hi: float, form: str) -> None:
     """Raise MethodError unless lo <= value <= hi."""
     if not (lo <= value <= hi):
-        raise MethodError(f"method '{method_id}': {name}={value} is out of range [{lo}, {hi}]; "
-                          f"write it as {form}")
+        raise MethodError(
+            f"method '{method_id}': {name}={value} is out of range [{lo}, {hi}]; write it as {form}"
+        )

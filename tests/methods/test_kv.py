@@ -12,7 +12,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lcc_harness.errors import MethodError
-from lcc_harness.methods import CompressContext, parse_method
+from lcc_harness.methods import CompressContext, kv, parse_method
 from lcc_harness.methods._quant import quant_params
 from lcc_harness.methods.kv import ATTR, DEFAULT_GROUP, KVQuant, _make_attention
 from lcc_harness.models import build_tiny_llama, load_model
@@ -184,7 +184,11 @@ def test_reference_unaffected(tiny: nn.Module, ref: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("method_id", [f"kv-k2v2-g{G}", "kv-k4v3-g4", "kv-k3v3-g20"])
-def test_causal_prefix_passes_match(ref: nn.Module, method_id: str) -> None:
+@pytest.mark.parametrize("chunk", [512, 24])
+def test_causal_prefix_passes_match(
+    ref: nn.Module, method_id: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kv, "QUERY_CHUNK", chunk)
     model, _ = compress(ref, method_id)
     ids = tokens()
     full = logits(model, ids)  # (T, V)
@@ -193,8 +197,11 @@ def test_causal_prefix_passes_match(ref: nn.Module, method_id: str) -> None:
         assert float((full[t] - short[t]).abs().max()) <= 1e-5, t
 
 
-def test_attention_equals_decode_loop() -> None:
-    """Each query t attends to quantized blocks ended before its block plus its own block exact, with GQA."""
+@pytest.mark.parametrize("chunk", [512, G, 2 * G + 3])  # one call; a call per block; two blocks per call
+def test_attention_equals_decode_loop(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each query t attends to quantized blocks ended before its block plus its own block exact, with GQA,
+    whether the queries go through attention in one call or in chunks of whole blocks (QUERY_CHUNK)."""
+    monkeypatch.setattr(kv, "QUERY_CHUNK", chunk)
     model = build_tiny_llama()
     m = KVQuant(key_bits=3, value_bits=2, group=G)
     m.apply(model, CompressContext())
@@ -225,7 +232,9 @@ def test_attention_equals_decode_loop() -> None:
         assert torch.allclose(out[0, t], expect, atol=1e-5), t
 
 
-def test_eager_base_matches_sdpa(ref: nn.Module) -> None:
+@pytest.mark.parametrize("chunk", [512, 2 * G])
+def test_eager_base_matches_sdpa(ref: nn.Module, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv, "QUERY_CHUNK", chunk)
     ids = tokens()
     sdpa_model, _ = compress(ref, f"kv-k2v3-g{G}")
     eager = copy.deepcopy(ref)
@@ -237,8 +246,12 @@ def test_eager_base_matches_sdpa(ref: nn.Module) -> None:
 
 
 @torch.no_grad()
-def test_one_pass_equals_token_by_token_decoding(ref: nn.Module) -> None:
+@pytest.mark.parametrize("chunk", [512, G])
+def test_one_pass_equals_token_by_token_decoding(
+    ref: nn.Module, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Decoding with a (full-precision) HF cache re-quantized by the method gives the one-pass logits."""
+    monkeypatch.setattr(kv, "QUERY_CHUNK", chunk)
     model, _ = compress(ref, f"kv-k2v2-g{G}")
     ids = tokens(3 * G + 3)
     full = logits(model, ids)  # (T, V)
