@@ -193,7 +193,12 @@ def load_model(
             f"model '{spec}' is a file but not a .gguf; pass a .gguf file, a model directory, "
             f"'{DEFAULT_MODEL}' or '{TINY_MODEL}'"
         )
-    if "/" in spec and not spec.startswith((".", "/", "~")):
+    if spec.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"model path '{spec}' does not exist; check the path, or pass '{DEFAULT_MODEL}', '{TINY_MODEL}' "
+            "or a cached hub id (org/name)"
+        )
+    if "/" in spec:
         model, tok = _load_hf(spec, dev, dt, what=f"hub id '{spec}'")
         return _finish(spec, model, tok, f"hf-cache:{spec}", dev, dt)
     raise ModelNotFoundError(

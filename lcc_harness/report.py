@@ -530,7 +530,7 @@ def render_png(record: Mapping[str, Any]) -> bytes:
         series.append((mid, _bits(entry), xs, ms, los, his, bl, max(ns, default=0)))
 
     positive = [v for s in series for v in s[3] + [b for _, b in s[6]] if v > 0]
-    log_y = bool(positive) and max(positive) / min(positive) > 100
+    log_y = bool(positive) and max(positive) / min(positive) > 10  # over a decade: log axis
 
     n_rows_legend = math.ceil((len(series) + 1) / 3) if series else 1
     fig = Figure(figsize=(11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")

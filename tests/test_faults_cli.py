@@ -102,7 +102,10 @@ def _file(tmp: Path, name: str, data: bytes) -> str:
 CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     # 1. models that resolve to nothing; nothing is downloaded
     "model unknown": (lambda t: ["--model", "nosuch-model"], ("unknown model 'nosuch-model'", "pass one of")),
-    "model path missing": (lambda t: ["--model", str(t / "gone" / "model")], ("gone/model", "existing path")),
+    "model path missing": (
+        lambda t: ["--model", str(t / "gone" / "model")],
+        ("gone/model", "does not exist"),
+    ),
     "gguf path missing": (lambda t: ["--model", str(t / "x.gguf")], ("x.gguf", "does not exist")),
     "hub id not cached": (
         lambda t: ["--model", "lcc-test-org/not-cached"],

@@ -6,28 +6,19 @@ import copy
 
 import pytest
 import torch
+from _tiny import TINY_LENGTHS, tiny_config
 
 from lcc_harness.measure import compare, final_hidden, output_head, passes_for, summarize
 from lcc_harness.methods.basic import RTN
 from lcc_harness.methods.registry import CompressContext
-from lcc_harness.run import Harness, RunConfig
+from lcc_harness.run import Harness
 
-LENGTHS = (32, 64, 128)
-
-
-def _cfg(**kw) -> RunConfig:
-    base = dict(model="tiny-llama", lengths=LENGTHS, samples=2, device="cpu", use_cache=False)
-    return RunConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def harness(tiny) -> Harness:
-    return Harness(_cfg(), lm=tiny)
+LENGTHS = TINY_LENGTHS
 
 
 def test_one_pass_equals_naive(tiny):
-    one = Harness(_cfg(), lm=tiny).run("rtn-w3-g32")
-    naive = Harness(_cfg(naive=True), lm=tiny).run("rtn-w3-g32")
+    one = Harness(tiny_config(), lm=tiny).run("rtn-w3-g32")
+    naive = Harness(tiny_config(naive=True), lm=tiny).run("rtn-w3-g32")
     assert one.mode == "one-pass" and naive.mode == "per-length"
     for L in LENGTHS:
         a, b = one.stats[L], naive.stats[L]

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from _tiny import TINY_LENGTHS, tiny_config
 
 from lcc_harness.measure import (
     compare,
@@ -19,19 +20,9 @@ from lcc_harness.measure import (
     summary_rows,
 )
 from lcc_harness.reference import build_reference
-from lcc_harness.run import Harness, RunConfig
+from lcc_harness.run import Harness
 
-LENGTHS = (32, 64, 128)
-
-
-def _cfg(**kw) -> RunConfig:
-    base = dict(model="tiny-llama", lengths=LENGTHS, samples=2, device="cpu", use_cache=False)
-    return RunConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def harness(tiny) -> Harness:
-    return Harness(_cfg(), lm=tiny)
+LENGTHS = TINY_LENGTHS
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 256])
@@ -69,8 +60,8 @@ def test_identical_model_gives_exactly_zero(harness):
 
 
 def test_default_and_direct_paths_agree(tiny):
-    fast = Harness(_cfg(), lm=tiny)
-    exact = Harness(_cfg(reference_summary=False), lm=tiny)
+    fast = Harness(tiny_config(), lm=tiny)
+    exact = Harness(tiny_config(reference_summary=False), lm=tiny)
     assert fast.reference.summaries and not exact.reference.summaries
     a, b = fast.run("rtn-w3-g32"), exact.run("rtn-w3-g32")
     for L in LENGTHS:
@@ -109,7 +100,7 @@ def test_summary_is_used_only_when_the_head_is_shared(harness, tiny, monkeypatch
 
 
 def test_summaries_are_cached_with_the_reference(tiny, cache_dir):
-    samples = Harness(_cfg(), lm=tiny).samples
+    samples = Harness(tiny_config(), lm=tiny).samples
     cold = build_reference(tiny, samples, LENGTHS, cache_dir=cache_dir, summary_chunk=16)
     hit = build_reference(tiny, samples, LENGTHS, cache_dir=cache_dir, summary_chunk=16)
     assert not cold.cache_hit and hit.cache_hit

@@ -1,0 +1,53 @@
+"""bench/ on the tiny model, in a subprocess: the benchmark suite runs and writes every key the README quotes
+(so that `make bench` cannot rot unnoticed between the long documented runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = (
+    "forward_s",
+    "per_method_s",
+    "ratio_to_forward",
+    "naive_speedup",
+    "peak_rss_mb",
+    "weights_mb",
+    "cache_hit_ratio",
+    "machine",
+)
+
+
+def test_bench_smoke_writes_every_key(tmp_path: Path) -> None:
+    stem = tmp_path / "bench"
+    env = {
+        **os.environ,
+        "LCC_BENCH_MODEL": "tiny-llama",
+        "LCC_BENCH_REPORT": str(stem),
+        "LCC_BENCH_COMPRESS_METHODS": "rtn-w3-g32,gptq-w3-g32",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for key in KEYS:
+        assert data.get(key) not in (None, {}, []), key
+    methods = set(data["config"]["ratio_methods"])
+    assert set(data["per_method_s"]) == methods == set(data["ratio_to_forward"])
+    assert all(math.isfinite(v) and v > 0 for v in data["ratio_to_forward"].values())
+    assert set(data["compress_s"]) == {"rtn-w3-g32", "gptq-w3-g32"}
+    assert set(data["peak_rss_mb"]) == {str(L) for L in data["config"]["rss_lengths"]}
+    assert data["naive_speedup"] > 0 and 0 <= data["cache_hit_ratio"] < 1
+    md = stem.with_suffix(".md").read_text()
+    assert "naive whole run / one-pass whole run" in md and "| rtn-w3-g32" in md
