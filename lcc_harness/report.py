@@ -502,7 +502,7 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     run = record.get("run") or {}
     seed = int(run.get("seed") or 0)
@@ -567,8 +567,11 @@ def render_png(record: Mapping[str, Any]) -> bytes:
         pad = 2**0.25
         ax.set_xlim(lengths[0] / pad, lengths[-1] * pad)
     ax.xaxis.set_minor_locator(NullLocator())
-    if log_y:
+    if log_y:  # ticks at 1, 2, 5 × 10^k, written as plain numbers (0.2, 0.5, 1, 2, 5, 10)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_ylim(bottom=0)
     ax.grid(True, which="major", alpha=0.35)
