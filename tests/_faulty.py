@@ -24,7 +24,12 @@ from lcc_harness.methods.registry import CompressContext, Method, register, unre
 
 @dataclass(frozen=True)
 class _Fixed(Method):
-    """A parameterless method whose id is its family name."""
+    """A parameterless method whose id, only form and pattern are its family name."""
+
+    def __init_subclass__(cls, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        cls.pattern = re.compile(re.escape(cls.family))
+        cls.forms = (cls.family,)
 
     @property
     def id(self) -> str:
@@ -38,8 +43,6 @@ class _Fixed(Method):
 @dataclass(frozen=True)
 class Raise(_Fixed):
     family = "fault-raise"
-    pattern = re.compile(r"fault-raise")
-    forms = ("fault-raise",)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         raise ZeroDivisionError("kaboom in apply")
@@ -48,8 +51,6 @@ class Raise(_Fixed):
 @dataclass(frozen=True)
 class NaN(_Fixed):
     family = "fault-nan"
-    pattern = re.compile(r"fault-nan")
-    forms = ("fault-nan",)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         with torch.no_grad():
@@ -60,8 +61,6 @@ class NaN(_Fixed):
 @dataclass(frozen=True)
 class Inf(_Fixed):
     family = "fault-inf"
-    pattern = re.compile(r"fault-inf")
-    forms = ("fault-inf",)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         with torch.no_grad():
@@ -72,8 +71,6 @@ class Inf(_Fixed):
 @dataclass(frozen=True)
 class InfLogits(_Fixed):
     family = "fault-inf-logits"
-    pattern = re.compile(r"fault-inf-logits")
-    forms = ("fault-inf-logits",)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -132,8 +129,6 @@ class CpuOOM(OOM):
 @dataclass(frozen=True)
 class Sleep(_Fixed):
     family = "fault-sleep"
-    pattern = re.compile(r"fault-sleep")
-    forms = ("fault-sleep",)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         Path(os.environ["LCC_TEST_MARKER"]).write_text("started")

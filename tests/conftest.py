@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 from _tiny import tiny_config
 
@@ -23,3 +26,23 @@ def cache_dir(tmp_path):
 def harness(tiny) -> Harness:
     """A default harness on the tiny model (one per test module: tests may compress and measure on it)."""
     return Harness(tiny_config(), lm=tiny)
+
+
+@pytest.fixture()
+def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No network and an empty Hugging Face cache (returned: HF_HOME). The env vars are read at import, so the
+    constants are patched too. Modules that must never reach out use it for every test (`pytestmark`)."""
+    import huggingface_hub.constants as hf_constants
+
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+
+    def refuse(self: socket.socket, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"test tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return hf_home

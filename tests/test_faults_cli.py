@@ -4,7 +4,6 @@ and the fix, no traceback unless --debug. Runs in-process on the tiny model, off
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,21 +33,7 @@ BASE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No network and an empty Hugging Face cache."""
-    import huggingface_hub.constants as hf_constants
-
-    hf_home = tmp_path_factory.mktemp("hf_home")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-
-    def refuse(self: socket.socket, *args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"test tried to reach the network: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("offline")  # every test: no network, empty HF cache (conftest)
 
 
 @pytest.fixture()

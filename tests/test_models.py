@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import random
 import shutil
-import socket
 import struct
 from pathlib import Path
 
@@ -24,23 +23,7 @@ from lcc_harness.models import SMOLLM2_PACKAGE, build_tiny_llama, load_model
 TEXT = "the cat and the hat, rather often: 42 ünïcödé\n  spaced"
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No network and an empty HF cache. The env vars are read at import, so the constants are patched too."""
-    import huggingface_hub.constants as hf_constants
-
-    hf_home = tmp_path_factory.mktemp("hf_home")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-
-    def refuse(self: socket.socket, *args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"test tried to reach the network: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    return hf_home
+pytestmark = pytest.mark.usefixtures("offline")  # every test: no network, empty HF cache (conftest)
 
 
 @pytest.fixture(scope="module")
