@@ -1,14 +1,11 @@
-"""Stored KL baselines: load, compare (one-sided), update atomically under a lock.
+"""Stored KL baselines: load and validate, the stored form of a method, update atomically under a lock.
 
-One JSON file per (model, dtype, device type, profile), human-diffable: sorted keys, values rounded to 5
-significant digits, no timestamps unless an entry changes.
-
-Tolerance rule (stored with each entry, derived from measured spread):
-  tol = 2 · SE + 2 · noise · value
-SE is the standard error over evaluation samples (per-sample window KL for a length; bootstrap SE for the growth
-ratio); noise is the relative float noise measured when the baseline was written (the same statistic computed by
-a separate pass at the shortest length vs. the one-pass run). A run fails when value > baseline + tol; it is
-reported "better" when value < baseline − tol.
+One JSON file per (model, dtype, device type, profile), human-diffable: sorted keys, no timestamps unless an
+entry changes. Per method and length it stores the window KL of every evaluation sample at full precision
+(Python's shortest round-trip repr), so rounding can never decide a check; display values (cumulative KL,
+growth statistics, method info) are rounded to 5 significant digits. NaN and Infinity are refused on write,
+and every number the gate reads is validated on load (finite, ≥ 0, one value per sample). The comparison
+rule lives in `gate.py`.
 """
 
 from __future__ import annotations
@@ -22,17 +19,19 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BaselineError
 
-SCHEMA = "lcc-baseline/1"
-SE_FACTOR = 2.0
-NOISE_FACTOR = 2.0
+SCHEMA = "lcc-baseline/2"
 IDENTITY_KEYS = ("model", "dtype", "device_type", "profile")
 SPEC_KEYS = ("lengths", "samples", "seed", "corpus_sha256", "samples_sha256")
+MAX_REL_NOISE = (
+    0.1  # a stored float noise above 10 % of the value is not float noise: it would blunt the gate
+)
+MAX_FLOOR = 0.01  # nats; a larger floor would hide real regressions of good quantizers
+NEG_SLACK = 1e-6  # KL is ≥ 0; float rounding may leave a stored mean this far below zero
 
 
 def round_sig(x: float, sig: int = 5) -> float:
@@ -62,43 +61,8 @@ def baseline_path(root: Path, model: str, dtype: str, device_type: str, profile:
     )
 
 
-def tolerance(value: float, se: float, noise: float) -> float:
-    return SE_FACTOR * se + NOISE_FACTOR * noise * abs(value) + 1e-9
-
-
-@dataclass(frozen=True)
-class Check:
-    """Outcome of one one-sided comparison."""
-
-    outcome: str  # pass | fail | better | missing
-    value: float
-    baseline: float | None
-    tolerance: float | None
-
-    @property
-    def message(self) -> str:
-        if self.baseline is None:
-            return f"{self.value:.5g} (no baseline)"
-        rel = (self.value / self.baseline - 1) if self.baseline else float("inf")
-        return (
-            f"{self.value:.5g} vs baseline {self.baseline:.5g} ({rel:+.1%}; tolerance +{self.tolerance:.3g}"
-            f" → limit {self.baseline + self.tolerance:.5g})"
-        )
-
-
-def compare(value: float, baseline: float | None, tol: float | None) -> Check:
-    """One-sided: fail only when worse beyond tolerance; NaN/Inf always fail."""
-    if baseline is None or tol is None:
-        return Check("missing", value, None, None)
-    if not math.isfinite(value) or not value <= baseline + tol:
-        return Check("fail", value, baseline, tol)
-    if value < baseline - tol:
-        return Check("better", value, baseline, tol)
-    return Check("pass", value, baseline, tol)
-
-
 class BaselineFile:
-    """A baseline file's content; `load` validates it against the identity of the current run."""
+    """A baseline file's content; `load` validates it against the identity and sample spec of the current run."""
 
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = Path(path)
@@ -112,12 +76,21 @@ class BaselineFile:
     def findings(self) -> dict[str, str]:
         return self.data.setdefault("findings", {})
 
+    @property
+    def floor(self) -> float:
+        """Absolute KL floor of this baseline (nats), see gate.floor_from_self_noise."""
+        return float(self.data["floor"]["kl"])
+
     @classmethod
     def load(cls, path: Path, identity: Mapping[str, Any], spec: Mapping[str, Any]) -> BaselineFile | None:
         """None when the file does not exist; BaselineError when it is corrupt, foreign or of other samples."""
         path = Path(path)
         if not path.exists():
             return None
+        if path.is_dir():
+            raise BaselineError(
+                f"baseline path '{path}' is a directory; remove it or pass another --lcc-baseline-dir"
+            )
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -125,7 +98,7 @@ class BaselineFile:
                 f"baseline file '{path}' is not valid JSON ({exc}); restore it from git "
                 "(`git checkout -- <file>`) or delete it and re-create with --lcc-update-baselines"
             ) from None
-        problem = _schema_problem(data)
+        problem = schema_problem(data)
         if problem:
             raise BaselineError(
                 f"baseline file '{path}' does not follow schema {SCHEMA} ({problem}); restore it "
@@ -148,21 +121,32 @@ class BaselineFile:
             )
         return cls(path, data)
 
-    def kl_entry(self, method: str, length: int) -> tuple[float, float] | None:
+    def per_sample(self, method: str, length: int) -> list[float] | None:
+        """Stored per-sample window KL of `method` at `length`, or None when there is none."""
         c = self.methods.get(method, {}).get("curves", {}).get(str(length))
-        return (c["window_kl"], c["tolerance"]) if c else None
+        return [float(x) for x in c["per_sample"]] if c else None
 
-    def growth_entry(self, method: str) -> tuple[float, float] | None:
-        g = self.methods.get(method, {}).get("growth")
-        return (g["ratio"], g["tolerance"]) if g else None
+    def rel_noise(self, method: str) -> float:
+        return float(self.methods[method]["float_noise"]["relative"])
 
 
 def _number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _schema_problem(data: Any) -> str | None:
-    """What is wrong with a parsed baseline file's structure, or None when it is usable."""
+def _kl_problem(x: Any, where: str) -> str | None:
+    if not _number(x):
+        return f"{where} is {x!r}, not a number"
+    if not math.isfinite(x):
+        return f"{where} is {x}; KL values must be finite"
+    if x < -NEG_SLACK:
+        return f"{where} is {x}; KL values are ≥ 0"
+    return None
+
+
+def schema_problem(data: Any) -> str | None:
+    """What is wrong with a parsed baseline file (structure and every number the gate reads), or None.
+    The answer names the key, e.g. "methods.rtn-w3-g64.curves.256.per_sample[2] is inf; …"."""
     if not isinstance(data, dict):
         return f"top level is a {type(data).__name__}, not an object"
     if data.get("schema") != SCHEMA:
@@ -171,42 +155,89 @@ def _schema_problem(data: Any) -> str | None:
         return "'methods' is not an object"
     if not isinstance(data.get("findings", {}), dict):
         return "'findings' is not an object"
+    spec = data.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("samples"), int) or spec["samples"] < 1:
+        return "'spec.samples' is not a positive integer"
+    n = spec["samples"]
+    floor = data.get("floor", {}).get("kl") if isinstance(data.get("floor"), dict) else None
+    if not (_number(floor) and math.isfinite(floor) and 0 < floor <= MAX_FLOOR):
+        return f"floor.kl is {floor!r}; it must be a number in (0, {MAX_FLOOR}] nats"
     for mid, entry in data["methods"].items():
-        curves = entry.get("curves") if isinstance(entry, dict) else None
-        growth = entry.get("growth") if isinstance(entry, dict) else None
-        if not isinstance(curves, dict) or not isinstance(growth, dict):
-            return f"method {mid!r} lacks 'curves' or 'growth'"
-        for L, c in curves.items():
-            if not (isinstance(c, dict) and _number(c.get("window_kl")) and _number(c.get("tolerance"))):
-                return f"method {mid!r} length {L} lacks a numeric window_kl/tolerance"
-        if not (_number(growth.get("ratio")) and _number(growth.get("tolerance"))):
-            return f"method {mid!r} growth lacks a numeric ratio/tolerance"
+        at = f"methods.{mid}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("curves"), dict):
+            return f"{at} lacks 'curves'"
+        noise = entry.get("float_noise")
+        if not isinstance(noise, dict):
+            return f"{at}.float_noise is missing"
+        for k in ("absolute", "relative"):
+            v = noise.get(k)
+            if not (_number(v) and math.isfinite(v) and v >= 0):
+                return f"{at}.float_noise.{k} is {v!r}; it must be a finite number ≥ 0"
+        if noise["relative"] > MAX_REL_NOISE:
+            return f"{at}.float_noise.relative is {noise['relative']}; above {MAX_REL_NOISE} it is not float noise"
+        for L, c in entry["curves"].items():
+            where = f"{at}.curves.{L}"
+            if not (isinstance(L, str) and L.isdigit()):
+                return f"{where}: length key {L!r} is not an integer"
+            if not isinstance(c, dict):
+                return f"{where} is not an object"
+            per = c.get("per_sample")
+            if not isinstance(per, list) or len(per) != n:
+                got = len(per) if isinstance(per, list) else repr(per)
+                return f"{where}.per_sample has {got} values, not one per sample ({n})"
+            for i, x in enumerate(per):
+                p = _kl_problem(x, f"{where}.per_sample[{i}]")
+                if p:
+                    return p
+            p = _kl_problem(c.get("window_kl"), f"{where}.window_kl")
+            if p:
+                return p
+            mean = math.fsum(per) / n
+            if abs(c["window_kl"] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
+                return f"{where}.window_kl {c['window_kl']} is not the mean of per_sample ({mean}); edit both"
     return None
 
 
 def method_entry(
     curves: Mapping[str, Mapping[str, Any]],
     growth: Mapping[str, Any],
-    noise: float,
+    noise: Mapping[str, float],
     method_info: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The stored form of one method: per-length window KL with SE and tolerance, and growth."""
-    import numpy as np
-
+    """The stored form of one method: per length the window KL of each sample (full precision) and their mean;
+    growth statistics, the float noise and method facts rounded for display."""
     out_curves = {}
     for L, c in curves.items():
-        per = np.asarray(c["per_sample"]["window_kl"], dtype=np.float64)
-        se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
+        per = [float(x) for x in c["per_sample"]["window_kl"]]
         out_curves[str(L)] = {
-            "window_kl": c["window_kl"],
-            "cumulative_kl": c["cumulative_kl"],
-            "se": se,
-            "tolerance": tolerance(c["window_kl"], se, noise),
+            "window_kl": math.fsum(per) / len(per),
+            "per_sample": per,
+            "cumulative_kl": round_sig(c["cumulative_kl"]),
         }
-    g = dict(growth)
-    g["tolerance"] = tolerance(g["ratio"], g["ratio_se"], noise)
     info = {k: v for k, v in method_info.items() if isinstance(v, int | float | str | bool)}
-    return _round_tree({"curves": out_curves, "growth": g, "float_noise": noise, "method_info": info})
+    return {
+        "curves": out_curves,
+        "growth": _round_tree(dict(growth)),
+        "float_noise": _round_tree({k: float(noise.get(k, 0.0)) for k in ("absolute", "relative")}),
+        "method_info": _round_tree(info),
+    }
+
+
+def _nonfinite_key(obj: Any, at: str = "") -> str | None:
+    """The dotted key of the first NaN/Infinity in `obj`, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at or "(top level)"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            hit = _nonfinite_key(v, f"{at}.{k}" if at else str(k))
+            if hit:
+                return hit
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            hit = _nonfinite_key(v, f"{at}[{i}]")
+            if hit:
+                return hit
+    return None
 
 
 @contextlib.contextmanager
@@ -228,6 +259,7 @@ def update(
     meta: Mapping[str, Any],
     entries: Mapping[str, dict[str, Any]],
     findings: Mapping[str, str],
+    floor: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Merge `entries` (method id → method_entry) and `findings` into the file; returns what changed.
 
@@ -244,8 +276,8 @@ def update(
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 changes.append(f"{path.name}: unreadable old file replaced")
                 data = {}
-        if data and _schema_problem(data):
-            changes.append(f"{path.name}: old file of another schema replaced ({_schema_problem(data)})")
+        if data and schema_problem(data):
+            changes.append(f"{path.name}: old file of another schema replaced ({schema_problem(data)})")
             data = {}
         same = all(data.get(k) == identity.get(k) for k in IDENTITY_KEYS) and all(
             data.get("spec", {}).get(k) == spec.get(k) for k in SPEC_KEYS
@@ -274,9 +306,15 @@ def update(
             **{k: identity[k] for k in IDENTITY_KEYS},
             "spec": dict(spec),
             "meta": dict(meta) if (changes or not data) else data.get("meta", dict(meta)),
+            "floor": dict(floor) if floor else data.get("floor"),
             "methods": methods,
             "findings": stored_findings,
         }
+        if new.get("floor") and data.get("floor") and new["floor"] != data["floor"]:
+            changes.append(f"floor {data['floor'].get('kl')} → {new['floor'].get('kl')}")
+        problem = schema_problem(new)
+        if problem:
+            raise BaselineError(f"refusing to write baseline '{path}': {problem}")
         if new != data:
             write_json_atomic(path, new)
         return changes
@@ -288,6 +326,8 @@ def _diff(mid: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
         o = old.get("curves", {}).get(L, {}).get("window_kl")
         if o != c["window_kl"]:
             out.append(f"{mid}@{L} window_kl {o} → {c['window_kl']}")
+    for L in sorted(set(old.get("curves", {})) - set(new.get("curves", {}))):
+        out.append(f"{mid}@{L} dropped")
     og, ng = old.get("growth", {}), new.get("growth", {})
     if og.get("ratio") != ng.get("ratio") or og.get("verdict") != ng.get("verdict"):
         out.append(
@@ -310,7 +350,10 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tests, LCC_TEST_SLOW_WRITE=<seconds> pauses halfway through the temp file and again before the rename.
     """
     path = Path(path)
-    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    bad = _nonfinite_key(obj)
+    if bad:
+        raise BaselineError(f"refusing to write '{path}': {bad} is NaN or Infinity, which JSON cannot hold")
+    text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
     try:
         pause = max(float(os.environ.get("LCC_TEST_SLOW_WRITE") or 0), 0.0)
     except ValueError:

@@ -24,10 +24,12 @@ N_BOOT = 2000
 
 @dataclass(frozen=True)
 class Growth:
-    ratio: float  # mean window KL at the longest length ÷ at the shortest
-    ratio_se: float  # bootstrap standard error of `ratio`
-    rel_slope: float  # d(window KL)/d(log2 L) ÷ mean window KL
-    ci: tuple[float, float]  # CI_LEVEL bootstrap interval of rel_slope
+    """Growth statistics; every number is None (verdict 'n/a') when KL at the shortest length is ~0."""
+
+    ratio: float | None  # mean window KL at the longest length ÷ at the shortest
+    ratio_se: float | None  # bootstrap standard error of `ratio`
+    rel_slope: float | None  # d(window KL)/d(log2 L) ÷ mean window KL
+    ci: tuple[float | None, float | None]  # CI_LEVEL bootstrap interval of rel_slope
     verdict: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,17 +54,26 @@ def bootstrap_index(n: int, seed: int, n_boot: int = N_BOOT) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def growth(per_sample: Mapping[int, Sequence[float]], lengths: Sequence[int], seed: int = 0) -> Growth:
-    """Growth statistics from per-sample window KL at each length."""
+def growth(
+    per_sample: Mapping[int, Sequence[float]], lengths: Sequence[int], seed: int = 0, floor: float = 0.0
+) -> Growth:
+    """Growth statistics from per-sample window KL at each length; undefined (None, 'n/a') when the mean at
+    the shortest length is not above gate.GROWTH_MIN_FLOORS × `floor` (0/0, or a ratio of float noise)."""
+    from .gate import growth_ratio
+
     lengths = sorted(lengths)
     m = _matrix(per_sample, lengths)  # (n, k)
     x = np.log2(np.array(lengths, dtype=np.float64))
     mean = m.mean(0)
+    if growth_ratio(m[:, 0].tolist(), m[:, -1].tolist(), floor) is None:
+        return Growth(None, None, None, (None, None), "n/a")
     ratio = float(mean[-1] / mean[0])
-    rel = float(_rel_slope(mean, x)) if len(lengths) > 1 else float("nan")
+    if len(lengths) < 2:  # one length: no slope
+        return Growth(ratio, 0.0, None, (None, None), "n/a")
+    rel = float(_rel_slope(mean, x))
     boot = m[bootstrap_index(m.shape[0], seed)].mean(1)  # (B, k)
     ratios = boot[:, -1] / boot[:, 0]
-    slopes = _rel_slope(boot, x) if len(lengths) > 1 else np.full(len(boot), np.nan)
+    slopes = _rel_slope(boot, x)
     a = (1 - CI_LEVEL) / 2
     lo, hi = (float(v) for v in np.quantile(slopes, [a, 1 - a]))
     return Growth(ratio, float(np.std(ratios, ddof=1)), rel, (lo, hi), verdict(lo, hi))
@@ -149,6 +160,8 @@ def evaluate_claim(
 
     def desc(r: str) -> str:
         x = g[r]
+        if x.ratio is None:
+            return f"{roles[r]}: n/a (KL ~0 at the shortest length)"
         return (
             f"{roles[r]}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
             f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})"

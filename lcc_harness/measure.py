@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import NonFiniteError
@@ -56,24 +57,130 @@ class LengthStats:
         return dict(self.__dict__)
 
 
+def head_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, soft-cap) that the model's forward applies to `lm_head(h)`, read from its config.
+
+    Known families: Cohere `logit_scale` (×), Granite `logits_scaling` (÷), FalconH1 `lm_head_multiplier` (×),
+    Gemma-2/3 `final_logit_softcapping` (cap·tanh(z/cap)). Anything else is assumed to be a plain head; the
+    harness checks that against the model's own logits before measuring (`check_head`)."""
+    cfg = model.config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None):
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "lm_head_multiplier", None):
+        scale *= float(cfg.lm_head_multiplier)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (float(softcap) if softcap else None)
+
+
 def output_head(model: nn.Module) -> Head:
-    """hidden (..., H) → logits (..., V) exactly as the model's forward would produce them."""
+    """hidden (..., H) → float32 logits (..., V), as the model's forward would produce them but without its
+    rounding: the head's weight is upcast to float32 once (kept by the returned function), the hidden states per
+    call, so KL never sees bf16/fp16-rounded logits."""
     head = model.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (LM head)")
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale, softcap = head_transform(model)
+    plain = _plain_linear(head)
+    cache: dict[str, torch.Tensor | None] = {}
 
     def apply(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h.to(head.weight.device, head.weight.dtype))
-        if scale:
+        if plain:
+            if "w" not in cache:
+                cache["w"] = head.weight.float()  # (V, H): the same tensor when already float32
+                cache["b"] = None if head.bias is None else head.bias.float()
+            logits = F.linear(h.to(head.weight.device, torch.float32), cache["w"], cache["b"])  # (..., V)
+        else:  # a replaced, wrapped or hooked head: its own forward (hooks run), upcast after
+            logits = head(h.to(head.weight.device, head.weight.dtype)).float()
+        if scale != 1.0:
             logits = logits * scale
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
     return apply
+
+
+def own_logits_head(model: nn.Module) -> Head:
+    """hidden (c, H) → logits (c, V) from the model's own forward: its decoder is swapped, for the call, for a stub
+    that returns `h`, so whatever the family does after its decoder (scaling, capping, …) is applied. Used for
+    families whose head `output_head` does not reproduce; logits are then rounded to the model's dtype."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    prefix = getattr(model, "base_model_prefix", "model")
+    body = getattr(model, prefix, None)
+    if not isinstance(body, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no decoder attribute '{prefix}'")
+    dev = model.get_input_embeddings().weight.device
+
+    class _Stub(nn.Module):
+        """Stands in for the decoder: returns the given hidden states; other attributes come from the decoder."""
+
+        def __init__(self, h: torch.Tensor) -> None:
+            super().__init__()
+            self.h = h
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(body, name)
+
+        def forward(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPast:
+            return BaseModelOutputWithPast(last_hidden_state=self.h)
+
+    @torch.no_grad()
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        stub = _Stub(h.to(dev, body_dtype(body)).unsqueeze(0))  # (1, c, H)
+        ids = torch.zeros(1, h.shape[0], dtype=torch.long, device=dev)
+        model._modules[prefix] = stub
+        try:
+            out = model(input_ids=ids, use_cache=False)
+        finally:
+            model._modules[prefix] = body
+        return out.logits[0].float()  # (c, V)
+
+    return apply
+
+
+def body_dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+HEAD_PROBE = 32  # tokens of the probe that checks a head against the model's own logits
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, ids: torch.Tensor) -> str | None:
+    """None when `output_head(model)` reproduces `model(ids).logits` on a short probe; else a note saying that the
+    model's own logits are used instead (`own_logits_head`, checked the same way). Raises TypeError when neither
+    reproduces them. Tolerance: 1e-4 (float32) or 2e-2 (bf16/fp16) of the largest |logit|."""
+    ids = ids[:HEAD_PROBE]
+    dev = model.get_input_embeddings().weight.device
+    want = model(input_ids=ids.view(1, -1).to(dev), use_cache=False).logits[0].float().cpu()  # (t, V)
+    h = final_hidden(model, ids)
+    tol = (1e-4 if body_dtype(model) == torch.float32 else 2e-2) * float(want.abs().max().clamp_min(1e-6))
+
+    def err(head: Head) -> float:
+        got = head(h).float().cpu()
+        return float((got - want).abs().max()) if got.shape == want.shape else float("inf")
+
+    e = err(output_head(model))
+    if e <= tol:
+        return None
+    e2 = err(own_logits_head(model))
+    if e2 <= tol:
+        return (
+            f"{type(model).__name__}: the LM head as read from the config differs from the model's own logits "
+            f"(max |Δlogit| {e:.3g}); measuring with the model's own logits (no reference summary)"
+        )
+    raise TypeError(
+        f"{type(model).__name__}: neither the config's LM head (max |Δlogit| {e:.3g}) nor the model's own "
+        f"forward on given hidden states ({e2:.3g}) reproduces model(ids).logits"
+    )
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -159,23 +266,26 @@ class RefSummary:
         return RefSummary(self.mu[:n], self.lse[:n], self.argmax[:n], self.nll[: max(n - 1, 0)], self.rows)
 
 
+def _plain_linear(head: nn.Module) -> bool:
+    """True when `head` is an nn.Linear whose call is exactly F.linear (no subclass, replaced forward or hooks)."""
+    from torch.nn.modules import module as _m
+
+    return (
+        type(head) is nn.Linear
+        and "forward" not in head.__dict__
+        and not (head._forward_hooks or head._forward_pre_hooks)
+        and not (getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None))
+    )
+
+
 def linear_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
     """(weight (V, H), bias, scale) when `output_head(model)` is exactly scale·(W h + b); None otherwise
     (a head with hooks, a replaced forward, a subclass, or logit soft-capping)."""
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or "forward" in head.__dict__:
+    scale, softcap = head_transform(model)
+    if head is None or not _plain_linear(head) or softcap:
         return None
-    if (
-        head._forward_hooks
-        or head._forward_pre_hooks
-        or getattr(model.config, "final_logit_softcapping", None)
-    ):
-        return None
-    from torch.nn.modules import module as _m
-
-    if getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None):
-        return None
-    return head.weight, head.bias, float(getattr(model.config, "logit_scale", None) or 1.0)
+    return head.weight, head.bias, scale
 
 
 @torch.no_grad()

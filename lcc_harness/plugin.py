@@ -42,7 +42,24 @@ OPTIONS: list[tuple[str, str, str]] = [
         "lcc_chunk_size",
         "positions per LM-head chunk (default 256; lower it when memory is short)",
     ),
+    (
+        "tolerance",
+        "lcc_tolerance",
+        "relative tolerance of window KL per length (default 0.02 = 2 %); per method: ini lcc_method_tolerance",
+    ),
+    (
+        "growth-tolerance",
+        "lcc_growth_tolerance",
+        "relative tolerance of growth (default 0.02); per method: ini lcc_method_growth_tolerance",
+    ),
 ]
+METHOD_EPS_INI = (
+    ("lcc_method_tolerance", "per-method window-KL tolerance, one 'GLOB = EPS' per line (first match wins)"),
+    (
+        "lcc_method_growth_tolerance",
+        "per-method growth tolerance, one 'GLOB = EPS' per line (first match wins)",
+    ),
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, dest, help_ in OPTIONS:
         g.addoption(f"--lcc-{name}", dest=dest, default=None, help=help_)
         parser.addini(dest, help_, default=None)
+    for dest, help_ in METHOD_EPS_INI:
+        parser.addini(dest, help_, type="linelist", default=[])
     g.addoption(
         "--lcc-update-baselines",
         dest="lcc_update_baselines",
@@ -88,6 +107,24 @@ def _opt(config: pytest.Config, dest: str) -> str | None:
     return v or None
 
 
+def _policy(config: pytest.Config):
+    """The gate's tolerances from --lcc-tolerance / --lcc-growth-tolerance and the per-method ini lists."""
+    from .gate import DEFAULT_EPS, DEFAULT_GROWTH_EPS, Policy, check_eps, parse_method_eps
+
+    try:
+        eps, geps = (_opt(config, f"lcc_{k}") for k in ("tolerance", "growth_tolerance"))
+        return Policy(
+            eps=DEFAULT_EPS if eps is None else check_eps(eps, "--lcc-tolerance"),
+            growth_eps=DEFAULT_GROWTH_EPS if geps is None else check_eps(geps, "--lcc-growth-tolerance"),
+            per_method=parse_method_eps(config.getini("lcc_method_tolerance"), "ini lcc_method_tolerance"),
+            per_method_growth=parse_method_eps(
+                config.getini("lcc_method_growth_tolerance"), "ini lcc_method_growth_tolerance"
+            ),
+        )
+    except ValueError as exc:
+        raise HarnessError(str(exc)) from None
+
+
 def _positive_int(config: pytest.Config, name: str, default: int) -> int:
     """--lcc-<name> as an integer ≥ 1, or `default` when not given; anything else is a HarnessError."""
     text = _opt(config, f"lcc_{name.replace('-', '_')}")
@@ -119,6 +156,7 @@ class LccSession:
         self.lengths = parse_lengths(_opt(config, "lcc_lengths") or list(p.lengths))
         self.samples = _positive_int(config, "samples", p.samples)
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
+        self.policy = _policy(config)
         self._check_device()
         self.method_ids = self._select_methods(_opt(config, "lcc_methods"))
         self.update = bool(config.getoption("lcc_update_baselines", default=False))
@@ -138,6 +176,7 @@ class LccSession:
         self.used = False
         self._baseline = None
         self._baseline_loaded = False
+        self._floor: dict[str, float] | None = None
 
     # ---- configuration -------------------------------------------------------------------------
     def _check_device(self) -> None:
@@ -310,8 +349,28 @@ class LccSession:
         if method_id not in self.growth:
             res = self.complete_result(method_id, "growth")
             per = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
-            self.growth[method_id] = growth(per, self.lengths, seed=self.harness.cfg.seed).to_dict()
+            g = growth(per, self.lengths, seed=self.harness.cfg.seed, floor=self.floor())
+            self.growth[method_id] = g.to_dict()
         return self.growth[method_id]
+
+    def floor(self) -> float:
+        """The gate's absolute KL floor: measured now when updating baselines (gate.floor_from_self_noise),
+        else the stored baseline's, else the dtype's minimum."""
+        from .gate import floor_from_self_noise
+        from .models import dtype_name
+
+        if self._floor is None:
+            dtype = dtype_name(self.harness.lm.dtype)
+            if self.update:
+                noise = self.harness.self_noise()
+                self._floor = {"kl": floor_from_self_noise(noise, dtype), "self_noise": noise}
+            else:
+                try:
+                    b = self.baseline
+                except HarnessError:
+                    b = None
+                self._floor = {"kl": b.floor if b is not None else floor_from_self_noise(0.0, dtype)}
+        return self._floor["kl"]
 
     def _stage_entry(self, method_id: str) -> None:
         from .baselines import method_entry
@@ -319,103 +378,84 @@ class LccSession:
         res = self.complete_result(method_id, "a baseline entry")
         curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
         info = dict(res.info.get("method_info", {}))
-        self.entries[method_id] = method_entry(
-            curves, self.growth_of(method_id), info.pop("float_noise", 0.0), info
-        )
+        noise = info.pop("float_noise", None) or {"absolute": 0.0, "relative": 0.0}
+        self.entries[method_id] = method_entry(curves, self.growth_of(method_id), noise, info)
 
     def _record_check(self, method_id: str, length: int | None, kind: str, chk) -> None:
-        self.checks.append(
-            {
-                "method": method_id,
-                "length": length,
-                "kind": kind,
-                "value": chk.value,
-                "baseline": chk.baseline,
-                "tolerance": chk.tolerance,
-                "outcome": chk.outcome,
-            }
-        )
+        self.checks.append({"method": method_id, "length": length, "kind": kind, **chk.to_dict()})
+
+    def _record_plain(self, method_id: str, length: int | None, kind: str, outcome: str, value=None) -> None:
+        from .gate import Check
+
+        self._record_check(method_id, length, kind, Check(outcome, value, None, None))
 
     # ---- checks used by the suites ------------------------------------------------------------
     def check_kl(self, method_id: str, length: int) -> None:
-        """Fail when window KL at `length` exceeds the baseline beyond its tolerance."""
-        from .baselines import compare
+        """Fail when the mean window KL at `length` exceeds the baseline's by more than the tolerance
+        (gate.check_kl: max(ε·baseline, floor, K_NOISE·noise))."""
+        from .gate import check_kl
 
         res = self.result(method_id)
         if length in res.errors:
-            self.checks.append(
-                {
-                    "method": method_id,
-                    "length": length,
-                    "kind": "kl",
-                    "value": None,
-                    "baseline": None,
-                    "tolerance": None,
-                    "outcome": "error",
-                }
-            )
+            self._record_plain(method_id, length, "kl", "error")
             pytest.fail(res.errors[length], pytrace=False)
         value = res.stats[length].window_kl
         if self.update:
             self._stage_entry(method_id)
-            self.checks.append(
-                {
-                    "method": method_id,
-                    "length": length,
-                    "kind": "kl",
-                    "value": value,
-                    "baseline": None,
-                    "tolerance": None,
-                    "outcome": "updated",
-                }
-            )
+            self._record_plain(method_id, length, "kl", "updated", value)
             return
         stored = self.stored()
-        entry = stored.kl_entry(method_id, length) if stored else None
-        chk = compare(value, *(entry or (None, None)))
-        self._record_check(method_id, length, "kl", chk)
-        if chk.outcome == "missing":
+        old = stored.per_sample(method_id, length) if stored else None
+        if old is None:
+            self._record_plain(method_id, length, "kl", "missing", value)
             pytest.fail(
                 f"no baseline for {method_id} at length {length} in {self.baseline_path}; create it "
                 f"with: {self.update_command([method_id])}",
                 pytrace=False,
             )
+        chk = check_kl(
+            res.stats[length].per_sample["window_kl"],
+            old,
+            self.policy.for_method(method_id, "kl"),
+            stored.floor,
+            stored.rel_noise(method_id),
+        )
+        self._record_check(method_id, length, "kl", chk)
         if chk.outcome == "fail":
             pytest.fail(f"{method_id} window KL at {length}: {chk.message}", pytrace=False)
 
     def check_growth(self, method_id: str) -> None:
-        """Fail when growth (window KL at longest ÷ shortest length) exceeds the baseline beyond tolerance."""
-        from .baselines import compare
+        """Fail when growth (mean window KL at the longest ÷ the shortest length) exceeds the baseline's beyond
+        its tolerance; n/a (passes) when either run has KL ~0 at the shortest length."""
+        from .gate import check_growth, growth_ratio
 
-        g = self.growth_of(method_id)
+        res = self.complete_result(method_id, "growth")
+        lo, hi = self.lengths[0], self.lengths[-1]
         if self.update:
             self._stage_entry(method_id)
-            self.checks.append(
-                {
-                    "method": method_id,
-                    "length": None,
-                    "kind": "growth",
-                    "value": g["ratio"],
-                    "baseline": None,
-                    "tolerance": None,
-                    "outcome": "updated",
-                }
-            )
+            self._record_plain(method_id, None, "growth", "updated", self.growth_of(method_id)["ratio"])
             return
         stored = self.stored()
-        entry = stored.growth_entry(method_id) if stored else None
-        chk = compare(g["ratio"], *(entry or (None, None)))
-        self._record_check(method_id, None, "growth", chk)
-        if chk.outcome == "missing":
+        old_lo, old_hi = (stored.per_sample(method_id, L) if stored else None for L in (lo, hi))
+        new = growth_ratio(
+            res.stats[lo].per_sample["window_kl"], res.stats[hi].per_sample["window_kl"], self.floor()
+        )
+        if old_lo is None or old_hi is None:
+            self._record_plain(method_id, None, "growth", "missing", new)
             pytest.fail(
                 f"no growth baseline for {method_id} in {self.baseline_path}; create it with: "
                 f"{self.update_command([method_id])}",
                 pytrace=False,
             )
+        chk = check_growth(
+            new,
+            growth_ratio(old_lo, old_hi, stored.floor),
+            self.policy.for_method(method_id, "growth"),
+            stored.rel_noise(method_id),
+        )
+        self._record_check(method_id, None, "growth", chk)
         if chk.outcome == "fail":
-            pytest.fail(
-                f"{method_id} KL growth ×({self.lengths[0]}→{self.lengths[-1]}): {chk.message}", pytrace=False
-            )
+            pytest.fail(f"{method_id} KL growth ×({lo}→{hi}): {chk.message}", pytrace=False)
 
     def check_finding(self, claim: str) -> dict[str, Any]:
         """Evaluate one of the paper's claims and assert it reproduces the verdict stored in the baseline."""
@@ -594,6 +634,7 @@ def _partial(s: LccSession) -> dict[str, Any]:
     rec["staged_findings"] = {f["claim"]: f["holds"] for f in s.findings}
     rec["spec"] = s.spec() if s._harness is not None else None
     rec["identity"] = s.identity() if s._harness is not None else None
+    rec["floor"] = s._floor if s.update else None
     return rec
 
 
@@ -638,7 +679,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _public(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if k not in ("entries", "staged_findings", "spec", "identity")}
+    return {
+        k: v for k, v in rec.items() if k not in ("entries", "staged_findings", "spec", "identity", "floor")
+    }
 
 
 def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -647,6 +690,7 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         base[key] = {}
         for p in parts:
             base[key].update(p.get(key) or {})
+    base["floor"] = next((p["floor"] for p in parts if p.get("floor")), None)
     for key in ("checks", "findings", "baseline_changes"):
         base[key] = [x for p in parts for x in (p.get(key) or [])]
     return base
@@ -667,7 +711,7 @@ def _write_baselines(s: LccSession, rec: dict[str, Any]) -> None:
         "harness": __version__,
         "updated": rec["run"]["finished"][:10],
     }
-    changes = update(path, ident, spec, meta, rec["entries"], rec["staged_findings"])
+    changes = update(path, ident, spec, meta, rec["entries"], rec["staged_findings"], rec.get("floor"))
     rec["baseline_changes"].extend(changes or [f"{path.name}: no change"])
 
 

@@ -32,6 +32,8 @@ DASH = "—"
 
 OUTCOME_MARK = {
     "pass": "✅ pass",
+    "changed": "↕ changed",
+    "n/a": "n/a",
     "fail": "❌ fail",
     "better": "⬇ better",
     "missing": "missing",
@@ -50,8 +52,10 @@ HOW_TO_READ = (
     "actual next token (positive: the compressed model is worse). **Growth** = window KL at the longest "
     "length ÷ at the shortest; **rel. slope** = slope of window KL against log2(length) ÷ its mean KL (the "
     "fraction of its own level by which KL rises per doubling of context), with a 90 % bootstrap confidence "
-    "interval over samples. Checks compare window KL with the stored baseline and fail only when KL got "
-    "worse beyond the tolerance (lower KL is reported as ⬇ better)."
+    "interval over samples. Checks compare the mean window KL over the same (paired) samples with the stored "
+    "baseline and fail only when it got worse by more than the tolerance max(ε·baseline, floor, 5·noise); "
+    "lower KL beyond it is ⬇ better, a change beyond float noise but inside the tolerance is ↕ changed, and "
+    "the paired column counts the samples that got worse. Growth is n/a when KL at the shortest length is ~0."
 )
 
 
@@ -258,17 +262,39 @@ def _checks_table(record: Mapping[str, Any]) -> str:
                 fmt_kl(c.get("baseline")),
                 _delta_pct(c.get("value"), c.get("baseline")),
                 fmt_kl(c.get("tolerance")),
+                _paired_cell(c.get("paired")),
                 OUTCOME_MARK.get(outcome, outcome),
             ]
         )
-    headers = ["method", "length", "kind", "value", "baseline", "Δ %", "tolerance", "outcome"]
+    headers = [
+        "method",
+        "length",
+        "kind",
+        "value",
+        "baseline",
+        "Δ %",
+        "tolerance",
+        "samples worse",
+        "outcome",
+    ]
     return tabulate(
         rows,
         headers=headers,
         tablefmt="github",
         disable_numparse=True,
-        colalign=("left", "right", "left", "right", "right", "right", "right", "left"),
+        colalign=("left", "right", "left", "right", "right", "right", "right", "left", "left"),
     )
+
+
+def _paired_cell(p: Any) -> str:
+    """'3/4 (+1.2…+3.5 %)': samples worse beyond float noise, and the range of per-sample changes."""
+    if not isinstance(p, Mapping) or not p.get("n"):
+        return DASH
+    text = f"{p.get('worse', 0)}/{p['n']}"
+    lo, hi = p.get("min_rel"), p.get("max_rel")
+    if _finite(lo) and _finite(hi):
+        text += f" ({100 * lo:+.1f}…{100 * hi:+.1f} %)"
+    return text
 
 
 def _summary_lines(record: Mapping[str, Any]) -> list[str]:
@@ -666,6 +692,18 @@ def check_writable(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
+def _json_safe(obj: Any) -> Any:
+    """`obj` with NaN/±Infinity floats as None, so the JSON is valid for every reader (a non-finite measurement
+    is already a failed check, reported as such)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write kl_report.json, kl_report.md and kl_vs_context.png into `out_dir` (created); return their paths.
 
@@ -675,7 +713,10 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     out = Path(out_dir)
     paths = [out / REPORT_JSON, out / REPORT_MD, out / REPORT_PNG]
     renderers = (
-        lambda: (json.dumps(record, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode(),
+        lambda: (
+            json.dumps(_json_safe(record), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
+            + "\n"
+        ).encode(),
         lambda: render_markdown(record).encode(),
         lambda: render_png(record),  # last: if plotting fails, the JSON and Markdown are already there
     )

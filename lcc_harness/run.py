@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,20 +20,25 @@ from .corpus import Sample, TokenizedCorpus, load_corpus
 from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError
 from .measure import (
     DEFAULT_CHUNK,
+    Head,
     LengthStats,
     PositionStats,
     check_finite,
+    check_head,
     compare,
     compare_summary,
     final_hidden,
     output_head,
+    own_logits_head,
     shared_linear_head,
     summarize,
 )
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
-from .reference import Reference, build_reference
-from .targets import DEFAULT_INCLUDE
+from .reference import LENGTH_PROBE_TOL, Reference, build_reference, probe_length_dependence
+from .targets import DEFAULT_INCLUDE, linearize_conv1d
+
+SENTINEL_TOKENS = 64  # tokens of the probe that re-checks the reference model after each method
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,14 @@ def validate_lengths(
             f"length(s) {too_long} exceed {model}'s maximum of {max_positions} positions; drop them or "
             "pass --allow-extrapolation to measure beyond the trained context"
         )
+
+
+def _check_head(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
+    """measure.check_head, its TypeError as a HarnessError (the model's logits cannot be reproduced)."""
+    try:
+        return check_head(model, ids)
+    except TypeError as exc:
+        raise HarnessError(f"{exc}; this model family is not supported") from None
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -164,6 +178,7 @@ class Harness:
     def __init__(self, cfg: RunConfig, lm: LoadedModel | None = None) -> None:
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+        linearize_conv1d(self.lm.model)  # GPT-2 family: Conv1D → nn.Linear, so every method finds its targets
         self.lengths = parse_lengths(cfg.lengths)
         validate_lengths(self.lengths, self.lm.max_positions, cfg.model, cfg.allow_extrapolation)
         self.corpus = load_corpus(cfg.corpus, cfg.text_field)
@@ -172,6 +187,12 @@ class Harness:
         self._calibration: list[Sample] | None = None
         self._reference: Reference | None = None
         self._short_ref: list[torch.Tensor] | None = None
+        self._sentinel: torch.Tensor | None = None
+        self.head_note: str | None = None  # set when the model's own logits replace output_head
+        self._own_logits = False
+        self.length_note: str | None = (
+            None  # set by measure_lengths when a compressed model is length-dependent
+        )
 
     @property
     def calibration(self) -> list[Sample]:
@@ -186,10 +207,19 @@ class Harness:
             )
         return self._calibration
 
+    def head(self, model: torch.nn.Module) -> Head:
+        """The logits function used for `model` (the reference or a compressed copy): float32 `output_head`, or
+        the model's own forward when the start-up check found the config's head does not reproduce it."""
+        return own_logits_head(model) if self._own_logits else output_head(model)
+
     @property
     def reference(self) -> Reference:
         if self._reference is None:
             try:
+                self.head_note = _check_head(self.lm.model, self.samples[0].ids)
+                self._own_logits = self.head_note is not None
+                if self.head_note:
+                    warnings.warn(self.head_note, stacklevel=2)
                 self._reference = build_reference(
                     self.lm,
                     self.samples,
@@ -199,6 +229,7 @@ class Harness:
                     use_cache=self.cfg.use_cache,
                     progress=self.cfg.progress,
                     summary_chunk=self.cfg.chunk_size if self.cfg.reference_summary else None,
+                    own_logits=self._own_logits,
                 )
             except Exception as exc:
                 if not is_oom(exc):
@@ -218,6 +249,7 @@ class Harness:
         ctx = CompressContext(
             calibration=calib, include=self.cfg.include, exclude=self.cfg.exclude, seed=self.cfg.seed
         )
+        self.sentinel()  # the reference model's output before the method touches anything
         model = copy.deepcopy(self.lm.model)
         try:
             model = m.apply(model, ctx) or model
@@ -266,14 +298,16 @@ class Harness:
         from tqdm.auto import tqdm
 
         ref = self.reference
-        head = output_head(model)
-        summary = bool(ref.summaries) and shared_linear_head(self.lm.model, model)
+        head = self.head(model)
+        summary = bool(ref.summaries) and not self._own_logits and shared_linear_head(self.lm.model, model)
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
         passes = ref.passes()
         bar = tqdm(
             total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress, leave=False
         )
+
+        first: list[torch.Tensor] = []  # sample 0's hidden states of the first pass, for the length probe
 
         def attempt(P: int, run_len: int, lens: tuple[int, ...]) -> None:
             if errors:
@@ -283,7 +317,7 @@ class Harness:
                     )
                 return
             try:
-                sts = self._measure_pass(model, head, ref, P, run_len, lens, method_id, summary)
+                sts = self._measure_pass(model, head, ref, P, run_len, lens, method_id, summary, first)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -303,6 +337,20 @@ class Harness:
                 errors.setdefault(P, failed)
             bar.update(len(ref.samples))
         bar.close()
+        self.length_note = None
+        if ref.one_pass and len(self.lengths) > 1 and first and first[0].shape[0] == max(self.lengths):
+            reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, first[0])
+            if reason:  # this compressed model is not causal-prefix stable: measure each length on its own
+                self.length_note = (
+                    f"'{method_id}': {reason}; its outputs depend on the total length, so it was measured "
+                    "one pass per length"
+                )
+                warnings.warn(self.length_note, stacklevel=2)
+                per_len.clear()
+                errors.clear()
+                P = max(passes)
+                for L in self.lengths:
+                    attempt(P, L, (L,))
         return {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}, dict(
             sorted(errors.items())
         )
@@ -317,15 +365,19 @@ class Harness:
         lengths: Sequence[int],
         method_id: str,
         summary: bool = False,
+        keep_first: list[torch.Tensor] | None = None,
     ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
-        RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError."""
+        RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
+        sample-0 hidden states are appended to `keep_first` (the length probe reuses them)."""
         out = []
         for i, s in enumerate(ref.samples):
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
                 summ = ref.summaries[P][i].prefix(run_len)
             h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
+            if keep_first is not None and not keep_first and i == 0:
+                keep_first.append(h)
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
             else:
@@ -335,21 +387,66 @@ class Harness:
             out.append(st)
         return out
 
-    def float_noise(self, model: torch.nn.Module, stats: dict[int, LengthStats]) -> float:
-        """Relative float noise: window KL at the shortest length from separate short passes of both models,
-        compared with the same statistic from the measurement (max over samples, relative to the mean)."""
-        L0 = self.lengths[0]
+    def _short_reference(self) -> list[torch.Tensor]:
+        """Separate passes of the reference model over each sample's first `lengths[0]` tokens (cached)."""
         if self._short_ref is None:
+            L0 = self.lengths[0]
             self._short_ref = [final_hidden(self.lm.model, s.ids[:L0]) for s in self.samples]
-        ref_head, head = output_head(self.lm.model), output_head(model)
+        return self._short_ref
+
+    def float_noise(self, model: torch.nn.Module, stats: dict[int, LengthStats]) -> dict[str, float]:
+        """Cross-run float noise of window KL at the shortest length: separate short passes of both models
+        (other shapes, other kernels' summation order) against the measurement. 'absolute': the largest
+        per-sample difference in nats; 'relative': that ÷ the mean (0 when the mean is 0)."""
+        L0 = self.lengths[0]
+        ref_head, head = self.head(self.lm.model), self.head(model)
         sts = [
             compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
-            for h, s in zip(self._short_ref, self.samples, strict=True)
+            for h, s in zip(self._short_reference(), self.samples, strict=True)
         ]
         short = summarize(L0, sts).per_sample["window_kl"]
         main = stats[L0].per_sample["window_kl"]
-        scale = max(abs(sum(main) / len(main)), 1e-12)
-        return max(abs(a - b) for a, b in zip(short, main, strict=True)) / scale
+        absolute = max(abs(a - b) for a, b in zip(short, main, strict=True))
+        mean = abs(sum(main) / len(main))
+        return {"absolute": absolute, "relative": absolute / mean if mean > 0 else 0.0}
+
+    def self_noise(self) -> float:
+        """Window KL at the shortest length between the reference model and itself, run in separate passes
+        (short passes against the prefix of the long one): the KL that float noise alone produces on this
+        model, dtype and device (largest per-sample |value|, nats). The gate's floor is derived from it."""
+        ref = self.reference
+        L0 = self.lengths[0]
+        P = max(p for p in ref.hidden if p >= L0)
+        sts = [
+            compare(ref.head, ref.head, ref.hidden[P][i][:L0], h, s.ids[:L0], self.cfg.chunk_size)
+            for i, (h, s) in enumerate(zip(self._short_reference(), self.samples, strict=True))
+        ]
+        return max(abs(v) for v in summarize(L0, sts).per_sample["window_kl"])
+
+    def sentinel(self) -> torch.Tensor:
+        """The reference model's final hidden states on sample 0's first SENTINEL_TOKENS tokens, taken before
+        the first method runs; `check_reference_intact` compares against it after each method."""
+        if self._sentinel is None:
+            self._sentinel = final_hidden(self.lm.model, self.samples[0].ids[:SENTINEL_TOKENS])
+        return self._sentinel
+
+    def check_reference_intact(self, method_id: str) -> None:
+        """MethodRunError when the reference model's output moved since `sentinel()` (max per-position KL
+        above the length-probe tolerance of its dtype): the method changed the model or global state."""
+        before = self.sentinel()
+        ids = self.samples[0].ids[: before.shape[0]]
+        now = final_hidden(self.lm.model, ids)
+        head = self.head(self.lm.model)
+        worst = (
+            float(compare(head, head, before, now, ids).kl.abs().max()) if now.shape == before.shape else 1.0
+        )
+        if not worst <= LENGTH_PROBE_TOL.get(self.lm.dtype, 5e-3):
+            raise MethodRunError(
+                f"method '{method_id}' changed the reference model or global state: the uncompressed model's "
+                f"output on a {ids.shape[0]}-token probe moved (max KL {worst:.3g}) since the run started; "
+                "its results, and those of methods after it, are not trusted — a method must change only its "
+                "own copy (no monkeypatching of classes or globals)"
+            )
 
     def run(self, method: Method | str, noise_probe: bool = False) -> MethodResult:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
@@ -362,23 +459,29 @@ class Harness:
             if not stats:  # not even the shortest length fits
                 raise OOMError(errors[min(errors)])
             t_measure = time.perf_counter() - t0
+            length_note = self.length_note
             if noise_probe:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
         finally:
             del model
+        self.check_reference_intact(m.id)
         return MethodResult(
             method=m.id,
             model=self.cfg.model,
             lengths=self.lengths,
             stats=stats,
-            mode="one-pass" if ref.one_pass else "per-length",
+            mode="one-pass" if ref.one_pass and not length_note else "per-length",
             timings={
                 "reference_s": ref.seconds,
                 "reference_cache_hit": ref.cache_hit,
                 "compression_s": t_compress,
                 "measurement_s": t_measure,
             },
-            info={"method_info": dict(ctx.info), **self.metadata()},
+            info={
+                "method_info": dict(ctx.info),
+                **self.metadata(),
+                **({"length_dependent": length_note} if length_note else {}),
+            },
             errors=errors,
         )
 
@@ -403,6 +506,9 @@ class Harness:
                 "length": self.cfg.calib_length,
                 "spans": [s.span.to_dict() for s in self._calibration],
             }
-        if self._reference is not None and self._reference.notes:
-            md["notes"] = list(self._reference.notes)
+        notes = list(self._reference.notes) if self._reference is not None else []
+        if self.head_note:
+            notes.append(self.head_note)
+        if notes:
+            md["notes"] = notes
         return md

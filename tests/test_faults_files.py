@@ -23,27 +23,43 @@ from lcc_harness.reference import build_reference
 
 IDENTITY = {"model": "tiny-llama", "dtype": "float32", "device_type": "cpu", "profile": "smoke"}
 SPEC = {"lengths": [64, 128], "samples": 2, "seed": 0, "corpus_sha256": "c" * 64, "samples_sha256": "s" * 64}
+FLOOR = {"kl": 1e-6, "self_noise": 0.0}
 
 
 def entry(kl: float) -> dict:
-    """A method entry as baselines.method_entry writes it (only the fields the checks read matter)."""
+    """A method entry as baselines.method_entry writes it: two samples of `kl` at each length."""
+    curves = {str(L): {"window_kl": kl, "per_sample": [kl, kl], "cumulative_kl": kl} for L in (64, 128)}
     return {
-        "curves": {
-            "64": {"window_kl": kl, "tolerance": 0.01, "se": 0.001, "cumulative_kl": kl},
-            "128": {"window_kl": kl, "tolerance": 0.01, "se": 0.001, "cumulative_kl": kl},
-        },
-        "growth": {"ratio": 1.0, "ratio_se": 0.01, "tolerance": 0.05, "verdict": "flat"},
-        "float_noise": 0.0,
+        "curves": curves,
+        "growth": {"ratio": 1.0, "verdict": "flat"},
+        "float_noise": {"absolute": 0.0, "relative": 0.0},
         "method_info": {},
     }
 
 
 def write_old(path: Path, n_methods: int = 40) -> bytes:
     """A valid baseline file with many entries (so that a write takes more than one syscall's worth)."""
-    update(
-        path, IDENTITY, SPEC, {"harness": "old"}, {f"old-{i}": entry(0.1 + i) for i in range(n_methods)}, {}
-    )
+    entries = {f"old-{i}": entry(0.1 + i) for i in range(n_methods)}
+    update(path, IDENTITY, SPEC, {"harness": "old"}, entries, {}, FLOOR)
     return path.read_bytes()
+
+
+def _edit(good: str, fn) -> str:
+    data = json.loads(good)
+    fn(data)
+    return json.dumps(data)
+
+
+def _set(path: str, value):
+    """An edit that sets the '|'-separated key `path` to `value` (a number indexes a list)."""
+
+    def fn(data):
+        *keys, last = path.split("|")
+        for k in keys:
+            data = data[int(k)] if isinstance(data, list) else data[k]
+        data[int(last) if isinstance(data, list) else last] = value
+
+    return fn
 
 
 # ---- loading: corrupt, wrong schema, foreign --------------------------------------------------------------
@@ -54,8 +70,29 @@ BAD_FILES = {
     "not UTF-8": lambda good: b"\xff\xfe{}".decode("latin-1"),
     "wrong schema": lambda good: good.replace(SCHEMA, "lcc-baseline/0"),
     "a list": lambda good: "[1, 2]",
-    "entry without tolerance": lambda good: good.replace('"tolerance"', '"tol"'),
+    "entry without per-sample values": lambda good: good.replace('"per_sample"', '"samples"'),
     "methods not an object": lambda good: json.dumps({**json.loads(good), "methods": ["a"]}),
+    # numbers that would disable or break the gate
+    "Infinity KL": lambda g: _edit(g, _set("methods|old-0|curves|64|per_sample|0", float("inf"))),
+    "NaN KL": lambda g: _edit(g, _set("methods|old-0|curves|128|per_sample|1", float("nan"))),
+    "negative KL": lambda g: _edit(g, _set("methods|old-1|curves|64|per_sample|0", -0.5)),
+    "KL as a string": lambda g: _edit(g, _set("methods|old-1|curves|64|per_sample|0", "0.1")),
+    "one value too few": lambda g: _edit(g, _set("methods|old-0|curves|64|per_sample", [0.1])),
+    "mean not of its samples": lambda g: _edit(g, _set("methods|old-0|curves|64|window_kl", 0.05)),
+    "huge float noise": lambda g: _edit(g, _set("methods|old-0|float_noise|relative", 1e308)),
+    "negative float noise": lambda g: _edit(g, _set("methods|old-0|float_noise|absolute", -1.0)),
+    "huge floor": lambda g: _edit(g, _set("floor|kl", 1e308)),
+    "zero floor": lambda g: _edit(g, _set("floor|kl", 0)),
+    "no floor": lambda g: _edit(g, lambda d: d.pop("floor")),
+}
+NAMED_KEY = {
+    "Infinity KL": "methods.old-0.curves.64.per_sample[0]",
+    "NaN KL": "methods.old-0.curves.128.per_sample[1]",
+    "negative KL": "methods.old-1.curves.64.per_sample[0]",
+    "one value too few": "methods.old-0.curves.64.per_sample",
+    "mean not of its samples": "methods.old-0.curves.64.window_kl",
+    "huge float noise": "methods.old-0.float_noise.relative",
+    "huge floor": "floor.kl",
 }
 
 
@@ -69,6 +106,21 @@ def test_corrupt_or_malformed_baseline_is_an_error_naming_the_file(tmp_path, dam
         BaselineFile.load(path, IDENTITY, SPEC)  # never None ("no baseline")
     msg = str(ei.value)
     assert str(path) in msg and "--lcc-update-baselines" in msg and "\n" not in msg
+    assert NAMED_KEY.get(damage, "") in msg
+
+
+def test_baseline_with_nan_is_never_written(tmp_path):
+    path = tmp_path / "b.json"
+    bad = entry(0.1)
+    bad["curves"]["64"]["per_sample"][0] = float("nan")
+    with pytest.raises(BaselineError, match="refusing to write"):
+        update(path, IDENTITY, SPEC, {}, {"m": bad}, {}, FLOOR)
+    assert not path.exists()
+    from lcc_harness.baselines import write_json_atomic
+
+    with pytest.raises(BaselineError, match=r"a\.b\[1\] is NaN or Infinity"):
+        write_json_atomic(path, {"a": {"b": [1.0, float("inf")]}})
+    assert not path.exists() and not list(tmp_path.glob(".*tmp"))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +141,8 @@ def test_missing_baseline_is_none_and_valid_one_loads(tmp_path):
     path = tmp_path / "b.json"
     write_old(path, 3)
     b = BaselineFile.load(path, IDENTITY, SPEC)
-    assert b.kl_entry("old-2", 64) == (2.1, 0.01) and b.growth_entry("old-0") == (1.0, 0.05)
+    assert b.per_sample("old-2", 64) == [2.1, 2.1] and b.per_sample("old-0", 256) is None
+    assert b.floor == 1e-6 and b.rel_noise("old-0") == 0.0
 
 
 # ---- writing: killed at any moment, concurrent writers --------------------------------------------------
@@ -98,14 +151,14 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from lcc_harness.baselines import update
-ident, spec, entries = json.loads(sys.argv[2])
-update(Path(sys.argv[1]), ident, spec, {"harness": "new"}, entries, {})
+ident, spec, entries, floor = json.loads(sys.argv[2])
+update(Path(sys.argv[1]), ident, spec, {"harness": "new"}, entries, {}, floor)
 """
 
 
 def spawn_update(path: Path, entries: dict, pause: float) -> subprocess.Popen:
     env = {**os.environ, "LCC_TEST_SLOW_WRITE": str(pause)}
-    arg = json.dumps([IDENTITY, SPEC, entries])
+    arg = json.dumps([IDENTITY, SPEC, entries, FLOOR])
     return subprocess.Popen([sys.executable, "-c", CHILD, str(path), arg], env=env)
 
 
@@ -162,7 +215,7 @@ def test_sigkill_during_baseline_update_leaves_old_or_complete_file(tmp_path, mo
     elif moment == "after rename":
         assert state == "new"
     # the next update cleans up what the killed writer left and merges as usual
-    update(path, IDENTITY, SPEC, {}, {"later": entry(0.7)}, {})
+    update(path, IDENTITY, SPEC, {}, {"later": entry(0.7)}, {}, FLOOR)
     assert temps(path) == []
     assert_old_or_complete_new(path, old, ["later"] + (["added"] if state == "new" else []))
 
@@ -180,12 +233,12 @@ def test_concurrent_updates_from_separate_processes_lose_no_entry(tmp_path):
 def test_update_replaces_a_corrupt_or_foreign_file_and_says_so(tmp_path):
     path = tmp_path / "b.json"
     path.write_text("{ truncated")
-    changes = update(path, IDENTITY, SPEC, {}, {"m": entry(0.1)}, {})
+    changes = update(path, IDENTITY, SPEC, {}, {"m": entry(0.1)}, {}, FLOOR)
     assert any("unreadable old file replaced" in c for c in changes)
     path.write_text(json.dumps({"schema": "other/9", "methods": {}}))
-    changes = update(path, IDENTITY, SPEC, {}, {"m": entry(0.1)}, {})
+    changes = update(path, IDENTITY, SPEC, {}, {"m": entry(0.1)}, {}, FLOOR)
     assert any("another schema" in c for c in changes)
-    assert BaselineFile.load(path, IDENTITY, SPEC).kl_entry("m", 64) == (0.1, 0.01)
+    assert BaselineFile.load(path, IDENTITY, SPEC).per_sample("m", 64) == [0.1, 0.1]
 
 
 # ---- reference cache: stale entries are recomputed -------------------------------------------------------

@@ -149,16 +149,18 @@ START_CASES = {
 # ---- baselines that cannot be used: failing tests that name the file -------------------------------------
 
 BAD_BASELINES = {
-    "corrupt JSON": ('{"schema": "lcc-baseline/1", "methods": {', "is not valid JSON"),
-    "wrong schema": ('{"schema": "lcc-baseline/0", "methods": {}}', "does not follow schema lcc-baseline/1"),
+    "corrupt JSON": ('{"schema": "lcc-baseline/2", "methods": {', "is not valid JSON"),
+    "wrong schema": ('{"schema": "lcc-baseline/0", "methods": {}}', "does not follow schema lcc-baseline/2"),
     "another model": (
         json.dumps(
             {
-                "schema": "lcc-baseline/1",
+                "schema": "lcc-baseline/2",
                 "model": "smollm2-135m",
                 "dtype": "float32",
                 "device_type": "cpu",
                 "profile": "smoke",
+                "spec": {"samples": 3},
+                "floor": {"kl": 1e-6},
                 "methods": {},
             }
         ),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
-from ..targets import DEFAULT_INCLUDE, iter_linears
+from ..targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,17 @@ class CompressContext:
     info: dict = field(default_factory=dict, compare=False)  # methods may record facts for reports
 
     def linears(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        """The target Linears of `model` (see targets.iter_linears)."""
-        return list(iter_linears(model, self.include, self.exclude))
+        """The target Linears of `model` (see targets.iter_linears; GPT-2 `Conv1D`s are turned into Linears
+        first). None found is a MethodError: a weight method would otherwise be a silent no-op."""
+        linearize_conv1d(model)
+        found = list(iter_linears(model, self.include, self.exclude))
+        if not found:
+            raise MethodError(
+                f"no target layers in {type(model).__name__}: no nn.Linear (or Conv1D) matches include "
+                f"{list(self.include)} and exclude {list(self.exclude)}; widen include or narrow exclude "
+                "(RunConfig.include / exclude)"
+            )
+        return found
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded from the context seed and a salt (e.g. a module name)."""
