@@ -82,6 +82,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats"
     )
     print(format_curve_table(result.stats))
+    for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
+        if note:
+            print(f"note: {note}")
     print(
         f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
         f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s"

@@ -521,12 +521,16 @@ class LccSession:
             run["mode"] = "one-pass" if (h._reference is None or h._reference.one_pass) else "per-length"
             run["baseline_file"] = _rel(self.baseline_path, Path(self.config.rootpath))
             run["sample_spans"] = md["samples"]
+            run["notes"] = md.get("notes", [])
         methods = {}
         for mid, o in self.outcomes.items():
             d: dict[str, Any] = {"status": o["status"], "error": o["error"]}
             if o["result"] is not None:
                 rd = o["result"].to_dict()
                 d.update({"curves": rd["curves"], "timings": rd["timings"], "method_info": rd["method_info"]})
+                d["mode"] = rd["mode"]
+                if rd.get("length_dependent"):
+                    d["length_dependent"] = rd["length_dependent"]
             methods[mid] = d
         baselines = {}
         b = None
@@ -733,6 +737,14 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     better = [c for c in rec.get("checks", []) if c["outcome"] == "better"]
     if better:
         tr.write_line(f"{len(better)} check(s) clearly better than baseline; consider --lcc-update-baselines")
+    changed = [c for c in rec.get("checks", []) if c["outcome"] == "changed"]
+    if changed:
+        tr.write_line(
+            f"{len(changed)} check(s) changed beyond float noise but inside the tolerance: "
+            + ", ".join(
+                f"{c['method']}@{c['length'] or 'growth'} {c.get('message', '')}" for c in changed[:5]
+            )
+        )
     for f in getattr(s, "report_files", []) or []:
         tr.write_line(f"report: {f}")
 

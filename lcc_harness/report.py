@@ -435,6 +435,14 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     for title, body in sections:
         out += ["", f"## {title}", "", body]
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
+    warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
+    warns += [
+        f"- `{m}`: {_one_line(e['length_dependent'])}"
+        for m, e in methods.items()
+        if e.get("length_dependent")
+    ]
+    if warns:
+        out += ["", "## Warnings", ""] + warns
     errored = [(m, e) for m, e in methods.items() if e.get("status", "ok") != "ok"]
     if errored:
         out += ["", "## Errors", ""]
