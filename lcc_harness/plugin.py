@@ -9,6 +9,7 @@ Registered through the `pytest11` entry point. Tests use these fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fnmatch
 import json
@@ -158,11 +159,12 @@ class LccSession:
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
         self._check_device()
-        self.method_ids = self._select_methods(_opt(config, "lcc_methods"))
-        self.update = bool(config.getoption("lcc_update_baselines", default=False))
         root = Path(config.rootpath)
         self.report_dir = Path(_opt(config, "lcc_report_dir") or root / "reports")
         self.baseline_dir = Path(_opt(config, "lcc_baseline_dir") or root / "baselines")
+        raw = config.getoption("lcc_methods", default=None)  # '' given on the command line is not "unset"
+        self.method_ids = self._select_methods(raw if raw is not None else _opt(config, "lcc_methods"))
+        self.update = bool(config.getoption("lcc_update_baselines", default=False))
         self.is_worker = hasattr(config, "workerinput")
         self._harness = None
         self.outcomes: dict[str, dict[str, Any]] = {}
@@ -181,36 +183,54 @@ class LccSession:
     # ---- configuration -------------------------------------------------------------------------
     def _check_device(self) -> None:
         """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
-        from .models import resolve_device, resolve_dtype
+        from .models import dtype_name, resolve_device, resolve_dtype
 
         try:
-            resolve_dtype(
-                _opt(self.config, "lcc_dtype"), resolve_device(_opt(self.config, "lcc_device") or "auto")
-            )
+            dev = resolve_device(_opt(self.config, "lcc_device") or "auto")
+            self._expected = (dtype_name(resolve_dtype(_opt(self.config, "lcc_dtype"), dev)), dev.type)
         except HarnessError as exc:
             raise HarnessError(str(exc).replace("--device", "--lcc-device")) from None
+
+    def _glob(self, pattern: str) -> list[str]:
+        """Ids a --lcc-methods glob selects: those of the profile and of this run's baseline file (read
+        leniently) that match; when none do, the matching examples of every registered family (built-ins and
+        plugins), so that 'myquant-*' finds a plugin's methods while 'rtn-*' keeps to the profile's."""
+        from .baselines import baseline_path
+        from .methods.registry import examples
+
+        ids = list(self.profile.methods)
+        path = baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the checks report it
+            ids += list(json.loads(path.read_text()).get("methods", {}))
+        hits = [m for m in dict.fromkeys(ids) if fnmatch.fnmatchcase(m, pattern)]
+        return hits or [m for m in dict.fromkeys(examples()) if fnmatch.fnmatchcase(m, pattern)]
 
     def _select_methods(self, text: str | None) -> list[str]:
         from .methods.registry import parse_method
 
-        if not text:
+        if text is None:
             return list(self.profile.methods)
         out: list[str] = []
         for tok in (t.strip() for t in text.split(",")):
             if not tok:
                 continue
             if any(ch in tok for ch in "*?["):
-                hits = [m for m in self.profile.methods if fnmatch.fnmatchcase(m, tok)]
+                hits = self._glob(tok)
                 if not hits:
                     raise HarnessError(
-                        f"--lcc-methods pattern '{tok}' matches none of the profile's methods "
-                        f"({', '.join(self.profile.methods)}); give ids or another pattern"
+                        f"--lcc-methods pattern '{tok}' matches no known method id (the profile's, every "
+                        "registered family's examples, and the baseline's); give ids or another pattern"
                     )
                 out.extend(h for h in hits if h not in out)
             else:
                 mid = parse_method(tok).id  # validates; raises MethodError with suggestions
                 if mid not in out:
                     out.append(mid)
+        if not out:
+            raise HarnessError(
+                f"--lcc-methods '{text}' selects no method; give comma-separated ids or globs, e.g. "
+                "--lcc-methods 'rtn-*,wanda-s50' (see `lcc methods`)"
+            )
         return out
 
     def run_config(self):

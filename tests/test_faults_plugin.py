@@ -102,7 +102,7 @@ CONFIG_CASES = {
     "bits 0": (["--lcc-methods", "rtn-w0-g32"], ("bits=0 is out of range",)),
     "sparsity 150%": (["--lcc-methods", "wanda-s150"], ("sparsity 150% is out of range",)),
     "N:M with N = M": (["--lcc-methods", "magnitude-4:4"], ("N=4 is out of range",)),
-    "glob matches nothing": (["--lcc-methods", "gptq-*"], ("pattern 'gptq-*' matches none",)),
+    "glob matches nothing": (["--lcc-methods", "zzz-*"], ("pattern 'zzz-*' matches no known method id",)),
     "samples zero": (["--lcc-samples", "0"], ("--lcc-samples 0 must be at least 1",)),
     "samples a word": (["--lcc-samples", "many"], ("--lcc-samples 'many' is not an integer",)),
     "chunk size zero": (["--lcc-chunk-size", "0"], ("--lcc-chunk-size 0 must be at least 1",)),

@@ -155,7 +155,7 @@ def test_a_really_worse_method_fails_every_length(project):
         from lcc_harness.methods.basic import RTN
         from lcc_harness.methods.registry import register
 
-        @register
+        @register(replace=True)
         @dataclass(frozen=True)
         class LouderRTN(RTN):  # the same id, its weight error 2.5 % larger: KL ≈ 5 % higher
             @torch.no_grad()
@@ -194,3 +194,79 @@ def test_bad_tolerance_options_are_usage_errors(project):
     r = run(project)
     assert r.ret == pytest.ExitCode.USAGE_ERROR
     r.stderr.fnmatch_lines(["*lcc_method_tolerance line 'rtn-* 0.05' is not 'GLOB = EPS'*"])
+
+
+# ---- method selection and registration ------------------------------------------------------------------
+
+
+def test_empty_method_selection_is_a_usage_error(project):
+    for text in (" ", ",", ""):
+        r = run(project, "--lcc-methods", text)
+        assert r.ret == pytest.ExitCode.USAGE_ERROR, text
+        r.stderr.fnmatch_lines(["*--lcc-methods '*' selects no method*"])
+
+
+def test_a_glob_selects_a_plugin_method_and_profile_ids_first(project):
+    project.makeconftest(
+        textwrap.dedent("""
+        import re
+        from dataclasses import dataclass
+        from lcc_harness.methods.registry import Method, register
+
+        @register
+        @dataclass(frozen=True)
+        class MyQuant(Method):
+            family = "myquant"
+            pattern = re.compile(r"myquant-w(?P<bits>\\d+)")
+            forms = ("myquant-w{bits}",)
+            examples = ("myquant-w4",)
+            bits: int = 4
+            @property
+            def id(self):
+                return f"myquant-w{self.bits}"
+            @classmethod
+            def from_match(cls, m):
+                return cls(int(m["bits"]))
+            def apply(self, model, ctx):
+                return model
+        """)
+    )
+    r = run(project, "--lcc-methods", "rtn-w3*,myquant-*", "--collect-only")
+    out = r.stdout.str()
+    assert "test_kl_within_baseline[myquant-w4-64]" in out and "[rtn-w3-g32-64]" in out
+    assert "rtn-w3-g128" not in out  # an example id only when the profile/baseline has no match
+
+
+def test_registration_refuses_duplicate_families_and_overlapping_ids():
+    import re
+    from dataclasses import dataclass
+
+    from lcc_harness.errors import MethodError
+    from lcc_harness.methods.basic import RTN
+    from lcc_harness.methods.registry import Method, families, register, unregister
+
+    families()
+
+    @dataclass(frozen=True)
+    class Hijack(Method):
+        family = "hijack"
+        pattern = re.compile(r"rtn-w(\d+)-g32")
+        examples = ("rtn-w4-g32",)
+
+    with pytest.raises(MethodError, match=r"'rtn-w4-g32' is matched by both family 'hijack'.*and family 'rtn'"):
+        register(Hijack)
+
+    @dataclass(frozen=True)
+    class Other(RTN):
+        pass
+
+    with pytest.raises(MethodError, match=r"family 'rtn' of .*Other is already registered by .*basic.RTN"):
+        register(Other)
+    assert families()["rtn"] is RTN and "hijack" not in families()
+    register(RTN)  # the same class again is a no-op
+    try:
+        register(replace=True)(Other)
+        assert families()["rtn"] is Other
+    finally:
+        unregister("rtn")
+        register(RTN)

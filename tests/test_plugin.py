@@ -70,7 +70,7 @@ def test_update_then_pass_then_worse_method_fails(project):
         from lcc_harness.methods.basic import RTN
         from lcc_harness.methods.registry import register
 
-        @register
+        @register(replace=True)
         @dataclass(frozen=True)
         class WorseRTN(RTN):
             def apply(self, model, ctx):

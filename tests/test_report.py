@@ -160,8 +160,9 @@ def test_markdown_marks_the_failing_check_and_only_it(written):
     assert len(rows) == 9
     failing = [r for r in rows if "❌" in r[-1]]
     assert len(failing) == 1
-    method, length, kind, value, baseline, delta, tol, _ = failing[0]
+    method, length, kind, value, baseline, delta, tol, worse, _ = failing[0]
     assert (method, length, kind, tol) == ("rtn-w3-g128", "2048", "kl", "0.1000")
+    assert worse == "—"  # this synthetic record has no per-sample pairing
     assert delta.startswith("+") and float(delta.split()[0]) > 10  # Δ % against the baseline
     assert sum(r[-1] == "⬇ better" for r in rows) == 1
     assert sum(r[-1] == "✅ pass" for r in rows) == 7

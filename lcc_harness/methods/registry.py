@@ -98,14 +98,49 @@ class Method:
 
 _FAMILIES: dict[str, type[Method]] = {}
 _loaded = False
+_PLUGIN_ERRORS: dict[str, str] = {}  # entry-point name → why it could not be loaded
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a Method family. Re-registering a family name replaces it."""
+def register(cls: type[Method] | None = None, *, replace: bool = False):
+    """Class decorator registering a Method family: `@register`, or `@register(replace=True)` to replace an
+    already registered family of the same name on purpose (e.g. a patched built-in in a conftest).
+
+    Refused with a MethodError naming both classes: a family name already taken by another class, and a family
+    whose ids another family also matches (each family's examples are parsed by every other pattern), so that no
+    plugin can silently hijack a built-in's ids and overwrite its baselines."""
+
+    def deco(c: type[Method]) -> type[Method]:
+        _register(c, replace)
+        return c
+
+    return deco if cls is None else deco(cls)
+
+
+def _register(cls: type[Method], replace: bool) -> None:
     if not cls.family:
         raise TypeError(f"{cls.__name__} must set `family`")
+    old = _FAMILIES.get(cls.family)
+    if old is not None and old is not cls and not replace:
+        raise MethodError(
+            f"method family '{cls.family}' of {_qual(cls)} is already registered by {_qual(old)}; choose "
+            "another family name, or register(replace=True) to replace it on purpose"
+        )
+    for other in _FAMILIES.values():
+        if other.family == cls.family:
+            continue
+        clash = next((e for e in cls.examples if other.pattern.fullmatch(e)), None) or next(
+            (e for e in other.examples if cls.pattern.fullmatch(e)), None
+        )
+        if clash:
+            raise MethodError(
+                f"method id '{clash}' is matched by both family '{cls.family}' ({_qual(cls)}) and family "
+                f"'{other.family}' ({_qual(other)}); make the patterns disjoint"
+            )
     _FAMILIES[cls.family] = cls
-    return cls
+
+
+def _qual(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def unregister(family: str) -> None:
@@ -113,25 +148,27 @@ def unregister(family: str) -> None:
 
 
 def _load_all() -> None:
-    """Import every built-in method module once, then the entry-point plugins."""
+    """Import every built-in method module once (an import error propagates: it is a bug in the harness), then
+    the entry-point plugins (a broken one is recorded and named by `parse_method`'s unknown-id error)."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
     from .. import methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_") or info.name == "registry":
             continue
         importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Method) and _FAMILIES.get(obj.family) is not obj:
+                register(obj)
         except Exception as exc:  # a broken plugin must not take the harness down
+            lines = str(exc).strip().splitlines()
+            _PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {lines[0] if lines else ''}"
             log.warning("method plugin %s could not be loaded: %s", ep.name, exc)
-            continue
-        if isinstance(obj, type) and issubclass(obj, Method) and obj.family not in _FAMILIES:
-            register(obj)
 
 
 def families() -> dict[str, type[Method]]:
@@ -140,19 +177,31 @@ def families() -> dict[str, type[Method]]:
     return dict(_FAMILIES)
 
 
+def examples() -> list[str]:
+    """Every registered family's example ids (built-ins and plugins), in registration order."""
+    return [e for cls in families().values() for e in cls.examples]
+
+
 def parse_method(method_id: str) -> Method:
-    """Build the Method for an id; unknown ids raise MethodError listing close matches and valid forms."""
+    """Build the Method for an id; unknown ids raise MethodError listing close matches and valid forms, and an id
+    that two families match raises MethodError naming both."""
     _load_all()
     text = method_id.strip()
-    for cls in _FAMILIES.values():
-        m = cls.pattern.fullmatch(text)
-        if m:
-            return cls.from_match(m)
+    hits = [(cls, m) for cls in _FAMILIES.values() if (m := cls.pattern.fullmatch(text))]
+    if len(hits) > 1:
+        names = " and ".join(f"'{c.family}' ({_qual(c)})" for c, _ in hits)
+        raise MethodError(f"method id '{text}' is matched by families {names}; make their patterns disjoint")
+    if hits:
+        cls, m = hits[0]
+        return cls.from_match(m)
     known = [f for cls in _FAMILIES.values() for f in (*cls.examples, *cls.forms)]
     close = difflib.get_close_matches(text, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     forms = ", ".join(f for cls in _FAMILIES.values() for f in cls.forms)
-    raise MethodError(f"unknown method id '{method_id}'; {hint}valid forms: {forms} (see `lcc methods`)")
+    broken = "".join(f"; method plugin '{k}' failed to load ({v})" for k, v in _PLUGIN_ERRORS.items())
+    raise MethodError(
+        f"unknown method id '{method_id}'; {hint}valid forms: {forms} (see `lcc methods`){broken}"
+    )
 
 
 def parse_methods(ids: Sequence[str]) -> list[Method]:
