@@ -16,13 +16,12 @@ import json
 import math
 import os
 import re
-import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import BaselineError
+from .files import atomic_write
 
 SCHEMA = "lcc-baseline/2"
 IDENTITY_KEYS = ("model", "dtype", "device_type", "profile")
@@ -344,42 +343,10 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON (sorted keys, indent 1) so that `path` is always either the old file or the complete new one.
-
-    The text goes to a temp file in the same folder, is fsynced, then renamed over `path`. For fault-injection
-    tests, LCC_TEST_SLOW_WRITE=<seconds> pauses halfway through the temp file and again before the rename.
-    """
+    """Write JSON (sorted keys, indent 1) atomically (files.atomic_write); NaN/Infinity are refused with a
+    BaselineError naming the key."""
     path = Path(path)
     bad = _nonfinite_key(obj)
     if bad:
         raise BaselineError(f"refusing to write '{path}': {bad} is NaN or Infinity, which JSON cannot hold")
-    text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
-    try:
-        pause = max(float(os.environ.get("LCC_TEST_SLOW_WRITE") or 0), 0.0)
-    except ValueError:
-        pause = 0.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            half = len(text) // 2 if pause else len(text)
-            f.write(text[:half])
-            if pause:
-                f.flush()
-                time.sleep(pause)
-            f.write(text[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        if pause:
-            time.sleep(pause)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())

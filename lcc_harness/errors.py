@@ -43,3 +43,12 @@ class OOMError(HarnessError):
 
 class ReportDirError(HarnessError, OSError):
     """The report directory cannot be created or written; the message names it and the fix."""
+
+
+def first_line(exc: BaseException, with_type: bool = True) -> str:
+    """'Type: first line of the message' (at most 200 characters of it) for one-line error messages."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:200] if lines else ""
+    if not with_type:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

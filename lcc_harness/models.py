@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, ModelNotFoundError
+from .errors import ModelLoadError, ModelNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype) -> tuple[nn.Modul
         raise
     except Exception as exc:  # the GGUF reader raises many kinds; all mean the same thing here
         raise ModelLoadError(
-            f"GGUF file '{path}' could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+            f"GGUF file '{path}' could not be loaded ({type(exc).__name__}: {first_line(exc, with_type=False)}); "
             "the file is corrupt, truncated or of an unsupported architecture — re-download or re-export it"
         ) from exc
     return model, tok
@@ -252,26 +252,21 @@ def _load_hf(name: str, dev: torch.device, dt: torch.dtype, what: str) -> tuple[
                 f"fetch it beforehand (e.g. `huggingface-cli download {name}`) or pass a local directory"
             ) from exc
         raise ModelLoadError(
-            f"{what} could not be loaded: {_first_line(exc)}; check that it holds config.json and the weights"
+            f"{what} could not be loaded: {first_line(exc, with_type=False)}; check that it holds config.json and the weights"
         ) from exc
     except Exception as exc:
         raise ModelLoadError(
-            f"{what} could not be loaded ({type(exc).__name__}: {_first_line(exc)}); "
+            f"{what} could not be loaded ({type(exc).__name__}: {first_line(exc, with_type=False)}); "
             "the weights are corrupt or truncated — re-save the model"
         ) from exc
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(
-            f"{what} has no usable tokenizer ({_first_line(exc)}); save the tokenizer "
+            f"{what} has no usable tokenizer ({first_line(exc, with_type=False)}); save the tokenizer "
             "next to the model (tokenizer.save_pretrained)"
         ) from exc
     return model, tok
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _finish(

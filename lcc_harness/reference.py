@@ -12,12 +12,10 @@ not match is recomputed, never used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ import torch
 
 from . import __version__
 from .corpus import Sample
+from .files import atomic_write
 from .measure import (
     DEFAULT_CHUNK,
     Head,
@@ -303,12 +302,6 @@ def _save(
         **extra,
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as exc:  # a read-only cache must not stop a measurement
         log.warning("could not write reference cache %s: %s", path, exc)
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)

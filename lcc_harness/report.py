@@ -22,12 +22,12 @@ import numpy as np
 from tabulate import tabulate
 
 from .errors import ReportDirError
+from .files import atomic_write
+from .findings import CI_LEVEL, N_BOOT
 
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
 REPORT_PNG = "kl_vs_context.png"
-CI_LEVEL = 0.90
-N_BOOT = 2000
 DASH = "—"
 
 OUTCOME_MARK = {
@@ -670,20 +670,6 @@ def _not_writable(out_dir: Path, err: BaseException) -> ReportDirError:
     )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def check_writable(out_dir: str | os.PathLike[str]) -> Path:
     """Create `out_dir` and prove a file can be written there; raise ReportDirError (a HarnessError) if not."""
     out = Path(out_dir)
@@ -735,7 +721,7 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     for path, render in zip(paths, renderers, strict=True):
         data = render()
         try:
-            _write_atomic(path, data)
+            atomic_write(path, data)
         except OSError as e:
             raise _not_writable(out, e) from e
     return paths

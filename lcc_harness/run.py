@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
 from .corpus import Sample, TokenizedCorpus, load_corpus
-from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError
+from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError, first_line
 from .measure import (
     DEFAULT_CHUNK,
     Head,
@@ -123,11 +123,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
-
-
 def _release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -137,7 +132,7 @@ def oom_message(what: str, length: int | None, exc: BaseException) -> str:
     """One line: what ran out of memory, at which length, and what to reduce."""
     at = f" at length {length}" if length is not None else ""
     return (
-        f"out of memory {what}{at} ({_first_line(exc)}); measure shorter or fewer lengths"
+        f"out of memory {what}{at} ({first_line(exc)}); measure shorter or fewer lengths"
         f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
         "(--chunk-size / --lcc-chunk-size), or use a device with more memory"
     )
@@ -258,7 +253,7 @@ class Harness:
         except Exception as exc:  # a method's own bug or limit: one line naming the method
             if not is_oom(exc):
                 raise MethodRunError(
-                    f"method '{m.id}' raised {_first_line(exc)} while compressing; fix the "
+                    f"method '{m.id}' raised {first_line(exc)} while compressing; fix the "
                     "method or leave it out (set LCC_DEBUG=1 or pass --debug for the "
                     "traceback)"
                 ) from exc

@@ -293,3 +293,16 @@ def test_reference_cache_entry_of_another_key_at_the_path_is_recomputed(tiny, sa
     with pytest.warns(UserWarning, match="unusable"):
         again = build_reference(tiny, samples, LENGTHS, cache_dir=cache)
     assert not again.cache_hit and same_hidden(again.hidden, a.hidden)
+
+
+def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    from lcc_harness.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write(tmp_path / "a.bin", b"x")
+        q = atomic_write(tmp_path / "b.bin", lambda tmp: Path(tmp).write_bytes(b"y"))
+    finally:
+        os.umask(old)
+    assert (p.stat().st_mode & 0o777, q.stat().st_mode & 0o777) == (0o644, 0o644)
+    assert q.read_bytes() == b"y" and not list(tmp_path.glob(".*.tmp"))

@@ -253,7 +253,9 @@ def test_registration_refuses_duplicate_families_and_overlapping_ids():
         pattern = re.compile(r"rtn-w(\d+)-g32")
         examples = ("rtn-w4-g32",)
 
-    with pytest.raises(MethodError, match=r"'rtn-w4-g32' is matched by both family 'hijack'.*and family 'rtn'"):
+    with pytest.raises(
+        MethodError, match=r"'rtn-w4-g32' is matched by both family 'hijack'.*and family 'rtn'"
+    ):
         register(Hijack)
 
     @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Writing files so that a reader sees the old file or the complete new one, never half of either.
+
+One writer for everything the harness keeps (baselines, reports, the reference cache, `lcc measure --json`):
+the bytes go to a temp file in the same folder, are fsynced, and the temp file is renamed over the target.
+Files get the permissions the umask gives a new file (mkstemp alone would make them 0600, so a cache shared
+between users would not work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], None]) -> Path:
+    """Write `data` (bytes, or a function that writes the file at the temp path it is given) to `path` atomically.
+
+    For fault-injection tests, LCC_TEST_SLOW_WRITE=<seconds> pauses halfway through writing bytes and again
+    before the rename. Returns the path."""
+    path = Path(path)
+    try:
+        pause = max(float(os.environ.get("LCC_TEST_SLOW_WRITE") or 0), 0.0)
+    except ValueError:
+        pause = 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                half = len(data) // 2 if pause else len(data)
+                f.write(data[:half])
+                if pause:
+                    f.flush()
+                    time.sleep(pause)
+                f.write(data[half:])
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if pause:
+            time.sleep(pause)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
