@@ -24,20 +24,11 @@ from lcc_harness.methods.registry import CompressContext, Method, register, unre
 
 @dataclass(frozen=True)
 class _Fixed(Method):
-    """A parameterless method whose id, only form and pattern are its family name."""
+    """A parameterless method whose only form (and so its id and pattern) is its family name."""
 
     def __init_subclass__(cls, **kw: object) -> None:
+        cls.forms = (cls.__dict__.get("family", ""),) if "family" in cls.__dict__ else ()
         super().__init_subclass__(**kw)
-        cls.pattern = re.compile(re.escape(cls.family))
-        cls.forms = (cls.family,)
-
-    @property
-    def id(self) -> str:
-        return self.family
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> Method:
-        return cls()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,25 @@
 """Compression methods. Every module in this package that does not start with '_' is a built-in family."""
 
-from .registry import CompressContext, Method, families, parse_method, parse_methods, register
+from .registry import (
+    CompressContext,
+    Method,
+    WeightMethod,
+    families,
+    param,
+    parse_method,
+    parse_methods,
+    record_bits,
+    register,
+)
 
-__all__ = ["CompressContext", "Method", "families", "parse_method", "parse_methods", "register"]
+__all__ = [
+    "CompressContext",
+    "Method",
+    "WeightMethod",
+    "families",
+    "param",
+    "parse_method",
+    "parse_methods",
+    "record_bits",
+    "register",
+]

@@ -17,7 +17,6 @@ Folds done on Llama-style blocks (see `smooth_`):
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,7 +28,7 @@ from torch import nn
 from ..errors import MethodError
 from ._calib import InputStats, collect_input_stats
 from ._quant import effective_bits, fake_quant_groups, fake_quant_per_token
-from .registry import CompressContext, Method, check_range, register
+from .registry import CompressContext, Method, param, register
 
 W_BITS = (2, 8)
 A_BITS = (2, 16)
@@ -118,38 +117,21 @@ def quantize_weights_acts_(
     }
 
 
-def _wa_form(prefix: str = "") -> str:
-    return f"{prefix}w{{{W_BITS[0]}..{W_BITS[1]}}}a{{{A_BITS[0]}..{A_BITS[1]}}}"
-
-
 @register
 @dataclass(frozen=True)
 class WeightActQuant(Method):
     """Per-channel symmetric weights and per-token symmetric dynamic activations (inputs of the Linears)."""
 
-    w_bits: int = 8
-    a_bits: int = 8
+    w_bits: int = param(8, *W_BITS, "weight bits")
+    a_bits: int = param(8, *A_BITS, "activation bits")
 
     family = "act-quant"
-    pattern = re.compile(r"w(?P<w>\d+)a(?P<a>\d+)")
-    forms = ("w{wbits}a{abits}",)
+    forms = ("w{w_bits}a{a_bits}",)
     examples = ("w8a8", "w4a8", "w4a4")
     description = (
         "weight-activation quantization: weights per output channel, symmetric, 2-8 bits; "
         "Linear inputs per token, symmetric, dynamic, 2-16 bits"
     )
-
-    def __post_init__(self) -> None:
-        check_range(self.id, "weight bits", self.w_bits, *W_BITS, _wa_form())
-        check_range(self.id, "activation bits", self.a_bits, *A_BITS, _wa_form())
-
-    @property
-    def id(self) -> str:
-        return f"w{self.w_bits}a{self.a_bits}"
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> WeightActQuant:
-        return cls(w_bits=int(m["w"]), a_bits=int(m["a"]))
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
@@ -351,23 +333,18 @@ def smooth_(
     return done
 
 
-def _alpha_text(alpha: float) -> str:
-    text = repr(float(alpha))
-    return text[:-2] if text.endswith(".0") else text
-
-
 @register
 @dataclass(frozen=True)
 class SmoothQuant(Method):
     """SmoothQuant: exact per-channel smoothing from calibration abs-maxima, then w{b}a{c} on all targets."""
 
-    alpha: float = 0.5
-    w_bits: int = 8
-    a_bits: int = 8
+    alpha: float = param(0.5, *ALPHA_RANGE)
+    w_bits: int = param(8, *W_BITS, "weight bits")
+    a_bits: int = param(8, *A_BITS, "activation bits")
 
     family = "smoothquant"
-    pattern = re.compile(r"smoothquant-w(?P<w>\d+)a(?P<a>\d+)(?:-a(?P<alpha>\d+(?:\.\d+)?))?")
-    forms = ("smoothquant-w{wbits}a{abits}-a{alpha}",)
+    # ids always carry -a{alpha}; on input it may be left out (then alpha = 0.5)
+    forms = ("smoothquant-w{w_bits}a{a_bits}-a{alpha}", "smoothquant-w{w_bits}a{a_bits}")
     examples = ("smoothquant-w8a8-a0.5", "smoothquant-w8a8-a0.75", "smoothquant-w4a8-a0.5")
     description = (
         "SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha) folded exactly into the "
@@ -375,21 +352,6 @@ class SmoothQuant(Method):
         "[0.01, 1], default 0.5"
     )
     needs_calibration: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        form = _wa_form("smoothquant-") + "-a{alpha in [0.01, 1]}"
-        check_range(self.id, "alpha", self.alpha, *ALPHA_RANGE, form)
-        check_range(self.id, "weight bits", self.w_bits, *W_BITS, form)
-        check_range(self.id, "activation bits", self.a_bits, *A_BITS, form)
-
-    @property
-    def id(self) -> str:
-        return f"smoothquant-w{self.w_bits}a{self.a_bits}-a{_alpha_text(self.alpha)}"
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> SmoothQuant:
-        alpha = float(m["alpha"]) if m["alpha"] is not None else 0.5
-        return cls(alpha=alpha, w_bits=int(m["w"]), a_bits=int(m["a"]))
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:

@@ -11,7 +11,6 @@ The grid is RTN's (`_quant.quant_params` / `quantize_dequantize`), so `gptq` wit
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -24,8 +23,7 @@ from ..errors import MethodError
 from ..targets import decoder_layers
 from ._calib import run_calibration
 from ._quant import effective_bits, quant_params, quantize_dequantize, resolve_group
-from .basic import group_token
-from .registry import CompressContext, Method, check_range, register
+from .registry import CompressContext, Method, param, record_bits, register
 
 DAMP = 0.01  # λ = DAMP · mean(diag H), the reference default
 BLOCK_SIZE = 128  # columns per lazy batch update
@@ -252,12 +250,11 @@ def _run_block(layer: nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tens
 class GPTQ(Method):
     """GPTQ weight-only quantization, bits 2-8, groups of G input channels (g0 = per channel), no act-order."""
 
-    bits: int = 4
-    group: int = 128
+    bits: int = param(4, 2, 8)
+    group: int = param(128, 0, 1 << 20, hint="divisor of the input width, 0 = per channel")
     sym: bool = False
 
     family = "gptq"
-    pattern = re.compile(r"gptq-w(?P<bits>\d+)-g(?P<group>\d+)(?P<sym>-sym)?")
     forms = ("gptq-w{bits}-g{group}[-sym]",)
     examples = ("gptq-w3-g128", "gptq-w4-g128", "gptq-w4-g0-sym")
     description = (
@@ -266,20 +263,6 @@ class GPTQ(Method):
         "asymmetric unless -sym); damp 1%, lazy batches of 128 columns, no act-order"
     )
     needs_calibration = True
-
-    def __post_init__(self) -> None:
-        check_range(self.id, "bits", self.bits, 2, 8, "gptq-w{2..8}-g{group}")
-        check_range(
-            self.id, "group", self.group, 0, 1 << 20, "gptq-w{bits}-g{divisor of input width, 0=per channel}"
-        )
-
-    @property
-    def id(self) -> str:
-        return f"gptq-w{self.bits}-{group_token(self.group)}" + ("-sym" if self.sym else "")
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> GPTQ:
-        return cls(bits=int(m["bits"]), group=int(m["group"]), sym=bool(m["sym"]))
 
     def _quantize(self, name: str, lin: nn.Linear, H: torch.Tensor | None) -> None:
         if H is None:
@@ -333,12 +316,13 @@ class GPTQ(Method):
             for name, lin in rest:
                 self._quantize(name, lin, hooks.hessian(name))
 
-        n_weights = sum(lin.weight.numel() for _, lin in targets)
-        n_bits = sum(
-            lin.weight.numel() * effective_bits(self.bits, self.group, lin.in_features, self.sym)
-            for _, lin in targets
+        record_bits(
+            ctx,
+            [
+                (lin.weight.numel(), effective_bits(self.bits, self.group, lin.in_features, self.sym))
+                for _, lin in targets
+            ],
         )
-        ctx.info["effective_bits"] = n_bits / max(n_weights, 1)
         ctx.info["gptq"] = {
             "damp": DAMP,
             "block_size": BLOCK_SIZE,

@@ -30,7 +30,6 @@ key-query products where a plain causal pass does T²/2.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,13 +39,12 @@ from torch import nn
 
 from ..errors import MethodError
 from ._quant import effective_bits, quant_params, quantize_dequantize, resolve_group
-from .registry import CompressContext, Method, check_range, register
+from .registry import CompressContext, Method, param, register
 
 DEFAULT_GROUP = 64
 ATTR = "lcc_kv_quant"  # attribute set on each attention module of the compressed copy
 NAME_PREFIX = "lcc_kvquant_"
 SUPPORTED_BASES = ("sdpa", "eager")
-FORM = "kv-k{2..8}v{2..8}[-g{group}]"
 # Query rows per attention call (rounded down to whole blocks). Each call sees the quantized keys up to its
 # last query and the exact keys of its own blocks, so the masked attention costs about T²/2 + T·rows
 # key-query pairs instead of the 2T² of one call over [quantized | exact] for every query.
@@ -214,34 +212,18 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class KVQuant(Method):
     """KIVI-style KV-cache quantization: keys per channel over G-token blocks, values per token."""
 
-    key_bits: int = 4
-    value_bits: int = 4
-    group: int = DEFAULT_GROUP
+    key_bits: int = param(4, 2, 8, "key bits")
+    value_bits: int = param(4, 2, 8, "value bits")
+    group: int = param(DEFAULT_GROUP, 1, 1 << 16)
 
     family = "kv"
-    pattern = re.compile(r"kv-k(?P<kb>\d+)v(?P<vb>\d+)(?:-g(?P<group>\d+))?")
-    forms = ("kv-k{bits}v{bits}[-g{group}]",)
+    forms = ("kv-k{key_bits}v{value_bits}[-g{group}]",)
     examples = ("kv-k4v4", "kv-k2v2", "kv-k2v2-g32")
     description = (
         "KV-cache quantization (KIVI): post-RoPE keys per channel over blocks of G tokens, values "
         f"per token over min(G, head_dim) channels, asymmetric, bits 2-8; the newest block stays "
         f"exact (residual); default G={DEFAULT_GROUP}"
     )
-
-    def __post_init__(self) -> None:
-        check_range(self.id, "key bits", self.key_bits, 2, 8, FORM)
-        check_range(self.id, "value bits", self.value_bits, 2, 8, FORM)
-        check_range(self.id, "group", self.group, 1, 1 << 16, FORM)
-
-    @property
-    def id(self) -> str:
-        g = "" if self.group == DEFAULT_GROUP else f"-g{self.group}"
-        return f"kv-k{self.key_bits}v{self.value_bits}{g}"
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> KVQuant:
-        group = int(m["group"]) if m["group"] is not None else DEFAULT_GROUP
-        return cls(key_bits=int(m["kb"]), value_bits=int(m["vb"]), group=group)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:

@@ -13,7 +13,6 @@ then group along the input).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -26,15 +25,10 @@ from ..errors import MethodError
 from ._calib import InputStats, collect_input_stats
 from ._quant import effective_bits, fake_quant_groups, resolve_group
 from .basic import group_token
-from .registry import CompressContext, Method, check_range, register
+from .registry import CompressContext, WeightMethod, param, register
 
 HIGH_BITS = 8  # precision of the kept groups
 DEFAULT_PCT = 2.0
-
-
-def format_pct(pct: float) -> str:
-    """Shortest plain decimal that reads back as `pct` (2.0 → '2', 0.5 → '0.5'; never exponent form)."""
-    return format(Decimal(repr(float(pct))).normalize(), "f")
 
 
 def high_precision_count(n_groups: int, pct: float) -> int:
@@ -62,35 +56,21 @@ def mixed_fake_quant(w: torch.Tensor, bits: int, group: int, high: torch.Tensor)
 
 
 @dataclass(frozen=True)
-class _Mixed(Method):
-    """Shared id handling, validation and application; subclasses choose which groups stay at 8 bits."""
+class _Mixed(WeightMethod):
+    """Shared validation and application; subclasses choose which groups stay at 8 bits (`_select`)."""
 
-    bits: int = 3
-    group: int = 128
-    pct: float = DEFAULT_PCT
+    bits: int = param(3, 2, 8)
+    group: int = param(128, 0, 1 << 20, hint="divisor of the input width, 0 = per channel")
+    pct: float = param(DEFAULT_PCT, 0, 100)
 
-    prefix: ClassVar[str] = ""
     selection: ClassVar[str] = ""
 
-    def __post_init__(self) -> None:
-        form = f"{self.prefix}-w{{2..8}}-g{{divisor of input width, 0=per channel}}-p{{0 <= pct < 100}}"
-        check_range(self.id, "bits", self.bits, 2, 8, form)
-        check_range(self.id, "group", self.group, 0, 1 << 20, form)
-        check_range(self.id, "pct", self.pct, 0, 100, form)
+    def validate(self) -> None:
         if self.pct >= 100:
             raise MethodError(
-                f"method '{self.id}': pct={self.pct} keeps every group at 8 bits; use "
-                f"rtn-w8-{group_token(self.group)} for that, or write {form}"
+                f"method '{self._draft_id()}': pct={self.pct} keeps every group at 8 bits; use "
+                f"rtn-w8-{group_token(self.group)} for that, or write {self.forms[0]} with pct < 100"
             )
-
-    @property
-    def id(self) -> str:
-        return f"{self.prefix}-w{self.bits}-{group_token(self.group)}-p{format_pct(self.pct)}"
-
-    @classmethod
-    def from_match(cls, m: re.Match[str]) -> _Mixed:
-        pct = float(m["pct"]) if m["pct"] is not None else DEFAULT_PCT
-        return cls(bits=int(m["bits"]), group=int(m["group"]), pct=pct)
 
     def _select(
         self, name: str, w: torch.Tensor, g: int, k: int, ctx: CompressContext, stats: dict[str, InputStats]
@@ -103,36 +83,32 @@ class _Mixed(Method):
     ) -> dict[str, InputStats]:
         return {}
 
-    @torch.no_grad()
-    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        linears = ctx.linears(model)
+    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
         groups = {name: resolve_group(lin.in_features, self.group, f" of {name}") for name, lin in linears}
-        stats = self._stats(model, linears, ctx)  # from the uncompressed model, before any layer changes
-        n_weights = n_bits = 0.0
-        n_high = n_total = 0
-        for name, lin in linears:
-            g = groups[name]
-            w = lin.weight  # (O, I)
-            n_groups = w.numel() // g
-            k = high_precision_count(n_groups, self.pct)
-            high = self._select(name, w, g, k, ctx, stats)  # (O, I/G)
-            lin.weight.copy_(mixed_fake_quant(w, self.bits, g, high))
-            n_high += k
-            n_total += n_groups
-            n_weights += w.numel()
-            n_bits += g * (
-                k * effective_bits(HIGH_BITS, g, lin.in_features, False)
-                + (n_groups - k) * effective_bits(self.bits, g, lin.in_features, False)
-            )
-        ctx.info["effective_bits"] = n_bits / max(n_weights, 1)
-        ctx.info["high_precision_groups"] = n_high
-        ctx.info["high_precision_fraction"] = n_high / max(n_total, 1)
+        # statistics from the uncompressed model, before any layer changes
+        return {"groups": groups, "stats": self._stats(model, linears, ctx), "high": 0, "total": 0}
+
+    def transform(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> float:
+        g = state["groups"][name]
+        w = lin.weight  # (O, I)
+        n_groups = w.numel() // g
+        k = high_precision_count(n_groups, self.pct)
+        high = self._select(name, w, g, k, ctx, state["stats"])  # (O, I/G)
+        lin.weight.copy_(mixed_fake_quant(w, self.bits, g, high))
+        state["high"] += k
+        state["total"] += n_groups
+        hi, lo = (effective_bits(b, g, lin.in_features, False) for b in (HIGH_BITS, self.bits))
+        return (k * hi + (n_groups - k) * lo) / n_groups
+
+    def finish(self, ctx: CompressContext, state: dict) -> None:
+        ctx.info["high_precision_groups"] = state["high"]
+        ctx.info["high_precision_fraction"] = state["high"] / max(state["total"], 1)
         ctx.info["high_precision_selection"] = self.selection
-        return model
 
 
-def _pattern(prefix: str) -> re.Pattern[str]:
-    return re.compile(re.escape(prefix) + r"-w(?P<bits>\d+)-g(?P<group>\d+)(?:-p(?P<pct>\d+(?:\.\d+)?))?")
+def _forms(prefix: str) -> tuple[str, ...]:
+    """Ids always carry -p{pct}; on input it may be left out (then pct = DEFAULT_PCT)."""
+    return (f"{prefix}-w{{bits}}-g{{group}}-p{{pct}}", f"{prefix}-w{{bits}}-g{{group}}")
 
 
 _DESC = (
@@ -148,10 +124,8 @@ class MixedMaxAbs(_Mixed):
     """The remedy: the k groups with the largest max|w| of each layer stay at 8 bits."""
 
     family = "mixed"
-    prefix = "mixed"
     selection = "max_abs"
-    pattern = _pattern("mixed")
-    forms = ("mixed-w{bits}-g{group}[-p{pct}]",)
+    forms = _forms("mixed")
     examples = ("mixed-w3-g128-p2", "mixed-w3-g64-p2", "mixed-w2-g128-p0.5")
     description = _DESC.format(how="the groups with the largest max|w|")
 
@@ -168,10 +142,8 @@ class MixedRandom(_Mixed):
     """Control: k groups per layer chosen uniformly at random, seeded by ctx.generator(layer name)."""
 
     family = "mixed-random"
-    prefix = "mixed-random"
     selection = "random"
-    pattern = _pattern("mixed-random")
-    forms = ("mixed-random-w{bits}-g{group}[-p{pct}]",)
+    forms = _forms("mixed-random")
     examples = ("mixed-random-w3-g128-p2",)
     description = _DESC.format(how="chosen at random, seeded per layer; a control for `mixed`")
 
@@ -192,11 +164,9 @@ class MixedSaliency(_Mixed):
     """Control: groups ranked by Σ_j ((w_j − q_b(w_j))·‖X_j‖₂)² with ‖X_j‖₂ from calibration inputs."""
 
     family = "mixed-saliency"
-    prefix = "mixed-saliency"
     selection = "saliency"
     needs_calibration = True
-    pattern = _pattern("mixed-saliency")
-    forms = ("mixed-saliency-w{bits}-g{group}[-p{pct}]",)
+    forms = _forms("mixed-saliency")
     examples = ("mixed-saliency-w3-g128-p2",)
     description = _DESC.format(
         how="the largest activation-weighted b-bit error Σ((w-q_b(w))·‖X_j‖₂)²; "

@@ -11,12 +11,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import math
 import pkgutil
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from importlib.metadata import entry_points
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -69,9 +71,82 @@ def _stable_hash(s: str) -> int:
     return h
 
 
+def param(
+    default: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    label: str | None = None,
+    hint: str | None = None,
+) -> Any:
+    """A method parameter: a dataclass field whose value must lie in [lo, hi] (checked by Method.__post_init__,
+    which names `label` or the field in its error and writes `hint`, or lo..hi, in place of it in the form)."""
+    meta: dict[str, Any] = {"range": (lo, hi)} if lo is not None or hi is not None else {}
+    if label:
+        meta["label"] = label
+    if hint:
+        meta["hint"] = hint
+    return field(default=default, metadata=meta)
+
+
+def format_number(x: float | int) -> str:
+    """Shortest plain decimal that reads back as `x` (4 → '4', 2.0 → '2', 0.5 → '0.5'; never exponent form)."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    return format(Decimal(repr(float(x))).normalize(), "f")
+
+
+_TOKEN = re.compile(r"\[([^\]]*)\]|\{(\w+)\}|([^\[{]+)")
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+
+
+def _parse_form(form: str) -> list[tuple[str, Any]]:
+    """'rtn-w{bits}-g{group}[-sym]' → [('lit', 'rtn-w'), ('field', 'bits'), …, ('opt', [('lit', '-sym')])]."""
+    out: list[tuple[str, Any]] = []
+    for opt, name, lit in _TOKEN.findall(form):
+        if name:
+            out.append(("field", name))
+        elif lit:
+            out.append(("lit", lit))
+        else:
+            out.append(("opt", _parse_form(opt)))
+    return out
+
+
+def _flag(tokens: list[tuple[str, Any]]) -> str:
+    """The bool field an optional literal stands for: '[-sym]' → 'sym'."""
+    return re.sub(r"\W", "_", "".join(v for _, v in tokens)).strip("_")
+
+
+def forms_pattern(forms: Sequence[str]) -> re.Pattern[str]:
+    """One regex full-matching any of `forms`; group '<field>__<k>' holds a field's text in form k, and an
+    optional literal group '[-sym]' the bool field 'sym'."""
+
+    def rx(tokens: list[tuple[str, Any]], k: int) -> str:
+        parts = []
+        for kind, v in tokens:
+            if kind == "lit":
+                parts.append(re.escape(v))
+            elif kind == "field":
+                parts.append(f"(?P<{v}__{k}>{_NUMBER})")
+            elif all(t == "lit" for t, _ in v):
+                parts.append(f"(?P<{_flag(v)}__{k}>{rx(v, k)})?")
+            else:
+                parts.append(f"(?:{rx(v, k)})?")
+        return "".join(parts)
+
+    return re.compile("|".join(f"(?:{rx(_parse_form(f), k)})" for k, f in enumerate(forms)))
+
+
 @dataclass(frozen=True)
 class Method:
-    """Base class. Subclasses set the ClassVars, fields for parameters, and implement `apply`."""
+    """Base class: a method is data. A family declares its parameters as dataclass fields (`param` for a
+    range), its `forms` ("rtn-w{bits}-g{group}[-sym]": {field} a number, [..] optional, a bracketed literal a
+    bool field of that name), `family`, `examples` and `description`, and implements `apply`. `pattern`,
+    `from_match` and `id` are derived from the forms (the id is the first form that reads back as the same
+    method; an optional part is written when its fields differ from their defaults); a family may still
+    write its own."""
 
     family: ClassVar[str] = ""
     pattern: ClassVar[re.Pattern[str]] = re.compile(r"(?!)")
@@ -80,13 +155,105 @@ class Method:
     description: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("forms") and "pattern" not in cls.__dict__:
+            cls.pattern = forms_pattern(cls.forms)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            lo, hi = f.metadata.get("range", (None, None))
+            v = getattr(self, f.name)
+            if v is None or (lo is None and hi is None):
+                continue
+            if not ((lo is None or lo <= v) and (hi is None or v <= hi)):
+                lo_t, hi_t = (format_number(x) if x is not None else "" for x in (lo, hi))
+                raise MethodError(
+                    f"method '{self._draft_id()}': {f.metadata.get('label', f.name)}={format_number(v)} is out of "
+                    f"range [{lo_t}, {hi_t}]; write it as {self._hint(f.name)}"
+                )
+        self.validate()
+
+    def _hint(self, name: str) -> str:
+        """The first form that holds {name}, every ranged field written as its range: 'w{2..8}a{2..16}'."""
+        text = next((fm for fm in self.forms if f"{{{name}}}" in fm), self.family)
+        for f in fields(self):
+            lo, hi = f.metadata.get("range", (None, None))
+            if lo is not None or hi is not None:
+                rng = f"{format_number(lo) if lo is not None else ''}..{format_number(hi) if hi is not None else ''}"
+                text = text.replace(f"{{{f.name}}}", f"{{{f.metadata.get('hint', rng)}}}")
+        return text
+
+    def validate(self) -> None:
+        """Checks beyond the fields' ranges (raise MethodError); called by __post_init__."""
+
+    # ---- ids from forms ---------------------------------------------------------------------------------
+    def _render(self, form: str) -> str | None:
+        """This method written in `form`, or None when a required field has no value."""
+        defaults = {f.name: f.default for f in fields(self)}
+
+        def render(tokens: list[tuple[str, Any]]) -> str | None:
+            out = []
+            for kind, v in tokens:
+                if kind == "lit":
+                    out.append(v)
+                elif kind == "field":
+                    value = getattr(self, v, None)
+                    if value is None:
+                        return None
+                    out.append(format_number(value))
+                elif all(t == "lit" for t, _ in v):
+                    if getattr(self, _flag(v), False):
+                        out.append("".join(x for _, x in v))
+                else:
+                    names = [x for t, x in v if t == "field"]
+                    if any(getattr(self, n, None) != defaults.get(n) for n in names):
+                        part = render(v)
+                        if part is None:
+                            return None
+                        out.append(part)
+            return "".join(out)
+
+        return render(_parse_form(form))
+
+    def _draft_id(self) -> str:
+        """A best-effort id for error messages (no round-trip check: the values may be invalid)."""
+        for form in self.forms:
+            text = self._render(form)
+            if text is not None:
+                return text
+        return self.family
+
     @property
     def id(self) -> str:
-        raise NotImplementedError
+        for form in self.forms:
+            text = self._render(form)
+            m = self.pattern.fullmatch(text) if text is not None else None
+            if m is not None and type(self).from_match(m) == self:
+                return text
+        raise TypeError(f"{type(self).__name__}: none of its forms {self.forms} writes {self!r} back")
 
     @classmethod
     def from_match(cls, m: re.Match[str]) -> Method:
-        raise NotImplementedError
+        types = {f.name: str(f.type) for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, text in m.groupdict().items():
+            if text is None:
+                continue
+            name = key.rsplit("__", 1)[0]
+            t = types.get(name, "")
+            if "bool" in t:
+                kwargs[name] = True
+            elif "float" in t:
+                kwargs[name] = float(text)
+            elif "." in text:
+                raise MethodError(
+                    f"method '{m.group(0)}': {name}={text} must be a whole number; write it as "
+                    f"{' or '.join(cls.forms)}"
+                )
+            else:
+                kwargs[name] = int(text)
+        return cls(**kwargs)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         """Compress `model` in place (the harness hands over a copy) and return it."""
@@ -94,6 +261,42 @@ class Method:
 
     def __str__(self) -> str:
         return self.id
+
+
+class WeightMethod(Method):
+    """A method that rewrites each target Linear on its own: a family implements `transform` (and optionally
+    `prepare`, e.g. for calibration statistics); traversal and effective-bits accounting live here."""
+
+    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> Any:
+        """Anything `transform` needs, computed once from the uncompressed model before any layer changes."""
+        return None
+
+    def transform(self, name: str, linear: nn.Linear, ctx: CompressContext, state: Any) -> float | None:
+        """Rewrite `linear` in place; return its effective bits per weight (None: not a quantizer)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        linears = ctx.linears(model)
+        state = self.prepare(model, linears, ctx)
+        bits = []
+        for name, lin in linears:
+            b = self.transform(name, lin, ctx, state)
+            if b is not None:
+                bits.append((lin.weight.numel(), b))
+        record_bits(ctx, bits)
+        self.finish(ctx, state)
+        return model
+
+    def finish(self, ctx: CompressContext, state: Any) -> None:
+        """Record facts for reports in ctx.info after every layer was transformed."""
+
+
+def record_bits(ctx: CompressContext, per_layer: Sequence[tuple[int, float]]) -> None:
+    """ctx.info['effective_bits'] = weight-count-weighted mean of (numel, bits) pairs (nothing when empty)."""
+    n = sum(k for k, _ in per_layer)
+    if n:
+        ctx.info["effective_bits"] = sum(k * b for k, b in per_layer) / n
 
 
 _FAMILIES: dict[str, type[Method]] = {}
