@@ -72,3 +72,28 @@ def collect_input_stats(
         for h in hooks:
             h.remove()
     return stats
+
+
+def layer_stats(
+    method_id: str,
+    model: nn.Module,
+    linears: Sequence[tuple[str, nn.Linear]],
+    calibration: Sequence[torch.Tensor],
+) -> dict[str, InputStats]:
+    """`collect_input_stats` for a method that needs every target's input statistics: no calibration spans, or a
+    target the calibration forward never reached, is a MethodError naming the method and what to do."""
+    from ..errors import MethodError
+
+    if not calibration:
+        raise MethodError(
+            f"method '{method_id}' needs calibration spans, but the context has none; run it through the "
+            "harness (which draws them) or pass CompressContext(calibration=...)"
+        )
+    stats = collect_input_stats(model, linears, calibration)
+    missing = [name for name, _ in linears if name not in stats]
+    if missing:
+        raise MethodError(
+            f"method '{method_id}': calibration never reached target Linear(s) {', '.join(missing[:3])}; "
+            "exclude those layers from the targets"
+        )
+    return stats

@@ -6,7 +6,11 @@ Scales are computed in float32 and results cast back to the input dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .registry import param
 
 SCALE_BITS = 16  # scales (and float zero points) are counted as fp16 when reporting effective bits
 
@@ -76,3 +80,17 @@ def effective_bits(bits: float, group: int, in_features: int, sym: bool) -> floa
     """Bits per weight including one fp16 scale per group and, if asymmetric, a `bits`-wide zero point."""
     g = in_features if group <= 0 else group
     return bits + (SCALE_BITS + (0 if sym else bits)) / g
+
+
+@dataclass(frozen=True)
+class GroupGrid:
+    """The parameters of a group-wise integer grid (RTN's, which GPTQ rounds onto too), as method fields."""
+
+    bits: int = param(4, 2, 8)
+    group: int = param(128, 0, 1 << 20, hint="divisor of the input width, 0 = per channel")
+    sym: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        if "family" in cls.__dict__ and "forms" not in cls.__dict__:  # ids: <family>-w{bits}-g{group}[-sym]
+            cls.forms = (f"{cls.family}-w{{bits}}-g{{group}}[-sym]",)
+        super().__init_subclass__(**kwargs)

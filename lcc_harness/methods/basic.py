@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._quant import effective_bits, fake_quant_groups, resolve_group
-from .registry import CompressContext, Method, WeightMethod, param, register
+from ._quant import GroupGrid, effective_bits, fake_quant_groups, resolve_group
+from .registry import CompressContext, Method, WeightMethod, register
 
 
 @register
@@ -28,16 +28,10 @@ def group_token(group: int) -> str:
 
 @register
 @dataclass(frozen=True)
-class RTN(WeightMethod):
+class RTN(WeightMethod, GroupGrid):
     """Weight-only round-to-nearest per group; asymmetric min-max with an integer zero point by default."""
 
-    bits: int = param(4, 2, 8)
-    group: int = param(128, 0, 1 << 20, hint="divisor of the input width, 0 = per channel")
-    sym: bool = False
-
-    family = "rtn"
-    forms = ("rtn-w{bits}-g{group}[-sym]",)
-    examples = ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g0-sym")
+    family, examples = "rtn", ("rtn-w3-g128", "rtn-w4-g128", "rtn-w8-g0-sym")
     description = (
         "weight-only round-to-nearest, bits 2-8, per group of G input channels (g0 = per "
         "channel), asymmetric min-max with integer zero point; -sym for symmetric"

@@ -22,8 +22,8 @@ from torch import nn
 from ..errors import MethodError
 from ..targets import decoder_layers
 from ._calib import run_calibration
-from ._quant import effective_bits, quant_params, quantize_dequantize, resolve_group
-from .registry import CompressContext, Method, param, record_bits, register
+from ._quant import GroupGrid, effective_bits, quant_params, quantize_dequantize, resolve_group
+from .registry import CompressContext, Method, record_bits, register
 
 DAMP = 0.01  # λ = DAMP · mean(diag H), the reference default
 BLOCK_SIZE = 128  # columns per lazy batch update
@@ -247,16 +247,10 @@ def _run_block(layer: nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tens
 
 @register
 @dataclass(frozen=True)
-class GPTQ(Method):
+class GPTQ(Method, GroupGrid):
     """GPTQ weight-only quantization, bits 2-8, groups of G input channels (g0 = per channel), no act-order."""
 
-    bits: int = param(4, 2, 8)
-    group: int = param(128, 0, 1 << 20, hint="divisor of the input width, 0 = per channel")
-    sym: bool = False
-
-    family = "gptq"
-    forms = ("gptq-w{bits}-g{group}[-sym]",)
-    examples = ("gptq-w3-g128", "gptq-w4-g128", "gptq-w4-g0-sym")
+    family, examples = "gptq", ("gptq-w3-g128", "gptq-w4-g128", "gptq-w4-g0-sym")
     description = (
         "GPTQ (Frantar et al. 2022): sequential per-block Hessian-aware rounding with error "
         "feedback on calibration spans; RTN's grid (bits 2-8, group G or g0 = per channel, "

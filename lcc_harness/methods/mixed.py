@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
-from ._calib import InputStats, collect_input_stats
+from ._calib import InputStats, layer_stats
 from ._quant import effective_bits, fake_quant_groups, resolve_group
 from .basic import group_token
 from .registry import CompressContext, WeightMethod, param, register
@@ -64,6 +64,11 @@ class _Mixed(WeightMethod):
     pct: float = param(DEFAULT_PCT, 0, 100)
 
     selection: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        if "family" in cls.__dict__:
+            cls.forms = _forms(cls.family)
+        super().__init_subclass__(**kwargs)
 
     def validate(self) -> None:
         if self.pct >= 100:
@@ -123,9 +128,7 @@ _DESC = (
 class MixedMaxAbs(_Mixed):
     """The remedy: the k groups with the largest max|w| of each layer stay at 8 bits."""
 
-    family = "mixed"
-    selection = "max_abs"
-    forms = _forms("mixed")
+    family, selection = "mixed", "max_abs"
     examples = ("mixed-w3-g128-p2", "mixed-w3-g64-p2", "mixed-w2-g128-p0.5")
     description = _DESC.format(how="the groups with the largest max|w|")
 
@@ -141,9 +144,7 @@ class MixedMaxAbs(_Mixed):
 class MixedRandom(_Mixed):
     """Control: k groups per layer chosen uniformly at random, seeded by ctx.generator(layer name)."""
 
-    family = "mixed-random"
-    selection = "random"
-    forms = _forms("mixed-random")
+    family, selection = "mixed-random", "random"
     examples = ("mixed-random-w3-g128-p2",)
     description = _DESC.format(how="chosen at random, seeded per layer; a control for `mixed`")
 
@@ -163,10 +164,8 @@ class MixedRandom(_Mixed):
 class MixedSaliency(_Mixed):
     """Control: groups ranked by Σ_j ((w_j − q_b(w_j))·‖X_j‖₂)² with ‖X_j‖₂ from calibration inputs."""
 
-    family = "mixed-saliency"
-    selection = "saliency"
+    family, selection = "mixed-saliency", "saliency"
     needs_calibration = True
-    forms = _forms("mixed-saliency")
     examples = ("mixed-saliency-w3-g128-p2",)
     description = _DESC.format(
         how="the largest activation-weighted b-bit error Σ((w-q_b(w))·‖X_j‖₂)²; "
@@ -176,18 +175,7 @@ class MixedSaliency(_Mixed):
     def _stats(
         self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
     ) -> dict[str, InputStats]:
-        if not ctx.calibration:
-            raise MethodError(
-                f"method '{self.id}' needs calibration spans (activation norms); none were given"
-            )
-        stats = collect_input_stats(model, linears, ctx.calibration)
-        missing = [name for name, _ in linears if name not in stats]
-        if missing:
-            raise MethodError(
-                f"method '{self.id}': calibration never reached {', '.join(missing[:3])}; "
-                "exclude those layers or use `mixed`"
-            )
-        return stats
+        return layer_stats(self.id, model, linears, ctx.calibration)
 
     def _select(
         self, name: str, w: torch.Tensor, g: int, k: int, ctx: CompressContext, stats: dict[str, InputStats]

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
-from ._calib import collect_input_stats
-from .registry import CompressContext, Method, check_range, register
+from ._calib import layer_stats
+from .registry import CompressContext, WeightMethod, check_range, register
 
 _NUM = r"-?\d+(?:\.\d+)?"
 
@@ -53,7 +53,7 @@ def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Prune(Method):
+class _Prune(WeightMethod):
     """Shared shape of the three pruning families; subclasses set `family` and `scores`.
 
     percent: sparsity in percent for `-s{P}`; in N:M mode (m > 0) it is derived as 100·(M−N)/M.
@@ -87,6 +87,13 @@ class _Prune(Method):
                 f"or {fam}-{{N}}:{{M}} for N:M sparsity"
             )
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        fam = cls.__dict__.get("family")
+        if fam:  # every pruning family writes its ids the same two ways (parsed with N:M-specific errors)
+            cls.forms = (f"{fam}-s{{P}}", f"{fam}-{{N}}:{{M}}")
+            cls.pattern = _pattern(fam)
+        super().__init_subclass__(**kwargs)
+
     @property
     def structured(self) -> bool:
         return self.m > 0
@@ -113,13 +120,13 @@ class _Prune(Method):
         """Importance (out, in) float32 on the weight's device; the lowest scores are pruned."""
         raise NotImplementedError
 
-    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
+    def statistics(
+        self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
+    ) -> dict:
         """Anything the scores need computed once for all layers (e.g. calibration statistics)."""
         return {}
 
-    @torch.no_grad()
-    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        linears = ctx.linears(model)
+    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
         if self.structured:
             for name, lin in linears:
                 if lin.in_features % self.m:
@@ -128,21 +135,22 @@ class _Prune(Method):
                         f"width {lin.in_features} of {name}; choose an M that divides every "
                         "target Linear's input width (e.g. 2:4), or exclude that layer"
                     )
-        state = self.prepare(model, linears, ctx)
-        n_zero = 0
-        n_total = 0
-        for name, lin in linears:
-            w = lin.weight  # (O, I)
-            s = self.scores(name, lin, ctx, state)  # (O, I) float32
-            if self.structured:
-                mask = nm_prune_mask(s, self.n, self.m)
-            else:
-                mask = rows_prune_mask(s, round(self.percent * lin.in_features / 100))
-            w.masked_fill_(mask, 0)
-            n_zero += int((w == 0).sum())
-            n_total += w.numel()
-        ctx.info["sparsity"] = n_zero / max(n_total, 1)
-        return model
+        return {"stats": self.statistics(model, linears, ctx), "zero": 0, "total": 0}
+
+    def transform(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> None:
+        w = lin.weight  # (O, I)
+        s = self.scores(name, lin, ctx, state["stats"])  # (O, I) float32
+        if self.structured:
+            mask = nm_prune_mask(s, self.n, self.m)
+        else:
+            mask = rows_prune_mask(s, round(self.percent * lin.in_features / 100))
+        w.masked_fill_(mask, 0)
+        state["zero"] += int((w == 0).sum())
+        state["total"] += w.numel()
+        return None  # pruning keeps the weights' precision: no bits to report
+
+    def finish(self, ctx: CompressContext, state: dict) -> None:
+        ctx.info["sparsity"] = state["zero"] / max(state["total"], 1)
 
 
 def _pattern(family: str) -> re.Pattern[str]:
@@ -157,10 +165,7 @@ _FORMS_NOTE = "0 < P < 100 percent per output row, or N:M = at most N nonzeros i
 class MagnitudePrune(_Prune):
     """Zero the weights of smallest |W| in each output row (or each group of M)."""
 
-    family = "magnitude"
-    pattern = _pattern("magnitude")
-    forms = ("magnitude-s{P}", "magnitude-{N}:{M}")
-    examples = ("magnitude-s50", "magnitude-2:4")
+    family, examples = "magnitude", ("magnitude-s50", "magnitude-2:4")
     description = (
         f"magnitude pruning: remove the weights of smallest magnitude abs(W) per output row; {_FORMS_NOTE}"
     )
@@ -174,29 +179,17 @@ class MagnitudePrune(_Prune):
 class WandaPrune(_Prune):
     """Wanda (Sun et al. 2023): score |W_ij| · ‖X_j‖₂, compared per output row; statistics from the dense model."""
 
-    family = "wanda"
-    pattern = _pattern("wanda")
-    forms = ("wanda-s{P}", "wanda-{N}:{M}")
-    examples = ("wanda-s50", "wanda-2:4")
+    family, examples = "wanda", ("wanda-s50", "wanda-2:4")
     description = (
         f"Wanda pruning: remove the lowest abs(W_ij)·norm2(X_j) per output row (calibration "
         f"inputs of the dense model); {_FORMS_NOTE}"
     )
     needs_calibration = True
 
-    def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> dict:
-        if not ctx.calibration:
-            raise MethodError(
-                f"method '{self.id}' needs calibration spans, but the context has none; "
-                "run it through the harness (which draws them) or pass CompressContext(calibration=...)"
-            )
-        stats = collect_input_stats(model, linears, ctx.calibration)
-        missing = [name for name, _ in linears if name not in stats]
-        if missing:
-            raise MethodError(
-                f"method '{self.id}': target Linear(s) {missing[:3]} saw no calibration input; "
-                "exclude them from the targets"
-            )
+    def statistics(
+        self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
+    ) -> dict:
+        stats = layer_stats(self.id, model, linears, ctx.calibration)
         return {name: st.col_norm for name, st in stats.items()}
 
     def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
@@ -210,10 +203,7 @@ class WandaPrune(_Prune):
 class RandomPrune(_Prune):
     """Zero uniformly random weights in each output row (or group of M); seeded by ctx.generator(layer name)."""
 
-    family = "random"
-    pattern = _pattern("random")
-    forms = ("random-s{P}", "random-{N}:{M}")
-    examples = ("random-s10", "random-2:4")
+    family, examples = "random", ("random-s10", "random-2:4")
     description = f"random pruning (a floor for the other criteria), seeded per layer; {_FORMS_NOTE}"
 
     def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
