@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,21 @@ def offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     return hf_home
+
+
+SUITES = Path(__file__).resolve().parents[1] / "suites"
+
+
+@pytest.fixture()
+def project(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> pytest.Pytester:
+    """A user project with the shipped suites, the smoke profile, and its own reference cache."""
+    for f in SUITES.glob("test_*.py"):
+        pytester.makepyfile(**{f.stem: f.read_text()})
+    pytester.makeini(
+        textwrap.dedent(f"""
+        [pytest]
+        lcc_profile = smoke
+        lcc_cache_dir = {tmp_path_factory.mktemp("cache")}
+        """)
+    )
+    return pytester

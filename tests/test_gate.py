@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -87,22 +86,6 @@ def test_floor_follows_the_measured_self_noise():
 
 
 # ---- end to end ------------------------------------------------------------------------------------------
-
-SUITES = Path(__file__).resolve().parents[1] / "suites"
-
-
-@pytest.fixture()
-def project(pytester: pytest.Pytester, tmp_path_factory) -> pytest.Pytester:
-    for f in SUITES.glob("test_*.py"):
-        pytester.makepyfile(**{f.stem: f.read_text()})
-    pytester.makeini(
-        textwrap.dedent(f"""
-        [pytest]
-        lcc_profile = smoke
-        lcc_cache_dir = {tmp_path_factory.mktemp("cache")}
-        """)
-    )
-    return pytester
 
 
 def run(p: pytest.Pytester, *args: str) -> pytest.RunResult:

@@ -4,7 +4,6 @@ compressed models, GPT-2 Conv1D targets, methods that find no target, methods th
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import pytest
@@ -186,17 +185,7 @@ def test_unknown_head_falls_back_to_the_models_own_logits_with_a_note():
 class PerTensorAct(Method):
     """Adds a per-tensor statistic over all T positions to every MLP input: outputs depend on the length."""
 
-    family = "test-per-tensor"
-    pattern = re.compile(r"test-per-tensor")
-    forms = ("test-per-tensor",)
-
-    @property
-    def id(self) -> str:
-        return "test-per-tensor"
-
-    @classmethod
-    def from_match(cls, m):
-        return cls()
+    family, forms = "test-per-tensor", ("test-per-tensor",)
 
     def apply(self, model, ctx):
         for name, lin in ctx.linears(model):
@@ -262,17 +251,7 @@ def test_a_method_that_finds_no_target_is_an_error(tiny):
 class Patcher(Method):
     """Monkeypatches LlamaMLP.forward for every model in the process (the bug this check exists for)."""
 
-    family = "test-patcher"
-    pattern = re.compile(r"test-patcher")
-    forms = ("test-patcher",)
-
-    @property
-    def id(self) -> str:
-        return "test-patcher"
-
-    @classmethod
-    def from_match(cls, m):
-        return cls()
+    family, forms = "test-patcher", ("test-patcher",)
 
     def apply(self, model, ctx):
         from transformers.models.llama import modeling_llama

@@ -8,23 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SUITES = Path(__file__).resolve().parents[1] / "suites"
 METHODS = "rtn-w3-g32,rtn-w4-g32"
-
-
-@pytest.fixture()
-def project(pytester: pytest.Pytester, tmp_path_factory) -> pytest.Pytester:
-    """A user project with the shipped suites, the smoke profile, and its own cache."""
-    for f in SUITES.glob("test_*.py"):
-        pytester.makepyfile(**{f.stem: f.read_text()})
-    pytester.makeini(
-        textwrap.dedent(f"""
-        [pytest]
-        lcc_profile = smoke
-        lcc_cache_dir = {tmp_path_factory.mktemp("cache")}
-        """)
-    )
-    return pytester
 
 
 def run(p: pytest.Pytester, *args: str) -> pytest.RunResult:
