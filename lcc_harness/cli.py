@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from .errors import HarnessError
-from .measure import DEFAULT_CHUNK
 from .models import DEFAULT_MODEL
+from .options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -35,36 +35,13 @@ def format_curve_table(stats: dict, fmt: str = "github") -> str:
     )
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (argparse turns the ValueError into a usage error, exit 2)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
 def _cmd_measure(args: argparse.Namespace) -> int:
     from .run import Harness, RunConfig, parse_lengths, write_json_atomic
 
+    values = {o.key: getattr(args, o.dest) for o in OPTIONS if o.where != "pytest"}
     cfg = RunConfig(
-        model=args.model,
-        lengths=parse_lengths(args.lengths),
-        samples=args.samples,
-        corpus=args.corpus,
-        text_field=args.text_field,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        calib_samples=args.calib_samples,
-        calib_length=args.calib_length,
-        naive=args.naive,
-        chunk_size=args.chunk_size,
-        cache_dir=args.cache_dir,
+        **{**run_fields(values), "lengths": parse_lengths(args.lcc_lengths)},
         use_cache=not args.no_cache,
-        allow_extrapolation=args.allow_extrapolation,
         progress=not args.quiet,
     )
     from .methods.registry import parse_method
@@ -110,26 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("methods", help="list registered compression methods").set_defaults(func=_cmd_methods)
     m = sub.add_parser("measure", help="measure one method's KL curve against the uncompressed model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
     m.add_argument("--method", required=True, help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
-    m.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated context lengths")
-    m.add_argument("--samples", type=_positive_int, default=2, help="evaluation spans (default 2)")
-    m.add_argument("--corpus", default=None, help="txt / jsonl / folder / saved dataset (default: embedded)")
-    m.add_argument("--text-field", default="text", help="jsonl/dataset text field (default text)")
-    m.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    m.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--calib-samples", type=_positive_int, default=8)
-    m.add_argument("--calib-length", type=_positive_int, default=512)
-    m.add_argument("--naive", action="store_true", help="one forward pass per length (for comparison)")
-    m.add_argument(
-        "--chunk-size", type=_positive_int, default=DEFAULT_CHUNK, help="positions per LM-head chunk"
+    add_cli_options(
+        m,
+        {
+            "model": DEFAULT_MODEL,
+            "lengths": "256,512,1024,2048",
+            "samples": 2,
+            "text-field": "text",
+            "device": "auto",
+            "seed": 0,
+            "calib-samples": 8,
+            "calib-length": 512,
+            "chunk-size": DEFAULT_CHUNK,
+        },
     )
-    m.add_argument("--cache-dir", default=None, help="reference cache (default $LCC_CACHE_DIR or ~/.cache)")
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
-    m.add_argument(
-        "--allow-extrapolation", action="store_true", help="allow lengths beyond the model's positions"
-    )
     m.add_argument("--json", default=None, help="write the full result as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

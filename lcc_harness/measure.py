@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NonFiniteError
+from .options import DEFAULT_CHUNK  # one definition, shared with the option table
 
-DEFAULT_CHUNK = 256
 # CPU: positions per block are capped so that one (rows, V) float32 block stays below glibc's largest
 # mmap threshold (32 MiB): blocks are then reused from the heap instead of page-faulted in afresh.
 BLOCK_BYTES = 24 * 2**20

@@ -24,66 +24,11 @@ from .errors import BaselineError, HarnessError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
-OPTIONS: list[tuple[str, str, str]] = [
-    # (name, ini/dest, help)
-    ("model", "lcc_model", "model spec (default: the profile's)"),
-    ("methods", "lcc_methods", "comma-separated method ids or globs over the profile's methods"),
-    ("lengths", "lcc_lengths", "comma-separated context lengths (default: the profile's)"),
-    ("samples", "lcc_samples", "evaluation samples (default: the profile's)"),
-    ("corpus", "lcc_corpus", "corpus path (default: embedded Python reference)"),
-    ("text-field", "lcc_text_field", "jsonl / dataset text field of the corpus (default: text)"),
-    ("device", "lcc_device", "cpu | cuda | auto (default auto)"),
-    ("dtype", "lcc_dtype", "float32 | bfloat16 | float16 (default by device)"),
-    ("profile", "lcc_profile", "smoke | default | paper (default: default)"),
-    ("report-dir", "lcc_report_dir", "where reports are written (default: <rootdir>/reports)"),
-    ("baseline-dir", "lcc_baseline_dir", "where baselines live (default: <rootdir>/baselines)"),
-    ("cache-dir", "lcc_cache_dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)"),
-    (
-        "chunk-size",
-        "lcc_chunk_size",
-        "positions per LM-head chunk (default 256; lower it when memory is short)",
-    ),
-    (
-        "tolerance",
-        "lcc_tolerance",
-        "relative tolerance of window KL per length (default 0.02 = 2 %); per method: ini lcc_method_tolerance",
-    ),
-    (
-        "growth-tolerance",
-        "lcc_growth_tolerance",
-        "relative tolerance of growth (default 0.02); per method: ini lcc_method_growth_tolerance",
-    ),
-]
-METHOD_EPS_INI = (
-    ("lcc_method_tolerance", "per-method window-KL tolerance, one 'GLOB = EPS' per line (first match wins)"),
-    (
-        "lcc_method_growth_tolerance",
-        "per-method growth tolerance, one 'GLOB = EPS' per line (first match wins)",
-    ),
-)
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("lcc", "lcc-harness: long-context KL of compressed models")
-    for name, dest, help_ in OPTIONS:
-        g.addoption(f"--lcc-{name}", dest=dest, default=None, help=help_)
-        parser.addini(dest, help_, default=None)
-    for dest, help_ in METHOD_EPS_INI:
-        parser.addini(dest, help_, type="linelist", default=[])
-    g.addoption(
-        "--lcc-update-baselines",
-        dest="lcc_update_baselines",
-        action="store_true",
-        default=False,
-        help="write baselines for the methods that ran (keeps the rest) instead of comparing",
-    )
-    g.addoption(
-        "--lcc-allow-extrapolation",
-        dest="lcc_allow_extrapolation",
-        action="store_true",
-        default=False,
-        help="allow lengths beyond the model's maximum positions",
-    )
+    from .options import add_pytest_options
+
+    add_pytest_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -91,10 +36,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA device; skipped with a reason where none is present"
     )
+    from .options import OptionError, for_pytest
+
     try:
         session = LccSession(config)
-    except HarnessError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    except (HarnessError, OptionError) as exc:
+        raise pytest.UsageError(for_pytest(str(exc))) from None
     config.stash[_KEY] = session
 
 
@@ -127,19 +74,11 @@ def _policy(config: pytest.Config):
 
 
 def _positive_int(config: pytest.Config, name: str, default: int) -> int:
-    """--lcc-<name> as an integer ≥ 1, or `default` when not given; anything else is a HarnessError."""
+    """--lcc-<name> as an integer ≥ 1, or `default` when not given; anything else is an OptionError."""
+    from .options import positive_int
+
     text = _opt(config, f"lcc_{name.replace('-', '_')}")
-    if text is None:
-        return default
-    try:
-        v = int(text)
-    except ValueError:
-        raise HarnessError(
-            f"--lcc-{name} '{text}' is not an integer; pass e.g. --lcc-{name} {default}"
-        ) from None
-    if v < 1:
-        raise HarnessError(f"--lcc-{name} {v} must be at least 1; pass e.g. --lcc-{name} {default}")
-    return v
+    return default if text is None else positive_int(name, text)
 
 
 class LccSession:
@@ -184,12 +123,13 @@ class LccSession:
     def _check_device(self) -> None:
         """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
         from .models import dtype_name, resolve_device, resolve_dtype
+        from .options import for_pytest
 
         try:
             dev = resolve_device(_opt(self.config, "lcc_device") or "auto")
             self._expected = (dtype_name(resolve_dtype(_opt(self.config, "lcc_dtype"), dev)), dev.type)
         except HarnessError as exc:
-            raise HarnessError(str(exc).replace("--device", "--lcc-device")) from None
+            raise HarnessError(for_pytest(str(exc))) from None
 
     def _glob(self, pattern: str) -> list[str]:
         """Ids a --lcc-methods glob selects: those of the profile and of this run's baseline file (read
@@ -234,21 +174,20 @@ class LccSession:
         return out
 
     def run_config(self):
+        from .options import OPTIONS, run_fields
         from .run import RunConfig
 
+        given = {o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"}
         return RunConfig(
-            model=self.model,
-            lengths=self.lengths,
-            samples=self.samples,
-            corpus=_opt(self.config, "lcc_corpus"),
-            text_field=_opt(self.config, "lcc_text_field") or "text",
-            chunk_size=self.chunk_size,
-            device=_opt(self.config, "lcc_device") or "auto",
-            dtype=_opt(self.config, "lcc_dtype"),
-            calib_samples=self.profile.calib_samples,
-            calib_length=self.profile.calib_length,
-            cache_dir=_opt(self.config, "lcc_cache_dir"),
-            allow_extrapolation=bool(self.config.getoption("lcc_allow_extrapolation", default=False)),
+            **{
+                **run_fields(given),
+                "model": self.model,
+                "lengths": self.lengths,
+                "samples": self.samples,
+                "chunk_size": self.chunk_size,
+                "calib_samples": self.profile.calib_samples,
+                "calib_length": self.profile.calib_length,
+            }
         )
 
     @property
@@ -323,22 +262,23 @@ class LccSession:
 
         'partial': some lengths ran out of memory (result.errors); the others were measured."""
         if method_id not in self.outcomes:
+            from .options import for_pytest
             from .run import is_oom, oom_message
 
             try:
                 res = self.harness.run(method_id, noise_probe=self.update)
-                err = "; ".join(res.errors.values())
+                err = for_pytest("; ".join(res.errors.values()))
                 self.outcomes[method_id] = {"status": "partial" if err else "ok", "error": err, "result": res}
                 self.results[method_id] = res
             except NonFiniteError as exc:
                 self.outcomes[method_id] = {"status": "non-finite", "error": str(exc), "result": None}
             except HarnessError as exc:
-                self.outcomes[method_id] = {"status": "error", "error": str(exc), "result": None}
+                self.outcomes[method_id] = {"status": "error", "error": for_pytest(str(exc)), "result": None}
             except Exception as exc:  # a method's bug surfacing at measurement time (e.g. in a forward hook)
                 lines = str(exc).strip().splitlines()
                 msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
                 if is_oom(exc):
-                    msg = oom_message(f"running '{method_id}'", None, exc)
+                    msg = for_pytest(oom_message(f"running '{method_id}'", None, exc))
                 self.outcomes[method_id] = {"status": "error", "error": msg, "result": None}
                 log.debug("method %s failed", method_id, exc_info=True)
         return self.outcomes[method_id]
@@ -633,7 +573,9 @@ def lcc(request: pytest.FixtureRequest) -> LccSession:
             check_writable(s.report_dir)  # before loading anything: fail fast, not after the run
         s.harness  # noqa: B018 - build model, corpus and samples now, so errors surface once, clearly
     except HarnessError as exc:
-        msg = f"lcc: {' '.join(str(exc).split())}"
+        from .options import for_pytest
+
+        msg = f"lcc: {for_pytest(' '.join(str(exc).split()))}"
     else:
         return s
     if s.is_worker:  # pytest.exit in an xdist worker crashes the controller: stop this worker instead

@@ -134,7 +134,7 @@ def oom_message(what: str, length: int | None, exc: BaseException) -> str:
     return (
         f"out of memory {what}{at} ({first_line(exc)}); measure shorter or fewer lengths"
         f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
-        "(--chunk-size / --lcc-chunk-size), or use a device with more memory"
+        "(--chunk-size), or use a device with more memory"
     )
 
 

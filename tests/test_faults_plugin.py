@@ -130,7 +130,7 @@ START_CASES = {
     ),
     "jsonl without text field": (
         lambda r: ["--lcc-corpus", _write(r, "c.jsonl", b'{"content": "x"}\n')],
-        ("line 1 has no string field 'text'", "--text-field"),
+        ("line 1 has no string field 'text'", "--lcc-text-field"),
     ),
     "corpus too short": (
         lambda r: ["--lcc-corpus", _write(r, "s.txt", b"y" * 500)],
@@ -138,7 +138,7 @@ START_CASES = {
     ),
     "length beyond max positions": (
         lambda r: ["--lcc-lengths", "64,8192"],
-        ("[8192] exceed tiny-llama's maximum of 4096", "--allow-extrapolation"),
+        ("[8192] exceed tiny-llama's maximum of 4096", "--lcc-allow-extrapolation"),
     ),
     "report dir not writable": (
         lambda r: ["--lcc-report-dir", _write(r, "plain", b"x") + "/reports"],

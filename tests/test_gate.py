@@ -255,3 +255,13 @@ def test_registration_refuses_duplicate_families_and_overlapping_ids():
     finally:
         unregister("rtn")
         register(RTN)
+
+
+def test_plugin_messages_name_plugin_options():
+    from lcc_harness.options import for_pytest
+
+    msg = "pass --allow-extrapolation, lower --chunk-size, or choose --text-field; keep --lcc-samples and --json"
+    assert for_pytest(msg) == (
+        "pass --lcc-allow-extrapolation, lower --lcc-chunk-size, or choose --lcc-text-field; keep --lcc-samples "
+        "and --json"
+    )

@@ -1,0 +1,189 @@
+"""One table of options. The pytest plugin (`--lcc-<key>` and ini `lcc_<key>`) and the `lcc measure` command
+(`--<key>`) are generated from it, and so is the part of `RunConfig` they share. Library errors name an option
+as `--<key>`; `for_pytest` rewrites such names for plugin users.
+
+Importing this module is cheap (no torch): the plugin reads its options at pytest_configure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_CHUNK = 256  # positions per LM-head chunk (measure.py uses the same constant)
+
+
+class OptionError(ValueError):
+    """A bad option value; `key` names the option, the message says what to pass instead."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def positive_int(key: str, text: Any) -> int:
+    """An integer ≥ 1, or OptionError naming `key` (as `--<key>`)."""
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise OptionError(key, f"--{key} '{text}' is not an integer; pass e.g. --{key} 4") from None
+    if v < 1:
+        raise OptionError(key, f"--{key} {v} must be at least 1; pass e.g. --{key} 4")
+    return v
+
+
+def text(key: str, value: Any) -> str:
+    return str(value)
+
+
+def flag(key: str, value: Any) -> bool:
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """key: the name in flags ('--<key>', '--lcc-<key>', ini 'lcc_<key with _>'); field: the RunConfig field it
+    sets (None: front-end only); where: 'both', 'pytest' or 'cli'; kind: 'value' or 'flag'."""
+
+    key: str
+    help: str
+    field: str | None = None
+    convert: Callable[[str, Any], Any] = text
+    where: str = "both"
+    kind: str = "value"
+
+    @property
+    def dest(self) -> str:
+        return "lcc_" + self.key.replace("-", "_")
+
+    @property
+    def pytest_flag(self) -> str:
+        return f"--lcc-{self.key}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "model", "model spec: smollm2-135m, tiny-llama, a local HF folder, a .gguf, a cached hub id", "model"
+    ),
+    Option("lengths", "comma-separated context lengths", "lengths"),
+    Option("samples", "evaluation spans", "samples", positive_int),
+    Option("corpus", "corpus: .txt file or folder, .jsonl, or a saved dataset (default: embedded)", "corpus"),
+    Option("text-field", "jsonl / dataset text field of the corpus (default: text)", "text_field"),
+    Option("device", "cpu | cuda | auto (default auto)", "device"),
+    Option("dtype", "float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)", "dtype"),
+    Option(
+        "chunk-size",
+        "positions per LM-head chunk (default 256; lower it when memory is short)",
+        "chunk_size",
+        positive_int,
+    ),
+    Option("cache-dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)", "cache_dir"),
+    Option(
+        "allow-extrapolation",
+        "allow lengths beyond the model's maximum positions",
+        "allow_extrapolation",
+        flag,
+        kind="flag",
+    ),
+    Option("profile", "smoke | default | paper (default: default)", where="pytest"),
+    Option(
+        "methods",
+        "comma-separated method ids or globs (profile and baseline ids; else registered examples)",
+        where="pytest",
+    ),
+    Option("report-dir", "where reports are written (default: <rootdir>/reports)", where="pytest"),
+    Option("baseline-dir", "where baselines live (default: <rootdir>/baselines)", where="pytest"),
+    Option(
+        "tolerance",
+        "relative tolerance of window KL per length (default 0.02); per method: ini lcc_method_tolerance",
+        where="pytest",
+    ),
+    Option(
+        "growth-tolerance",
+        "relative tolerance of growth (default 0.02); per method: ini lcc_method_growth_tolerance",
+        where="pytest",
+    ),
+    Option(
+        "update-baselines",
+        "write baselines for the methods that ran (keeps the rest) instead of comparing",
+        where="pytest",
+        kind="flag",
+    ),
+    Option(
+        "seed",
+        "seed of the sample and calibration draws (default 0)",
+        "seed",
+        lambda k, v: int(v),
+        where="cli",
+    ),
+    Option("calib-samples", "calibration spans (default 8)", "calib_samples", positive_int, where="cli"),
+    Option(
+        "calib-length", "tokens per calibration span (default 512)", "calib_length", positive_int, where="cli"
+    ),
+    Option("naive", "one forward pass per length (for comparison)", "naive", flag, where="cli", kind="flag"),
+)
+BY_KEY = {o.key: o for o in OPTIONS}
+METHOD_EPS_INI = (
+    ("lcc_method_tolerance", "per-method window-KL tolerance, one 'GLOB = EPS' per line (first match wins)"),
+    (
+        "lcc_method_growth_tolerance",
+        "per-method growth tolerance, one 'GLOB = EPS' per line (first match wins)",
+    ),
+)
+
+
+def for_pytest(message: str) -> str:
+    """A library message with option names as the plugin spells them ('--samples' → '--lcc-samples')."""
+    keys = "|".join(re.escape(o.key) for o in sorted(OPTIONS, key=lambda o: -len(o.key)))
+    return re.sub(rf"(?<![\w-])--({keys})(?![\w-])", r"--lcc-\1", message)
+
+
+def add_pytest_options(parser: Any) -> None:
+    """Every option of the plugin as `--lcc-<key>` and (values only) ini `lcc_<key>`."""
+    g = parser.getgroup("lcc", "lcc-harness: long-context KL of compressed models")
+    for o in OPTIONS:
+        if o.where == "cli":
+            continue
+        if o.kind == "flag":
+            g.addoption(o.pytest_flag, dest=o.dest, action="store_true", default=False, help=o.help)
+        else:
+            g.addoption(o.pytest_flag, dest=o.dest, default=None, help=o.help)
+            parser.addini(o.dest, o.help, default=None)
+    for dest, help_ in METHOD_EPS_INI:
+        parser.addini(dest, help_, type="linelist", default=[])
+
+
+def add_cli_options(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Every option of `lcc measure` as `--<key>`, with `defaults` (key → value) shown in the help."""
+    for o in OPTIONS:
+        if o.where == "pytest":
+            continue
+        if o.kind == "flag":
+            parser.add_argument(f"--{o.key}", dest=o.dest, action="store_true", help=o.help)
+            continue
+        default = defaults.get(o.key)
+
+        def conv(v: str, o: Option = o) -> Any:
+            try:
+                return o.convert(o.key, v)
+            except OptionError as exc:  # argparse reports it as a usage error naming the flag
+                raise argparse.ArgumentTypeError(str(exc).split(f"--{o.key} ", 1)[-1]) from None
+
+        metavar = o.key.split("-")[-1].upper()
+        parser.add_argument(
+            f"--{o.key}", dest=o.dest, type=conv, default=default, metavar=metavar, help=o.help
+        )
+
+
+def run_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """RunConfig keyword arguments from option key → raw value (None = not given), converted and checked."""
+    out = {}
+    for key, v in values.items():
+        o = BY_KEY[key]
+        if o.field is None or v is None:
+            continue
+        out[o.field] = o.convert(key, v)
+    return out
