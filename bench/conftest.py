@@ -1,251 +1,15 @@
-"""Benchmark session: configuration from LCC_BENCH_* variables, one loaded model, results → reports/bench.*.
-
-The tests in bench/ add their numbers to the session's `Bench` object; `pytest_sessionfinish` writes
-`<report>.json` and `<report>.md` (see bench/README.md for the variables and the documented command).
-"""
+"""pytest fixtures and hooks of the benchmark suite; the session itself is bench/session.py."""
 
 from __future__ import annotations
 
-import gc
-import os
-import platform
-import sys
-import tempfile
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "smollm2-135m"
-FULL = dict(
-    model=DEFAULT_MODEL,
-    lengths=(512, 1024, 2048, 4096, 8192),
-    samples=2,
-    ratio_methods=("rtn-w3-g64", "wanda-s50", "w8a8", "kv-k4v4"),
-    compress_methods=(
-        "rtn-w3-g64",
-        "magnitude-s50",
-        "wanda-s50",
-        "random-s10",
-        "mixed-w3-g64-p2",
-        "w8a8",
-        "smoothquant-w8a8-a0.5",
-        "gptq-w3-g64",
-        "kv-k4v4",
-    ),
-    naive_methods=("rtn-w3-g64", "wanda-s50", "w8a8", "kv-k4v4"),
-    rss_lengths=(2048, 4096, 8192),
-    calib_length=512,
-)
-# the tiny random model: the same benchmarks in seconds, so that bench/ cannot rot unnoticed
-TINY = dict(
-    FULL,
-    model="tiny-llama",
-    lengths=(64, 128, 256),
-    rss_lengths=(128, 256),
-    calib_length=128,
-    compress_methods=(
-        "rtn-w3-g32",
-        "magnitude-s50",
-        "wanda-s50",
-        "random-s10",
-        "mixed-w3-g32-p2",
-        "w8a8",
-        "smoothquant-w8a8-a0.5",
-        "gptq-w3-g32",
-        "kv-k4v4",
-    ),
-    ratio_methods=("rtn-w3-g32", "wanda-s50", "w8a8", "kv-k4v4"),
-    naive_methods=("rtn-w3-g32", "wanda-s50", "w8a8", "kv-k4v4"),
-)
-GOALS = {"ratio_to_forward": 1.10, "naive_speedup": 3.0, "rss_headroom_mb": 1.5 * 1024}
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-
-
-def _ids(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What the benchmarks run; every field can be set through an LCC_BENCH_<FIELD> variable."""
-
-    model: str
-    lengths: tuple[int, ...]
-    samples: int
-    ratio_methods: tuple[str, ...]
-    compress_methods: tuple[str, ...]
-    naive_methods: tuple[str, ...]
-    rss_lengths: tuple[int, ...]
-    calib_length: int = 512
-    threads: int | None = None
-    chunk_size: int | None = None
-    report: str = ""
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> BenchConfig:
-        env = dict(os.environ if env is None else env)
-        model = env.get("LCC_BENCH_MODEL", DEFAULT_MODEL)
-        base = dict(TINY if model == "tiny-llama" else FULL, model=model)
-        parsers = {
-            "lengths": _ints,
-            "samples": int,
-            "ratio_methods": _ids,
-            "compress_methods": _ids,
-            "naive_methods": _ids,
-            "rss_lengths": _ints,
-            "calib_length": int,
-            "threads": int,
-            "chunk_size": int,
-        }
-        for name, parse in parsers.items():
-            text = env.get(f"LCC_BENCH_{name.upper()}")
-            if text is not None and text.strip():
-                base[name] = parse(text)
-        cfg = cls(**base)
-        report = env.get("LCC_BENCH_REPORT") or str(ROOT / "reports" / cfg.default_stem())
-        return cls(**{**asdict(cfg), "report": report})
-
-    def default_stem(self) -> str:
-        """`bench` for the documented full run (threads aside); any other configuration gets its own name."""
-        if asdict(self) == {**asdict(BenchConfig(**FULL)), "threads": self.threads, "report": self.report}:
-            return "bench"
-        return f"bench-{self.model.replace('/', '_')}-{self.lengths[-1]}-s{self.samples}"
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory, threads and library versions: what the timings depend on."""
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal"))
-        mem_gb = round(kib / 1024 / 1024, 1)
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "memory_gb": mem_gb,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mkldnn": bool(torch.backends.mkldnn.is_available()),
-        "device": "cpu",
-        "dtype": "float32",
-    }
-
-
-@dataclass
-class Bench:
-    """The session's model, harnesses and collected numbers."""
-
-    cfg: BenchConfig
-    cache_dir: Path
-    results: dict[str, Any] = field(default_factory=dict)
-    loads: list[dict[str, Any]] = field(default_factory=list)
-    _lm: Any = None
-    _harness: Any = None
-    _exact: Any = None
-    t_start: float = field(default_factory=time.perf_counter)
-
-    @property
-    def lm(self) -> Any:
-        if self._lm is None:
-            from lcc_harness.models import load_model
-
-            t0 = time.perf_counter()
-            self._lm = load_model(self.cfg.model, "cpu", "float32")
-            self.results["load_s"] = time.perf_counter() - t0
-        return self._lm
-
-    def run_config(self, **kw: Any) -> Any:
-        from lcc_harness.run import RunConfig
-
-        extra = {"chunk_size": self.cfg.chunk_size} if self.cfg.chunk_size else {}
-        return RunConfig(
-            **{
-                "model": self.cfg.model,
-                "lengths": self.cfg.lengths,
-                "samples": self.cfg.samples,
-                "device": "cpu",
-                "dtype": "float32",
-                "cache_dir": str(self.cache_dir),
-                "calib_length": self.cfg.calib_length,
-                **extra,
-                **kw,
-            }
-        )
-
-    def harness(self, **kw: Any) -> Any:
-        """A new Harness on the session's model (the reference is built when first used)."""
-        from lcc_harness.run import Harness
-
-        return Harness(self.run_config(**kw), lm=self.lm)
-
-    @property
-    def main(self) -> Any:
-        """The one-pass harness whose reference (cache miss) the measurement benchmarks share."""
-        if self._harness is None:
-            self._harness = self.harness()
-        return self._harness
-
-    @property
-    def exact(self) -> Any:
-        """A harness with `reference_summary=False` (the direct path: the reference's LM head recomputed for
-        every method), sharing the main harness's reference hidden states."""
-        if self._exact is None:
-            import dataclasses
-
-            self._exact = self.harness(reference_summary=False)
-            self._exact._reference = dataclasses.replace(self.main.reference, summaries={})
-        return self._exact
-
-    def record(self, section: str, key: str, value: Any) -> None:
-        self.results.setdefault(section, {})[key] = value
-
-    @staticmethod
-    def collect() -> None:
-        gc.collect()
-
-
-_BENCH: Bench | None = None
-
-
-def get_bench() -> Bench:
-    global _BENCH
-    if _BENCH is None:
-        cfg = BenchConfig.from_env()
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
-        _BENCH = Bench(cfg, Path(tempfile.mkdtemp(prefix="lcc-bench-cache-")))
-    return _BENCH
+from bench import session as _s
+from bench.session import Bench, get_bench, load_average, machine
 
 
 @pytest.fixture(scope="session")
@@ -259,8 +23,8 @@ def _load_average(request: pytest.FixtureRequest):
     before = load_average()
     t0 = time.perf_counter()
     yield
-    if _BENCH is not None:
-        _BENCH.loads.append(
+    if _s._BENCH is not None:
+        _s._BENCH.loads.append(
             {
                 "test": request.node.name,
                 "before": before,
@@ -271,17 +35,23 @@ def _load_average(request: pytest.FixtureRequest):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _BENCH is None or not _BENCH.results:
+    b = _s._BENCH
+    if b is None:
         return
-    from bench.report import write_report
+    try:
+        if b.results:
+            from bench.report import write_report
 
-    paths = write_report(_BENCH, machine(), time.perf_counter() - _BENCH.t_start)
-    _BENCH.results["_written"] = [str(p) for p in paths]
+            paths = write_report(b, machine(), time.perf_counter() - b.t_start)
+            b.results["_written"] = [str(p) for p in paths]
+    finally:
+        shutil.rmtree(b.cache_dir, ignore_errors=True)  # the session's own temp reference cache
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if _BENCH is None or not _BENCH.results.get("_written"):
+    b = _s._BENCH
+    if b is None or not b.results.get("_written"):
         return
     terminalreporter.section("lcc bench")
-    for p in _BENCH.results["_written"]:
+    for p in b.results["_written"]:
         terminalreporter.write_line(f"wrote {p}")

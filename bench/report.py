@@ -12,7 +12,7 @@ from tabulate import tabulate
 from lcc_harness.run import write_json_atomic
 
 if TYPE_CHECKING:
-    from bench.conftest import Bench
+    from bench.session import Bench
 
 MIB = 1024 * 1024
 COMMAND = "make bench  # = pytest bench/ --benchmark-only"
@@ -33,7 +33,7 @@ def _verdict(ok: bool | None) -> str:
 
 def summarize(b: Bench, machine: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """The bench.json object: the issue's keys plus the details they are computed from."""
-    from bench.conftest import GOALS
+    from bench.session import GOALS
 
     r, cfg = b.results, b.cfg
     rounds = r.get("forward_rounds_s", [])

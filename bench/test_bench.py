@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.conftest import Bench, get_bench
+from bench.session import Bench, get_bench
 from lcc_harness.errors import HarnessError
 from lcc_harness.measure import shared_linear_head
 

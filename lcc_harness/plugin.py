@@ -478,7 +478,8 @@ class LccSession:
         if h is not None:
             md = h.metadata()
             run.update({k: md[k] for k in ("dtype", "device_type", "corpus", "corpus_sha256", "seed")})
-            run["mode"] = "one-pass" if (h._reference is None or h._reference.one_pass) else "per-length"
+            ref = h.reference_built
+            run["mode"] = "one-pass" if (ref is None or ref.one_pass) else "per-length"
             run["baseline_file"] = _rel(self.baseline_path, Path(self.config.rootpath))
             run["sample_spans"] = md["samples"]
             run["notes"] = md.get("notes", [])

@@ -202,6 +202,19 @@ class Harness:
             )
         return self._calibration
 
+    @property
+    def reference_built(self) -> Reference | None:
+        """The reference if it was computed or loaded already (None: building it would cost a pass)."""
+        return self._reference
+
+    def use_reference(self, reference: Reference) -> None:
+        """Measure against `reference` (e.g. another harness's, on the same model and samples) from now on."""
+        if [s.span for s in reference.samples] != [s.span for s in self.samples]:
+            raise HarnessError(
+                "use_reference: the reference was computed on other samples than this harness's"
+            )
+        self._reference = reference
+
     def head(self, model: torch.nn.Module) -> Head:
         """The logits function used for `model` (the reference or a compressed copy): float32 `output_head`, or
         the model's own forward when the start-up check found the config's head does not reproduce it."""
