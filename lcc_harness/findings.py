@@ -10,7 +10,7 @@ a bootstrap over samples (seeded). Verdicts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -117,105 +117,140 @@ def _combine(parts: Sequence[str]) -> str:
     return "inconclusive"
 
 
-CLAIMS: dict[str, dict[str, Any]] = {
-    "pruning-flat": {
-        "title": "Pruning (magnitude, Wanda) stays roughly flat as context grows",
-        "roles": ("magnitude", "wanda"),
-    },
-    "lowbit-rises": {
-        "title": "Low-bit weight quantization rises with context (3-bit clearly; 4-bit reported)",
-        "roles": ("rtn3", "rtn4"),
-    },
-    "remedy-mitigates": {
-        "title": "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL "
-        "and its growth vs plain 3-bit, and beats random selection at equal budget",
-        "roles": ("rtn3", "mixed3", "mixed3_random"),
-    },
-    "random-prune-rises": {
-        "title": "Randomly pruning 10 % of weights gives a rising KL",
-        "roles": ("random10",),
-    },
-}
+@dataclass(frozen=True)
+class Finding:
+    """One claim evaluated on one run: `holds` is yes / partly / no / inconclusive."""
+
+    claim: str
+    title: str
+    paper: str
+    measured: str
+    holds: str
+    detail: str
+    methods: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper: the roles (profile method slots) it compares and how it is judged.
+    `judge(roles, curves, lengths, growth, seed)` returns (holds, paper, measured, detail)."""
+
+    name: str
+    title: str
+    roles: tuple[str, ...]
+    judge: Callable[..., tuple[str, str, str, str]]
+
+
+CLAIMS: dict[str, Claim] = {}
+
+
+def claim(name: str, title: str, roles: tuple[str, ...]) -> Callable:
+    """Decorator registering a claim's judge under `name` (a duplicate name is a ValueError)."""
+
+    def deco(fn: Callable[..., tuple[str, str, str, str]]) -> Callable:
+        if name in CLAIMS:
+            raise ValueError(f"claim '{name}' is registered twice")
+        CLAIMS[name] = Claim(name, title, roles, fn)
+        return fn
+
+    return deco
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _desc(method: str, x: Growth) -> str:
+    if x.ratio is None:
+        return f"{method}: n/a (KL ~0 at the shortest length)"
+    return (
+        f"{method}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
+        f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})"
+    )
+
+
+def _rises(v: str) -> str:
+    return "yes" if v == "rising" else "no" if v == "flat" else "inconclusive"
+
+
+@claim(
+    "pruning-flat", "Pruning (magnitude, Wanda) stays roughly flat as context grows", ("magnitude", "wanda")
+)
+def _pruning_flat(roles, curves, lengths, g, seed):
+    rs = ("magnitude", "wanda")
+    parts = [
+        "yes" if g[r].verdict == "flat" else "no" if g[r].verdict == "rising" else "inconclusive" for r in rs
+    ]
+    measured = "; ".join(f"{roles[r]}: {g[r].verdict}" for r in rs)
+    return _combine(parts), "flat", measured, "; ".join(_desc(roles[r], g[r]) for r in rs)
+
+
+@claim(
+    "lowbit-rises",
+    "Low-bit weight quantization rises with context (3-bit clearly; 4-bit reported)",
+    ("rtn3", "rtn4"),
+)
+def _lowbit_rises(roles, curves, lengths, g, seed):
+    measured = f"{roles['rtn3']}: {g['rtn3'].verdict}; {roles['rtn4']}: {g['rtn4'].verdict}"
+    detail = f"{_desc(roles['rtn3'], g['rtn3'])}; {_desc(roles['rtn4'], g['rtn4'])}"
+    return _rises(g["rtn3"].verdict), "rising", measured, detail
+
+
+@claim(
+    "remedy-mitigates",
+    "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL "
+    "and its growth vs plain 3-bit, and beats random selection at equal budget",
+    ("rtn3", "mixed3", "mixed3_random"),
+)
+def _remedy_mitigates(roles, curves, lengths, g, seed):
+    Lmax = max(lengths)
+    w_m, w_r, w_c = (curves[roles[r]][Lmax] for r in ("mixed3", "rtn3", "mixed3_random"))
+    kl = paired_difference(w_m, w_r, seed)
+    ctrl = paired_difference(w_m, w_c, seed)
+    m3, r3 = g["mixed3"], g["rtn3"]
+    slope_lower = (
+        "inconclusive"
+        if None in (*m3.ci, *r3.ci)
+        else "yes"
+        if m3.ci[1] < r3.ci[0]
+        else "no"
+        if m3.ci[0] >= r3.ci[1]
+        else "inconclusive"
+    )
+    parts = [_lower(*kl), slope_lower, _lower(*ctrl)]
+    measured = (
+        f"KL@{Lmax} vs {roles['rtn3']}: {kl[0]:+.1%} ({parts[0]}); growth lower: {parts[1]}; "
+        f"vs random control: {ctrl[0]:+.1%} ({parts[2]})"
+    )
+    detail = (
+        f"window KL at {Lmax}: {roles['mixed3']} {_fmt(np.mean(w_m))}, {roles['rtn3']} "
+        f"{_fmt(np.mean(w_r))} ({kl[0]:+.1%}, 90 % CI [{kl[1]:+.1%}, {kl[2]:+.1%}]), "
+        f"{roles['mixed3_random']} {_fmt(np.mean(w_c))} ({ctrl[0]:+.1%}, CI [{ctrl[1]:+.1%}, "
+        f"{ctrl[2]:+.1%}]); {_desc(roles['mixed3'], m3)}; {_desc(roles['rtn3'], r3)}"
+    )
+    return _combine(parts), "lower KL, lower growth, beats random", measured, detail
+
+
+@claim("random-prune-rises", "Randomly pruning 10 % of weights gives a rising KL", ("random10",))
+def _random_prune_rises(roles, curves, lengths, g, seed):
+    v = g["random10"].verdict
+    return _rises(v), "rising", f"{roles['random10']}: {v}", _desc(roles["random10"], g["random10"])
+
+
 def evaluate_claim(
-    claim: str,
+    name: str,
     roles: Mapping[str, str],
     curves: Mapping[str, Mapping[int, Sequence[float]]],
     lengths: Sequence[int],
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One finding: {'claim', 'title', 'paper', 'measured', 'holds', 'detail'}.
-
-    curves: method id → {length: per-sample window KL}. Every method of the claim's roles must be present.
-    """
-    spec = CLAIMS[claim]
+    """One finding as a dict (Finding.to_dict). curves: method id → {length: per-sample window KL}; every
+    method of the claim's roles must be present."""
+    c = CLAIMS[name]
     lengths = sorted(lengths)
-    Lmax = lengths[-1]
-    g = {r: growth(curves[roles[r]], lengths, seed) for r in spec["roles"]}
-
-    def desc(r: str) -> str:
-        x = g[r]
-        if x.ratio is None:
-            return f"{roles[r]}: n/a (KL ~0 at the shortest length)"
-        return (
-            f"{roles[r]}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
-            f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})"
-        )
-
-    if claim == "pruning-flat":
-        parts = [
-            "yes" if g[r].verdict == "flat" else "no" if g[r].verdict == "rising" else "inconclusive"
-            for r in spec["roles"]
-        ]
-        holds, paper = _combine(parts), "flat"
-        measured = "; ".join(f"{roles[r]}: {g[r].verdict}" for r in spec["roles"])
-        detail = "; ".join(desc(r) for r in spec["roles"])
-    elif claim == "lowbit-rises":
-        v = g["rtn3"].verdict
-        holds = "yes" if v == "rising" else "no" if v == "flat" else "inconclusive"
-        paper = "rising"
-        measured = f"{roles['rtn3']}: {v}; {roles['rtn4']}: {g['rtn4'].verdict}"
-        detail = f"{desc('rtn3')}; {desc('rtn4')}"
-    elif claim == "remedy-mitigates":
-        w_m, w_r, w_c = (curves[roles[r]][Lmax] for r in ("mixed3", "rtn3", "mixed3_random"))
-        kl = paired_difference(w_m, w_r, seed)
-        ctrl = paired_difference(w_m, w_c, seed)
-        slope_lower = (
-            "yes"
-            if g["mixed3"].ci[1] < g["rtn3"].ci[0]
-            else "no"
-            if g["mixed3"].ci[0] >= g["rtn3"].ci[1]
-            else "inconclusive"
-        )
-        parts = [_lower(*kl), slope_lower, _lower(*ctrl)]
-        holds, paper = _combine(parts), "lower KL, lower growth, beats random"
-        measured = (
-            f"KL@{Lmax} vs {roles['rtn3']}: {kl[0]:+.1%} ({parts[0]}); growth lower: {parts[1]}; "
-            f"vs random control: {ctrl[0]:+.1%} ({parts[2]})"
-        )
-        detail = (
-            f"window KL at {Lmax}: {roles['mixed3']} {_fmt(np.mean(w_m))}, {roles['rtn3']} "
-            f"{_fmt(np.mean(w_r))} ({kl[0]:+.1%}, 90 % CI [{kl[1]:+.1%}, {kl[2]:+.1%}]), "
-            f"{roles['mixed3_random']} {_fmt(np.mean(w_c))} ({ctrl[0]:+.1%}, CI [{ctrl[1]:+.1%}, "
-            f"{ctrl[2]:+.1%}]); {desc('mixed3')}; {desc('rtn3')}"
-        )
-    elif claim == "random-prune-rises":
-        v = g["random10"].verdict
-        holds = "yes" if v == "rising" else "no" if v == "flat" else "inconclusive"
-        paper, measured, detail = "rising", f"{roles['random10']}: {v}", desc("random10")
-    else:  # pragma: no cover - CLAIMS and this function are edited together
-        raise KeyError(claim)
-    return {
-        "claim": claim,
-        "title": spec["title"],
-        "paper": paper,
-        "measured": measured,
-        "holds": holds,
-        "detail": detail,
-        "methods": [roles[r] for r in spec["roles"]],
-    }
+    g = {r: growth(curves[roles[r]], lengths, seed) for r in c.roles}
+    holds, paper, measured, detail = c.judge(roles, curves, lengths, g, seed)
+    return Finding(name, c.title, paper, measured, holds, detail, [roles[r] for r in c.roles]).to_dict()

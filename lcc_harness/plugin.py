@@ -422,7 +422,7 @@ class LccSession:
         from .findings import CLAIMS, evaluate_claim
 
         roles = self.profile.roles
-        needed = [roles[r] for r in CLAIMS[claim]["roles"]]
+        needed = [roles[r] for r in CLAIMS[claim].roles]
         missing = [m for m in needed if m not in self.method_ids]
         if missing:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
