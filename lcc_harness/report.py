@@ -7,23 +7,26 @@ folder, then `os.replace`), so a reader sees either the previous report or a com
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import tempfile
-import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tabulate import tabulate
 
 from .errors import ReportDirError
 from .files import atomic_write
-from .findings import CI_LEVEL, N_BOOT
+from .plot import render_png
+from .record import bits as _bits
+from .record import curves as _curves
+from .record import finite as _finite
+from .record import lengths as _lengths
+from .record import methods as _methods
+from .record import run_title as _run_title
 
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
@@ -60,10 +63,6 @@ HOW_TO_READ = (
 
 
 # ---------------------------------------------------------------------------------------------- formatting
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def fmt_kl(x: Any) -> str:
@@ -115,44 +114,6 @@ def _cell(s: Any) -> str:
 def _one_line(s: Any, limit: int | None = None) -> str:
     s = " ".join(str(s).split())
     return s if limit is None or len(s) <= limit else s[: limit - 1] + "…"
-
-
-# ---------------------------------------------------------------------------------------------- record access
-
-
-def _methods(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    return dict(record.get("methods") or {})
-
-
-def _curves(entry: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-    """A method's curves keyed by int length (the record keys them by str for JSON); 'partial' methods
-    (some lengths ran out of memory) have curves for the lengths that were measured."""
-    if entry.get("status", "ok") not in ("ok", "partial"):
-        return {}
-    return {int(k): v for k, v in (entry.get("curves") or {}).items()}
-
-
-def _lengths(record: Mapping[str, Any]) -> list[int]:
-    """Run lengths plus any length some curve has, ascending."""
-    found = {int(L) for L in (record.get("run") or {}).get("lengths") or []}
-    for entry in _methods(record).values():
-        found.update(_curves(entry))
-    return sorted(found)
-
-
-def _baseline_kl(record: Mapping[str, Any], method: str, length: int) -> float | None:
-    curves = ((record.get("baselines") or {}).get(method) or {}).get("curves") or {}
-    point = curves.get(str(length), curves.get(length))
-    v = point.get("window_kl") if isinstance(point, Mapping) else None
-    return float(v) if _finite(v) else None
-
-
-def _bits(entry: Mapping[str, Any]) -> Any:
-    return (entry.get("method_info") or {}).get("effective_bits")
-
-
-def _run_title(run: Mapping[str, Any]) -> str:
-    return f"{run.get('model', '?')} ({run.get('dtype', '?')}, {run.get('device_type', '?')})"
 
 
 def _check_counts(checks: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -508,156 +469,6 @@ def terminal_summary(record: Mapping[str, Any]) -> str:
     if findings:
         lines.append("paper claims: " + "; ".join(f"{f.get('claim')} {f.get('holds')}" for f in findings))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- plot
-
-
-def mean_band(
-    values: Sequence[float], rng: np.random.Generator, level: float = CI_LEVEL, n_boot: int = N_BOOT
-) -> tuple[float, float, float]:
-    """(mean, lo, hi) of per-sample values: bootstrap CI of the mean for n ≥ 3, mean ± SE for n = 2."""
-    x = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    if x.size < 3:
-        se = float(x.std(ddof=1) / math.sqrt(x.size))
-        return (mean, mean - se, mean + se)
-    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)  # (n_boot,)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return (mean, float(lo), float(hi))
-
-
-def render_png(record: Mapping[str, Any]) -> bytes:
-    """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
-
-    run = record.get("run") or {}
-    seed = int(run.get("seed") or 0)
-    lengths = _lengths(record)
-    series = []  # (method, xs, means, los, his, baseline xs, baseline ys, n samples)
-    for mid, entry in _methods(record).items():
-        curves = _curves(entry)
-        if not curves:
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(mid.encode())])
-        xs, ms, los, his, ns = [], [], [], [], []
-        for L in sorted(curves):
-            c = curves[L]
-            per = (c.get("per_sample") or {}).get("window_kl") or []
-            m, lo, hi = mean_band(per, rng) if per else (c.get("window_kl"), None, None)
-            if not _finite(m):
-                continue
-            xs.append(L)
-            ms.append(float(c["window_kl"]) if _finite(c.get("window_kl")) else m)
-            los.append(lo if _finite(lo) else ms[-1])
-            his.append(hi if _finite(hi) else ms[-1])
-            ns.append(len(per))
-        bl = [(L, _baseline_kl(record, mid, L)) for L in lengths]
-        bl = [(L, v) for L, v in bl if v is not None]
-        series.append((mid, _bits(entry), xs, ms, los, his, bl, max(ns, default=0)))
-
-    positive = [v for s in series for v in s[3] + [b for _, b in s[6]] if v > 0]
-    log_y = bool(positive) and max(positive) / min(positive) > 10  # over a decade: log axis
-
-    n_rows_legend = math.ceil((len(series) + 1) / 3) if series else 1
-    fig = Figure(figsize=(11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
-    colors = [f"C{i}" for i in range(10)]  # default cycle = tab10
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
-    hidden = []
-    for i, (mid, bits, xs, ms, los, his, bl, _n) in enumerate(series):
-        color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
-        label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
-        if log_y and all(m <= 0 for m in ms):
-            hidden.append(mid)
-            label += "  [KL = 0, off the log axis]"
-        ys = [m if (m > 0 or not log_y) else np.nan for m in ms]
-        ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=2, label=label, zorder=3)
-        if any(h > lo for lo, h in zip(los, his, strict=True)):
-            lo_b = [max(v, min(positive) / 10) if log_y else v for v in los] if positive else los
-            ax.fill_between(xs, lo_b, his, color=color, alpha=0.18, linewidth=0, zorder=2)
-        if bl:
-            ax.plot(
-                [L for L, _ in bl],
-                [v if (v > 0 or not log_y) else np.nan for _, v in bl],
-                color=color,
-                linestyle="--",
-                linewidth=1.4,
-                alpha=0.9,
-                zorder=2,
-            )
-
-    ax.set_xscale("log", base=2)
-    if lengths:
-        ax.xaxis.set_major_locator(FixedLocator(lengths))
-        ax.set_xticklabels([str(L) for L in lengths])
-        pad = 2**0.25
-        ax.set_xlim(lengths[0] / pad, lengths[-1] * pad)
-    ax.xaxis.set_minor_locator(NullLocator())
-    if log_y:  # ticks at 1, 2, 5 × 10^k, written as plain numbers (0.2, 0.5, 1, 2, 5, 10)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_ylim(bottom=0)
-    ax.grid(True, which="major", alpha=0.35)
-    if log_y:
-        ax.grid(True, which="minor", axis="y", alpha=0.12)
-    ax.tick_params(labelsize=12)
-    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
-    ax.set_ylabel("window KL(P_ref ‖ P_cmp), nats" + ("  (log scale)" if log_y else ""), fontsize=13)
-    ax.set_title(f"Window KL vs context length — {_run_title(run)}", fontsize=15, pad=26)
-    n_samples = max((s[7] for s in series), default=0)
-    notes = ["window = positions (L/2, L]"]
-    if series:
-        notes.append(
-            f"band = 90 % bootstrap CI of the mean over {n_samples} samples"
-            if n_samples >= 3
-            else f"band = mean ± SE over {n_samples} samples"
-            if n_samples == 2
-            else "one sample: no band"
-        )
-    if any(s[6] for s in series):
-        notes.append("dashed = stored baseline")
-    notes.append(f"corpus {run.get('corpus', '?')}")
-    ax.text(
-        0.5,
-        1.015,
-        "; ".join(notes),
-        transform=ax.transAxes,
-        ha="center",
-        va="bottom",
-        fontsize=10.5,
-        color="0.3",
-    )
-    if not series:
-        ax.text(
-            0.5, 0.5, "no method completed", transform=ax.transAxes, ha="center", va="center", fontsize=16
-        )
-    else:
-        handles, labels = ax.get_legend_handles_labels()
-        if any(s[6] for s in series):
-            handles.append(Line2D([], [], color="0.35", linestyle="--", linewidth=1.4))
-            labels.append("stored baseline (same colour)")
-        fig.legend(
-            handles,
-            labels,
-            loc="outside lower center",
-            ncol=min(3, len(handles)),
-            fontsize=11.5,
-            frameon=False,
-        )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- writing

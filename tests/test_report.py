@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lcc_harness.errors import HarnessError
+from lcc_harness.plot import mean_band
 from lcc_harness.report import (
     REPORT_JSON,
     REPORT_MD,
@@ -18,7 +19,6 @@ from lcc_harness.report import (
     check_writable,
     fmt_kl,
     fmt_signed,
-    mean_band,
     render_markdown,
     terminal_summary,
     write_reports,
