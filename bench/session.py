@@ -13,27 +13,40 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcc_harness.profiles import get_profile
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def _method_lists(profile: str) -> dict[str, tuple[str, ...]]:
+    """The benchmarked methods, from a profile's roles (so the bench follows the profiles' group size)."""
+    p = get_profile(profile)
+    r = p.roles
+    return dict(
+        ratio_methods=(r["rtn3"], r["wanda"], "w8a8", "kv-k4v4"),
+        naive_methods=(r["rtn3"], r["wanda"], "w8a8", "kv-k4v4"),
+        compress_methods=(
+            r["rtn3"],
+            r["magnitude"],
+            r["wanda"],
+            r["random10"],
+            r["mixed3"],
+            "w8a8",
+            "smoothquant-w8a8-a0.5",
+            f"gptq-w3-g{p.group}",
+            "kv-k4v4",
+        ),
+    )
+
+
 FULL = dict(
     model=DEFAULT_MODEL,
     lengths=(512, 1024, 2048, 4096, 8192),
     samples=2,
-    ratio_methods=("rtn-w3-g64", "wanda-s50", "w8a8", "kv-k4v4"),
-    compress_methods=(
-        "rtn-w3-g64",
-        "magnitude-s50",
-        "wanda-s50",
-        "random-s10",
-        "mixed-w3-g64-p2",
-        "w8a8",
-        "smoothquant-w8a8-a0.5",
-        "gptq-w3-g64",
-        "kv-k4v4",
-    ),
-    naive_methods=("rtn-w3-g64", "wanda-s50", "w8a8", "kv-k4v4"),
     rss_lengths=(2048, 4096, 8192),
     calib_length=512,
+    **_method_lists("default"),
 )
 # the tiny random model: the same benchmarks in seconds, so that bench/ cannot rot unnoticed
 TINY = dict(
@@ -42,19 +55,7 @@ TINY = dict(
     lengths=(64, 128, 256),
     rss_lengths=(128, 256),
     calib_length=128,
-    compress_methods=(
-        "rtn-w3-g32",
-        "magnitude-s50",
-        "wanda-s50",
-        "random-s10",
-        "mixed-w3-g32-p2",
-        "w8a8",
-        "smoothquant-w8a8-a0.5",
-        "gptq-w3-g32",
-        "kv-k4v4",
-    ),
-    ratio_methods=("rtn-w3-g32", "wanda-s50", "w8a8", "kv-k4v4"),
-    naive_methods=("rtn-w3-g32", "wanda-s50", "w8a8", "kv-k4v4"),
+    **_method_lists("smoke"),
 )
 GOALS = {"ratio_to_forward": 1.10, "naive_speedup": 3.0, "rss_headroom_mb": 1.5 * 1024}
 

@@ -34,17 +34,19 @@ def _on_tiny(m, tiny_model):
     """`m` applied to a copy of the tiny model (group sizes that do not divide its width 64 become 32)."""
     if "group" in {f.name for f in dataclasses.fields(m)} and m.group not in (0, 32) and m.family != "kv":
         m = dataclasses.replace(m, group=32)
-    calib = tuple(torch.arange(96) * 7 % 256 for _ in range(2)) if m.needs_calibration else ()
+    dev = tiny_model.get_input_embeddings().weight.device
+    calib = tuple(torch.arange(96, device=dev) * 7 % 256 for _ in range(2)) if m.needs_calibration else ()
     return m.apply(copy.deepcopy(tiny_model), CompressContext(calibration=calib, seed=0))
 
 
 @pytest.mark.parametrize("family,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
-def test_every_example_applies_to_the_tiny_model(family, example, tiny):
+def test_every_example_applies_to_the_tiny_model(family, example, tiny, device):
     m = parse_method(example)
-    out = _on_tiny(m, tiny.model)
-    ids = (torch.arange(160) * 5 % 256).view(1, -1)  # longer than a KV block (64): kv quantizes old blocks
+    ref = copy.deepcopy(tiny).to(device)
+    out = _on_tiny(m, ref)
+    ids = (torch.arange(160, device=device) * 5 % 256).view(1, -1)  # longer than a KV block (64)
     with torch.no_grad():
-        a, b = tiny.model(input_ids=ids).logits, out(input_ids=ids).logits
+        a, b = ref(input_ids=ids).logits, out(input_ids=ids).logits
     assert torch.isfinite(b).all()
     assert torch.equal(a, b) == (family == "none")
 
@@ -72,9 +74,9 @@ def test_the_readme_method_is_ten_lines_and_runs(tiny):
         m = parse_method("myquant-w4")
         assert m.id == "myquant-w4" and type(m).__name__ == "MyQuant"
         ctx = CompressContext()
-        model = m.apply(copy.deepcopy(tiny.model), ctx)
+        model = m.apply(copy.deepcopy(tiny), ctx)
         assert ctx.info["effective_bits"] == pytest.approx(4 + 16 / 64, rel=0.3)
-        w0 = tiny.model.model.layers[0].mlp.up_proj.weight
+        w0 = tiny.model.layers[0].mlp.up_proj.weight
         w1 = model.model.layers[0].mlp.up_proj.weight
         assert (
             not torch.equal(w0, w1)

@@ -13,7 +13,6 @@ from lcc_harness.methods._calib import run_calibration
 from lcc_harness.methods._quant import fake_quant_groups
 from lcc_harness.methods.gptq import GPTQ, _block_width, gptq_quantize
 from lcc_harness.methods.registry import CompressContext, parse_method
-from lcc_harness.models import build_tiny_llama
 from lcc_harness.targets import decoder_layers
 
 
@@ -37,11 +36,6 @@ def _levels_per_group(Q: torch.Tensor, group: int) -> int:
     g = n_in if group == 0 else group
     Qg = Q.reshape(n_out, n_in // g, g)
     return max(int(torch.unique(Qg[o, k]).numel()) for o in range(n_out) for k in range(n_in // g))
-
-
-@pytest.fixture(scope="module")
-def tiny() -> nn.Module:
-    return build_tiny_llama().eval()
 
 
 @pytest.fixture(scope="module")

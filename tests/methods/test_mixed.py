@@ -19,12 +19,6 @@ from lcc_harness.methods.mixed import (
     top_k_mask,
 )
 from lcc_harness.methods.registry import CompressContext, parse_method
-from lcc_harness.models import build_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny() -> nn.Module:
-    return build_tiny_llama().eval()
 
 
 def calib_spans(n: int = 2, length: int = 64) -> tuple[torch.Tensor, ...]:

@@ -10,19 +10,8 @@ from torch import nn
 
 from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, parse_method
-from lcc_harness.models import load_model
 
 FAMILIES = ("magnitude", "wanda", "random")
-
-
-@pytest.fixture(scope="module")
-def tiny() -> nn.Module:
-    return load_model("tiny-llama", "cpu").model
-
-
-@pytest.fixture
-def model(tiny: nn.Module) -> nn.Module:
-    return copy.deepcopy(tiny)
 
 
 def calib(n: int = 2, length: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
