@@ -4,6 +4,7 @@ float64 computation from the same bf16 hidden states; and the old bf16-head summ
 
 import copy
 
+import numpy as np
 import torch
 
 from lcc_harness.corpus import TokenizedCorpus, load_corpus
@@ -47,8 +48,6 @@ for s in tc.draw(2, L, 0):
         ]
     )
     print(s.span.start, res[-1], flush=True)
-import numpy as np
-
 m = np.mean(res, 0)
 print(
     f"window KL at {L} (2 samples): summary {m[0]:.6f}  direct {m[1]:.6f}  float64 {m[2]:.6f}  old bf16-head summary {m[3]:.6f}; min per-position KL new {min(r[4] for r in res):.3g} old {min(r[5] for r in res):.3g}"
