@@ -9,11 +9,37 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import LengthError
+
 DEFAULT_CHUNK = 256  # positions per LM-head chunk (measure.py uses the same constant)
+
+
+def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
+    """'256,512' or a sequence → sorted tuple of positive, distinct ints; anything else is a LengthError."""
+    items = [x.strip() for x in text.split(",")] if isinstance(text, str) else list(text)
+    out = []
+    for x in items:
+        try:
+            if isinstance(x, float) or (isinstance(x, str) and not x.lstrip("-").isdigit()):
+                raise ValueError
+            v = int(x)
+        except (TypeError, ValueError):
+            raise LengthError(
+                f"context length '{x}' is not an integer; pass lengths like 256,512,1024"
+            ) from None
+        if v <= 0:
+            raise LengthError(f"context length {v} must be positive; pass lengths like 256,512,1024")
+        out.append(v)
+    if not out:
+        raise LengthError("no context lengths given; pass lengths like 256,512,1024")
+    dup = sorted({v for v in out if out.count(v) > 1})
+    if dup:
+        raise LengthError(f"context length(s) {dup} given more than once; list each length once")
+    return tuple(sorted(out))
 
 
 class OptionError(ValueError):

@@ -85,9 +85,8 @@ class LccSession:
     """Per-process state: options, the Harness (lazy), results per method, checks, and the run record."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from .measure import DEFAULT_CHUNK
+        from .options import DEFAULT_CHUNK, parse_lengths
         from .profiles import get_profile
-        from .run import parse_lengths
 
         self.config = config
         self.profile = get_profile(_opt(config, "lcc_profile") or "default")
@@ -97,7 +96,9 @@ class LccSession:
         self.samples = _positive_int(config, "samples", p.samples)
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
-        self._check_device()
+        self._expected: tuple[str, str] | None = None
+        if _opt(config, "lcc_device") or _opt(config, "lcc_dtype"):  # asked for: refuse what cannot run here
+            self._check_device()
         root = Path(config.rootpath)
         self.report_dir = Path(_opt(config, "lcc_report_dir") or root / "reports")
         self.baseline_dir = Path(_opt(config, "lcc_baseline_dir") or root / "baselines")
@@ -139,6 +140,8 @@ class LccSession:
         from .methods.registry import examples
 
         ids = list(self.profile.methods)
+        if self._expected is None:
+            self._check_device()
         path = baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
         with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the checks report it
             ids += list(json.loads(path.read_text()).get("methods", {}))
@@ -146,10 +149,10 @@ class LccSession:
         return hits or [m for m in dict.fromkeys(examples()) if fnmatch.fnmatchcase(m, pattern)]
 
     def _select_methods(self, text: str | None) -> list[str]:
+        if text is None:  # the profile's own ids: valid by construction, nothing to import
+            return list(self.profile.methods)
         from .methods.registry import parse_method
 
-        if text is None:
-            return list(self.profile.methods)
         out: list[str] = []
         for tok in (t.strip() for t in text.split(",")):
             if not tok:
@@ -544,11 +547,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     s = config.stash.get(_KEY, None)
+    cuda: bool | None = None  # torch is imported only when some item is marked gpu
     for item in items:
-        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") and cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if item.get_closest_marker("gpu") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is available here"))
         callspec = getattr(item, "callspec", None)
         if s is not None and callspec is not None and "lcc_method" in callspec.params:

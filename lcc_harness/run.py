@@ -35,6 +35,7 @@ from .measure import (
 )
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
+from .options import parse_lengths  # noqa: F401 - re-exported: the CLI and tests use it here
 from .reference import LENGTH_PROBE_TOL, Reference, build_reference, probe_length_dependence
 from .targets import DEFAULT_INCLUDE, linearize_conv1d
 
@@ -68,30 +69,6 @@ class RunConfig:
     # reference's LM head, the others take the direct path (`compare`). Same KL by algebra; float32
     # rounding differs (window KL within 1e-5 relative on SmolLM2, bench/). False: always the direct path.
     reference_summary: bool = True
-
-
-def parse_lengths(text: str | Sequence[Any]) -> tuple[int, ...]:
-    """'256,512' or a sequence → sorted tuple of positive, distinct ints; anything else is a LengthError."""
-    items = [x.strip() for x in text.split(",")] if isinstance(text, str) else list(text)
-    out = []
-    for x in items:
-        try:
-            if isinstance(x, float) or (isinstance(x, str) and not x.lstrip("-").isdigit()):
-                raise ValueError
-            v = int(x)
-        except (TypeError, ValueError):
-            raise LengthError(
-                f"context length '{x}' is not an integer; pass lengths like 256,512,1024"
-            ) from None
-        if v <= 0:
-            raise LengthError(f"context length {v} must be positive; pass lengths like 256,512,1024")
-        out.append(v)
-    if not out:
-        raise LengthError("no context lengths given; pass lengths like 256,512,1024")
-    dup = sorted({v for v in out if out.count(v) > 1})
-    if dup:
-        raise LengthError(f"context length(s) {dup} given more than once; list each length once")
-    return tuple(sorted(out))
 
 
 def validate_lengths(

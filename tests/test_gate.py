@@ -265,3 +265,19 @@ def test_plugin_messages_name_plugin_options():
         "pass --lcc-allow-extrapolation, lower --lcc-chunk-size, or choose --lcc-text-field; keep --lcc-samples "
         "and --json"
     )
+
+
+def test_a_plain_pytest_run_does_not_import_torch(pytester):
+    """The plugin is active in every pytest run of the venv; until lcc is used it imports nothing heavy."""
+    pytester.makepyfile(
+        test_plain="""
+        import sys
+
+        def test_plain():
+            assert "lcc_harness.plugin" in sys.modules  # the plugin is loaded...
+            assert "torch" not in sys.modules and "transformers" not in sys.modules  # ...and light
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-q").assert_outcomes(
+        passed=1
+    )
