@@ -412,7 +412,7 @@ def signal_pytest_when(
             assert time.monotonic() - t0 < 240, "the awaited moment never came"
             time.sleep(0.02)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=300)  # generous: a loaded CI machine renders the report slowly
     finally:
         if proc.poll() is None:
             proc.kill()
