@@ -404,6 +404,8 @@ def signal_pytest_when(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a shell that started us in the background may have set SIGINT to "ignore", which children inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         t0 = time.monotonic()
