@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from .errors import HarnessError
-from .session import LccSession, merge_records, partial_record, public_record, write_baselines
+from .record import RunRecord
+from .session import LccSession, partial_record, write_baselines
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     out = getattr(node, "workeroutput", {}) or {}
     if "lcc" in out:
         s = get_session(node.config)
-        s.__dict__.setdefault("_worker_records", []).append(json.loads(out["lcc"]))
+        s.__dict__.setdefault("_worker_records", []).append(RunRecord.from_dict(json.loads(out["lcc"])))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -128,13 +129,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if s.is_worker:
         if s.used:
-            session.config.workeroutput["lcc"] = json.dumps(partial_record(s), default=str)
+            session.config.workeroutput["lcc"] = json.dumps(partial_record(s).to_dict(), default=str)
         return
     parts = [partial_record(s)] if s.used else []
     parts += getattr(s, "_worker_records", [])
     if not parts:
         return
-    rec = merge_records(parts)
+    rec = RunRecord.merge(parts)
     interrupted = (
         exitstatus
         in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR)
@@ -144,12 +145,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if s.update and not interrupted:
         write_baselines(s, rec)
     elif s.update:
-        rec["baseline_changes"].append("baselines NOT written: the session was interrupted")
+        rec.baseline_changes.append("baselines NOT written: the session was interrupted")
     s.final_record = rec
     try:
         from .report import write_reports
 
-        s.report_files = write_reports(public_record(rec), s.report_dir)
+        s.report_files = write_reports(rec.public(), s.report_dir)
     except (OSError, HarnessError) as exc:
         log.error("lcc: could not write reports to %s: %s", s.report_dir, exc)
 
@@ -164,15 +165,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     try:
         from .report import terminal_summary
 
-        tr.write_line(terminal_summary(public_record(rec)))
+        tr.write_line(terminal_summary(rec.public()))
     except ImportError:
         pass
-    for c in rec.get("baseline_changes", []):
+    for c in rec.baseline_changes:
         tr.write_line(f"baseline: {c}")
-    better = [c for c in rec.get("checks", []) if c["outcome"] == "better"]
+    better = [c for c in rec.checks if c["outcome"] == "better"]
     if better:
         tr.write_line(f"{len(better)} check(s) clearly better than baseline; consider --lcc-update-baselines")
-    changed = [c for c in rec.get("checks", []) if c["outcome"] == "changed"]
+    changed = [c for c in rec.checks if c["outcome"] == "changed"]
     if changed:
         tr.write_line(
             f"{len(changed)} check(s) changed beyond float noise but inside the tolerance: "

@@ -1,11 +1,13 @@
 """The run record: what a pytest session produces (run metadata, per-method outcomes and curves, checks, growth,
 baselines, findings) as the JSON-ready mapping the plugin assembles and the reports read. These accessors are the
-one place that knows its layout (typed dataclasses for it are the next step, see the open structure issue)."""
+one place that knows its layout; `RunRecord` / `MethodOutcome` are its typed form, which the session builds, xdist
+workers send and the controller merges (the reports render `RunRecord.public()`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -46,3 +48,80 @@ def run_title(run: Mapping[str, Any]) -> str:
 
 def bits(entry: Mapping[str, Any]) -> Any:
     return (entry.get("method_info") or {}).get("effective_bits")
+
+
+# ---- the typed record ---------------------------------------------------------------------------------------
+RECORD_SCHEMA = "lcc-record/1"
+_STAGED = ("entries", "staged_findings", "spec", "identity", "floor")
+
+
+@dataclass
+class MethodOutcome:
+    """One method in a run: status ok | partial (some lengths out of memory) | error | non-finite; its curves keyed
+    by length as a string (LengthStats.to_dict), timings, method facts, and how it was measured."""
+
+    status: str
+    error: str = ""
+    curves: dict[str, dict[str, Any]] | None = None
+    timings: dict[str, Any] | None = None
+    method_info: dict[str, Any] | None = None
+    mode: str | None = None
+    length_dependent: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MethodOutcome:
+        return cls(**{f.name: d.get(f.name, f.default) for f in fields(cls)})
+
+
+@dataclass
+class RunRecord:
+    """What a pytest session produced. `public()` is what reports read (kl_report.json); `to_dict()` adds what
+    the controller needs to update baselines (the staged entries, spec, identity and floor) and is what an xdist
+    worker sends. Checks are gate.Check dicts with method, length and kind; findings are Finding dicts."""
+
+    run: dict[str, Any]
+    methods: dict[str, MethodOutcome] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    growth: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baselines: dict[str, Any] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    baseline_changes: list[str] = field(default_factory=list)
+    entries: dict[str, Any] = field(default_factory=dict)
+    staged_findings: dict[str, str] = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+    identity: dict[str, Any] | None = None
+    floor: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = {m: o.to_dict() for m, o in self.methods.items()}
+        d["schema"] = RECORD_SCHEMA
+        return d
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in _STAGED}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
+        if d.get("schema") != RECORD_SCHEMA:
+            raise ValueError(f"run record of schema {d.get('schema')!r}, expected {RECORD_SCHEMA}")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kw["methods"] = {m: MethodOutcome.from_dict(o) for m, o in (d.get("methods") or {}).items()}
+        return cls(**kw)
+
+    @classmethod
+    def merge(cls, parts: Sequence[RunRecord]) -> RunRecord:
+        """One record from the controller's and the workers' parts: run metadata from the first part that knows
+        the model's identity, mappings united, lists concatenated."""
+        first = next((p for p in parts if p.identity), parts[0])
+        out = cls(run=dict(first.run), spec=first.spec, identity=first.identity)
+        for p in parts:
+            for name in ("methods", "growth", "baselines", "entries", "staged_findings"):
+                getattr(out, name).update(getattr(p, name))
+            for name in ("checks", "findings", "baseline_changes"):
+                getattr(out, name).extend(getattr(p, name))
+        out.floor = next((p.floor for p in parts if p.floor), None)
+        return out

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .errors import BaselineError, HarnessError, NonFiniteError
+from .record import MethodOutcome, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,8 @@ class LccSession:
         return f
 
     # ---- end of session -----------------------------------------------------------------------
-    def record(self) -> dict[str, Any]:
+    def record(self) -> RunRecord:
+        """This process's RunRecord (reports and baseline updates read the merged one)."""
         import torch
         import transformers
 
@@ -446,14 +448,12 @@ class LccSession:
             run["notes"] = md.get("notes", [])
         methods = {}
         for mid, o in self.outcomes.items():
-            d: dict[str, Any] = {"status": o["status"], "error": o["error"]}
+            out = MethodOutcome(o["status"], o["error"])
             if o["result"] is not None:
                 rd = o["result"].to_dict()
-                d.update({"curves": rd["curves"], "timings": rd["timings"], "method_info": rd["method_info"]})
-                d["mode"] = rd["mode"]
-                if rd.get("length_dependent"):
-                    d["length_dependent"] = rd["length_dependent"]
-            methods[mid] = d
+                out.curves, out.timings, out.method_info = rd["curves"], rd["timings"], rd["method_info"]
+                out.mode, out.length_dependent = rd["mode"], rd.get("length_dependent")
+            methods[mid] = out
         baselines = {}
         b = None
         if h is not None and not self.update:
@@ -467,15 +467,15 @@ class LccSession:
         for mid, g in self.growth.items():
             growth[mid] = dict(g)
             growth[mid]["baseline_verdict"] = baselines.get(mid, {}).get("growth", {}).get("verdict")
-        return {
-            "run": run,
-            "methods": methods,
-            "checks": self.checks,
-            "growth": growth,
-            "baselines": baselines,
-            "findings": self.findings,
-            "baseline_changes": self.baseline_changes,
-        }
+        return RunRecord(
+            run=run,
+            methods=methods,
+            checks=list(self.checks),
+            growth=growth,
+            baselines=baselines,
+            findings=list(self.findings),
+            baseline_changes=list(self.baseline_changes),
+        )
 
 
 def _now() -> str:
@@ -490,48 +490,27 @@ def _rel(p: Path, root: Path) -> str:
 
 
 # ---- session end: xdist transport, baselines, reports -----------------------------------------
-def partial_record(s: LccSession) -> dict[str, Any]:
+def partial_record(s: LccSession) -> RunRecord:
+    """The session's record with what a baseline update needs (staged entries, findings, spec, identity, floor)."""
     rec = s.record()
-    rec["entries"] = s.entries
-    rec["staged_findings"] = {f["claim"]: f["holds"] for f in s.findings}
-    rec["spec"] = s.spec() if s._harness is not None else None
-    rec["identity"] = s.identity() if s._harness is not None else None
-    rec["floor"] = s._floor if s.update else None
+    rec.entries = dict(s.entries)
+    rec.staged_findings = {f["claim"]: f["holds"] for f in s.findings}
+    rec.spec = s.spec() if s._harness is not None else None
+    rec.identity = s.identity() if s._harness is not None else None
+    rec.floor = s._floor if s.update else None
     return rec
 
 
-def public_record(rec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v for k, v in rec.items() if k not in ("entries", "staged_findings", "spec", "identity", "floor")
-    }
-
-
-def merge_records(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    base = dict(next((p for p in parts if p.get("identity")), parts[0]))
-    for key in ("methods", "growth", "baselines", "entries", "staged_findings"):
-        base[key] = {}
-        for p in parts:
-            base[key].update(p.get(key) or {})
-    base["floor"] = next((p["floor"] for p in parts if p.get("floor")), None)
-    for key in ("checks", "findings", "baseline_changes"):
-        base[key] = [x for p in parts for x in (p.get(key) or [])]
-    return base
-
-
-def write_baselines(s: LccSession, rec: dict[str, Any]) -> None:
+def write_baselines(s: LccSession, rec: RunRecord) -> None:
     from . import __version__
     from .baselines import baseline_path, update
 
-    if not rec.get("entries") and not rec.get("staged_findings"):
+    if not rec.entries and not rec.staged_findings:
         return
-    ident, spec = rec["identity"], rec["spec"]
+    ident, spec = rec.identity, rec.spec
     path = baseline_path(
         s.baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"]
     )
-    meta = {
-        "versions": rec["run"]["versions"],
-        "harness": __version__,
-        "updated": rec["run"]["finished"][:10],
-    }
-    changes = update(path, ident, spec, meta, rec["entries"], rec["staged_findings"], rec.get("floor"))
-    rec["baseline_changes"].extend(changes or [f"{path.name}: no change"])
+    meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
+    changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor)
+    rec.baseline_changes.extend(changes or [f"{path.name}: no change"])

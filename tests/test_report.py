@@ -306,3 +306,20 @@ def test_check_writable_rejects_unwritable_dir(tmp_path):
             write_reports(make_record(), target)
     finally:
         (tmp_path / "ro").chmod(0o700)
+
+
+def test_run_record_round_trips_and_merges():
+    from lcc_harness.record import RECORD_SCHEMA, MethodOutcome, RunRecord
+
+    a = RunRecord(run={"model": "m"}, methods={"x": MethodOutcome("ok", curves={"64": {"window_kl": 0.1}})})
+    a.checks.append({"method": "x", "length": 64, "kind": "kl", "outcome": "pass"})
+    b = RunRecord(run={"model": "m"}, methods={"y": MethodOutcome("error", "boom")}, identity={"model": "m"})
+    b.entries["y"] = {}
+    d = json.loads(json.dumps(a.to_dict()))
+    assert d["schema"] == RECORD_SCHEMA and RunRecord.from_dict(d) == a
+    merged = RunRecord.merge([a, b])
+    assert set(merged.methods) == {"x", "y"} and merged.identity == {"model": "m"} and len(merged.checks) == 1
+    pub = merged.public()
+    assert "entries" not in pub and pub["methods"]["y"] == {"status": "error", "error": "boom"}
+    with pytest.raises(ValueError, match="schema"):
+        RunRecord.from_dict({"run": {}})
