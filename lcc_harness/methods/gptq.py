@@ -250,13 +250,13 @@ def _run_block(layer: nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tens
 class GPTQ(Method, GroupGrid):
     """GPTQ weight-only quantization, bits 2-8, groups of G input channels (g0 = per channel), no act-order."""
 
+    needs_calibration = True
     family, examples = "gptq", ("gptq-w3-g128", "gptq-w4-g128", "gptq-w4-g0-sym")
     description = (
         "GPTQ (Frantar et al. 2022): sequential per-block Hessian-aware rounding with error "
         "feedback on calibration spans; RTN's grid (bits 2-8, group G or g0 = per channel, "
         "asymmetric unless -sym); damp 1%, lazy batches of 128 columns, no act-order"
     )
-    needs_calibration = True
 
     def _quantize(self, name: str, lin: nn.Linear, H: torch.Tensor | None) -> None:
         if H is None:

@@ -179,12 +179,12 @@ class MagnitudePrune(_Prune):
 class WandaPrune(_Prune):
     """Wanda (Sun et al. 2023): score |W_ij| · ‖X_j‖₂, compared per output row; statistics from the dense model."""
 
+    needs_calibration = True
     family, examples = "wanda", ("wanda-s50", "wanda-2:4")
     description = (
         f"Wanda pruning: remove the lowest abs(W_ij)·norm2(X_j) per output row (calibration "
         f"inputs of the dense model); {_FORMS_NOTE}"
     )
-    needs_calibration = True
 
     def statistics(
         self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
