@@ -262,8 +262,8 @@ def update(
 ) -> list[str]:
     """Merge `entries` (method id → method_entry) and `findings` into the file; returns what changed.
 
-    Entries of methods that did not run are kept, unless the spec changed (then they are dropped, since they
-    were measured on other samples). Written atomically under a lock.
+    Entries of methods that did not run are kept. When the spec changed, the file is replaced only if this update
+    re-measures every method in it; otherwise BaselineError (nothing is dropped). Written atomically under a lock.
     """
     with locked(path):
         _remove_stale_temps(path)
@@ -282,10 +282,16 @@ def update(
             data.get("spec", {}).get(k) == spec.get(k) for k in SPEC_KEYS
         )
         if data and not same:
-            dropped = sorted(set(data.get("methods", {})) - set(entries))
-            changes.append(
-                f"{path.name}: run spec changed; dropped {len(dropped)} stale entr(y/ies) {dropped}"
-            )
+            others = sorted(set(data.get("methods", {})) - set(entries))
+            if others:  # never drop what this run did not re-measure
+                diff = [k for k in SPEC_KEYS if data.get("spec", {}).get(k) != spec.get(k)]
+                diff += [k for k in IDENTITY_KEYS if data.get(k) != identity.get(k)]
+                raise BaselineError(
+                    f"baseline file '{path}' was measured with other {', '.join(diff)}; updating only "
+                    f"{sorted(entries)} would drop {len(others)} other method(s) {others[:5]}; update them all in "
+                    "one run, pass another --lcc-baseline-dir, or delete the file to start over"
+                )
+            changes.append(f"{path.name}: run spec changed; all {len(entries)} entries re-measured")
             data = {}
         methods = dict(data.get("methods", {}))
         for mid, entry in entries.items():

@@ -89,10 +89,8 @@ def lcc(request: pytest.FixtureRequest) -> LccSession:
     """The session's LccSession (checks, results, baselines)."""
     s = get_session(request.config)
     try:
-        if s._harness is None:
-            from .report import check_writable
-
-            check_writable(s.report_dir)  # before loading anything: fail fast, not after the run
+        if s._harness is None:  # before loading anything: fail fast, not after the run
+            s.check_outputs()
         s.harness  # noqa: B018 - build model, corpus and samples now, so errors surface once, clearly
     except HarnessError as exc:
         from .options import for_pytest
@@ -143,7 +141,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         or getattr(session, "shouldstop", False)
     )
     if s.update and not interrupted:
-        write_baselines(s, rec)
+        try:
+            write_baselines(s, rec)
+        except HarnessError as exc:  # e.g. the update would drop entries of another spec: nothing written
+            rec.baseline_changes.append(f"baselines NOT written: {exc}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     elif s.update:
         rec.baseline_changes.append("baselines NOT written: the session was interrupted")
     s.final_record = rec

@@ -130,6 +130,11 @@ def build_reference(
     head = own_logits_head(lm.model) if own_logits else output_head(lm.model)
     if use_cache:
         loaded = _load(path, key)
+        problem = _shape_problem(loaded, samples, lengths, lm) if loaded is not None else None
+        if problem:
+            log.warning("reference cache %s does not match the samples (%s); recomputing", path, problem)
+            warnings.warn(f"reference cache {path.name} unusable ({problem}); recomputed", stacklevel=2)
+            loaded = None
         if loaded is not None:
             hidden, summaries, meta = loaded
             notes = json.loads(meta.get("notes", "[]"))
@@ -227,6 +232,26 @@ def probe_length_dependence(
 
 
 SUMMARY_FIELDS = ("mu", "lse", "argmax", "nll")
+
+
+def _shape_problem(
+    loaded: tuple, samples: Sequence[Sample], lengths: Sequence[int], lm: LoadedModel
+) -> str | None:
+    """What makes a cache entry with the right key unusable for these samples, or None: every pass must hold one
+    (P, H) tensor per sample in the model's dtype, P a pass length covering the longest length."""
+    hidden, summaries, _ = loaded
+    if not hidden or max(hidden) != max(lengths):
+        return f"passes {sorted(hidden)} do not end at {max(lengths)}"
+    for P, ts in hidden.items():
+        if len(ts) != len(samples):
+            return f"pass {P} holds {len(ts)} samples, not {len(samples)}"
+        for t in ts:
+            if t.dim() != 2 or t.shape[0] != P or t.dtype != lm.dtype:
+                return f"pass {P} holds a {tuple(t.shape)} {t.dtype} tensor, not ({P}, H) {lm.dtype}"
+        for sm in summaries.get(P, []):
+            if sm.lse.shape[0] != P:
+                return f"pass {P} has a summary of {sm.lse.shape[0]} positions"
+    return None
 
 
 def _tensors(

@@ -165,6 +165,41 @@ class LccSession:
             }
         )
 
+    def check_outputs(self) -> None:
+        """Every place this session writes, checked before any model is loaded: the report directory (writable),
+        the baseline directory and file (a folder and a file, writable when updating), the reference cache (a
+        folder). A HarnessError names the place and the option that moves it."""
+        from .baselines import baseline_path
+        from .reference import default_cache_dir
+        from .report import check_writable
+
+        check_writable(self.report_dir)
+        if self._expected is None:
+            self._check_device()
+        b = baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
+        if self.baseline_dir.exists() and not self.baseline_dir.is_dir():
+            raise HarnessError(
+                f"baseline directory '{self.baseline_dir}' is a file; remove it or pass --lcc-baseline-dir"
+            )
+        if b.is_dir():
+            raise HarnessError(
+                f"baseline path '{b}' is a directory; remove it or pass another --lcc-baseline-dir"
+            )
+        if self.update:
+            try:
+                check_writable(self.baseline_dir)
+            except HarnessError as exc:
+                raise HarnessError(
+                    str(exc)
+                    .replace("report directory", "baseline directory")
+                    .replace("--lcc-report-dir", "--lcc-baseline-dir")
+                ) from None
+        cache = Path(_opt(self.config, "lcc_cache_dir") or default_cache_dir())
+        if cache.exists() and not cache.is_dir():
+            raise HarnessError(
+                f"reference cache '{cache}' is a file, not a folder; remove it or pass --lcc-cache-dir"
+            )
+
     @property
     def harness(self):
         if self._harness is None:

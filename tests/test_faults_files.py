@@ -306,3 +306,30 @@ def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
         os.umask(old)
     assert (p.stat().st_mode & 0o777, q.stat().st_mode & 0o777) == (0o644, 0o644)
     assert q.read_bytes() == b"y" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_reference_cache_entry_with_the_right_key_but_wrong_shapes_is_recomputed(tiny, samples, tmp_path):
+    cache = tmp_path / "cache"
+    a = build_reference(tiny, samples, LENGTHS, cache_dir=cache)
+    path = cache / f"ref-{a.key[:32]}.safetensors"
+    bad = {P: [t[: P // 2] for t in ts] for P, ts in a.hidden.items()}  # truncated, but checksummed and keyed
+    reference_mod._save(path, a.key, bad, a.summaries, {"one_pass": "1", "notes": "[]"})
+    with pytest.warns(UserWarning, match="does not match the samples|unusable"):
+        again = build_reference(tiny, samples, LENGTHS, cache_dir=cache)
+    assert not again.cache_hit and same_hidden(again.hidden, a.hidden)
+
+
+def test_an_update_with_another_spec_never_drops_other_methods(tmp_path):
+    path = tmp_path / "b.json"
+    write_old(path, 3)
+    before = path.read_bytes()
+    other = {**SPEC, "samples": 2, "seed": 1}
+    with pytest.raises(
+        BaselineError, match=r"other seed; updating only \['old-0'\] would drop 2 other method"
+    ):
+        update(path, IDENTITY, other, {}, {"old-0": entry(0.3)}, {}, FLOOR)
+    assert path.read_bytes() == before
+    # re-measuring every method of the file under the new spec replaces it
+    changes = update(path, IDENTITY, other, {}, {f"old-{i}": entry(0.3) for i in range(3)}, {}, FLOOR)
+    assert any("all 3 entries re-measured" in c for c in changes)
+    assert BaselineFile.load(path, IDENTITY, other).per_sample("old-2", 64) == [0.3, 0.3]

@@ -281,3 +281,20 @@ def test_a_plain_pytest_run_does_not_import_torch(pytester):
     pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-q").assert_outcomes(
         passed=1
     )
+
+
+def test_unusable_output_locations_stop_the_session_before_any_model_is_loaded(project):
+    (project.path / "blocker").write_text("a file")
+    r = run(project, "--lcc-baseline-dir", "blocker")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stdout.fnmatch_lines(
+        ["*baseline directory '*blocker' is a file; remove it or pass --lcc-baseline-dir*"]
+    )
+    (project.path / "baselines" / "tiny-llama.float32.cpu.smoke.json").mkdir(parents=True)
+    r = run(project, "--lcc-update-baselines")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stdout.fnmatch_lines(["*baseline path '*tiny-llama.float32.cpu.smoke.json' is a directory*"])
+    (project.path / "baselines" / "tiny-llama.float32.cpu.smoke.json").rmdir()
+    r = run(project, "--lcc-cache-dir", "blocker")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stdout.fnmatch_lines(["*reference cache '*blocker' is a file, not a folder*"])
