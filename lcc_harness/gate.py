@@ -41,7 +41,6 @@ K_NOISE = 5.0
 FLOOR_MIN = {"float32": 1e-6, "bfloat16": 1e-3, "float16": 2e-4}
 K_FLOOR = 2.0
 GROWTH_MIN_FLOORS = 100.0  # below 100 floors the ratio carries ≥ 1 % float noise: growth is n/a
-OUTCOMES = ("pass", "changed", "better", "fail", "missing", "n/a", "error", "updated")
 
 
 def floor_from_self_noise(self_noise: float, dtype: str) -> float:

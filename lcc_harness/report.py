@@ -474,15 +474,18 @@ def terminal_summary(record: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _not_writable(out_dir: Path, err: BaseException) -> ReportDirError:
+def _not_writable(
+    out_dir: Path, err: BaseException, what: str = "report directory", option: str = "--lcc-report-dir"
+) -> ReportDirError:
     reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return ReportDirError(
-        f"report directory '{out_dir}' is not writable: {reason}; pass --lcc-report-dir to a writable folder"
-    )
+    return ReportDirError(f"{what} '{out_dir}' is not writable: {reason}; pass {option} to a writable folder")
 
 
-def check_writable(out_dir: str | os.PathLike[str]) -> Path:
-    """Create `out_dir` and prove a file can be written there; raise ReportDirError (a HarnessError) if not."""
+def check_writable(
+    out_dir: str | os.PathLike[str], what: str = "report directory", option: str = "--lcc-report-dir"
+) -> Path:
+    """Create `out_dir` and prove a file can be written there; raise ReportDirError (a HarnessError) naming
+    `what` and the `option` that moves it if not."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -493,7 +496,7 @@ def check_writable(out_dir: str | os.PathLike[str]) -> Path:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise _not_writable(out, e) from e
+        raise _not_writable(out, e, what, option) from e
     return out
 
 

@@ -162,9 +162,6 @@ class Harness:
         self._sentinel: torch.Tensor | None = None
         self.head_note: str | None = None  # set when the model's own logits replace output_head
         self._own_logits = False
-        self.length_note: str | None = (
-            None  # set by measure_lengths when a compressed model is length-dependent
-        )
 
     @property
     def calibration(self) -> list[Sample]:
@@ -268,15 +265,16 @@ class Harness:
         """Per-length statistics of `model` against the reference (one pass per sample unless naive).
 
         Raises OOMError when any length runs out of memory (see `measure_lengths` for partial results)."""
-        stats, errors = self.measure_lengths(model, method_id)
+        stats, errors, _ = self.measure_lengths(model, method_id)
         if errors:
             raise OOMError(errors[min(errors)])
         return stats
 
     def measure_lengths(
         self, model: torch.nn.Module, method_id: str
-    ) -> tuple[dict[int, LengthStats], dict[int, str]]:
-        """Per-length statistics, plus length → message for lengths that ran out of memory.
+    ) -> tuple[dict[int, LengthStats], dict[int, str], str | None]:
+        """Per-length statistics, length → message for lengths that ran out of memory, and a note when the
+        compressed model's outputs depend on the total length (it was then measured one pass per length).
 
         A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
         the lengths that fit are still measured; once a length fails, longer ones are not tried."""
@@ -322,23 +320,22 @@ class Harness:
                 errors.setdefault(P, failed)
             bar.update(len(ref.samples))
         bar.close()
-        self.length_note = None
+        note = None
         if ref.one_pass and len(self.lengths) > 1 and first and first[0].shape[0] == max(self.lengths):
             reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, first[0])
             if reason:  # this compressed model is not causal-prefix stable: measure each length on its own
-                self.length_note = (
+                note = (
                     f"'{method_id}': {reason}; its outputs depend on the total length, so it was measured "
                     "one pass per length"
                 )
-                warnings.warn(self.length_note, stacklevel=2)
+                warnings.warn(note, stacklevel=2)
                 per_len.clear()
                 errors.clear()
                 P = max(passes)
                 for L in self.lengths:
                     attempt(P, L, (L,))
-        return {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}, dict(
-            sorted(errors.items())
-        )
+        stats = {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}
+        return stats, dict(sorted(errors.items())), note
 
     def _measure_pass(
         self,
@@ -384,7 +381,7 @@ class Harness:
         (other shapes, other kernels' summation order) against the measurement. 'absolute': the largest
         per-sample difference in nats; 'relative': that ÷ the mean (0 when the mean is 0)."""
         L0 = self.lengths[0]
-        ref_head, head = self.head(self.lm.model), self.head(model)
+        ref_head, head = self.reference.head, self.head(model)
         sts = [
             compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
             for h, s in zip(self._short_reference(), self.samples, strict=True)
@@ -421,7 +418,7 @@ class Harness:
         before = self.sentinel()
         ids = self.samples[0].ids[: before.shape[0]]
         now = final_hidden(self.lm.model, ids)
-        head = self.head(self.lm.model)
+        head = self.reference.head
         worst = (
             float(compare(head, head, before, now, ids).kl.abs().max()) if now.shape == before.shape else 1.0
         )
@@ -440,11 +437,10 @@ class Harness:
         model, ctx, t_compress = self.compress(m)
         t0 = time.perf_counter()
         try:
-            stats, errors = self.measure_lengths(model, m.id)
+            stats, errors, length_note = self.measure_lengths(model, m.id)
             if not stats:  # not even the shortest length fits
                 raise OOMError(errors[min(errors)])
             t_measure = time.perf_counter() - t0
-            length_note = self.length_note
             if noise_probe:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
         finally:

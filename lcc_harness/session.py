@@ -186,14 +186,7 @@ class LccSession:
                 f"baseline path '{b}' is a directory; remove it or pass another --lcc-baseline-dir"
             )
         if self.update:
-            try:
-                check_writable(self.baseline_dir)
-            except HarnessError as exc:
-                raise HarnessError(
-                    str(exc)
-                    .replace("report directory", "baseline directory")
-                    .replace("--lcc-report-dir", "--lcc-baseline-dir")
-                ) from None
+            check_writable(self.baseline_dir, "baseline directory", "--lcc-baseline-dir")
         cache = Path(_opt(self.config, "lcc_cache_dir") or default_cache_dir())
         if cache.exists() and not cache.is_dir():
             raise HarnessError(
