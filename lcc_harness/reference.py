@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 3
 # KL between a short pass and the same positions of a long pass above this means the model's outputs
 # depend on the total length. Measured on SmolLM2 (256 vs 2048 tokens, 4 samples, CPU): float32 max 0
-# (bit-identical), bfloat16 max 5.7–6.9e-3 per position from rounding alone, so bf16 gets 3e-2.
+# (bit-identical), bfloat16 max 5.7–6.9e-3 per position from rounding alone (bench/self_noise.py), so bf16
+# gets 3e-2.
 LENGTH_PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 

@@ -108,15 +108,11 @@ class LccSession:
         """Ids a --lcc-methods glob selects: those of the profile and of this run's baseline file (read
         leniently) that match; when none do, the matching examples of every registered family (built-ins and
         plugins), so that 'myquant-*' finds a plugin's methods while 'rtn-*' keeps to the profile's."""
-        from .baselines import baseline_path
         from .methods.registry import examples
 
         ids = list(self.profile.methods)
-        if self._expected is None:
-            self._check_device()
-        path = baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
         with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the checks report it
-            ids += list(json.loads(path.read_text()).get("methods", {}))
+            ids += list(json.loads(self.baseline_path.read_text()).get("methods", {}))
         hits = [m for m in dict.fromkeys(ids) if fnmatch.fnmatchcase(m, pattern)]
         return hits or [m for m in dict.fromkeys(examples()) if fnmatch.fnmatchcase(m, pattern)]
 
@@ -169,14 +165,11 @@ class LccSession:
         """Every place this session writes, checked before any model is loaded: the report directory (writable),
         the baseline directory and file (a folder and a file, writable when updating), the reference cache (a
         folder). A HarnessError names the place and the option that moves it."""
-        from .baselines import baseline_path
         from .reference import default_cache_dir
         from .report import check_writable
 
         check_writable(self.report_dir)
-        if self._expected is None:
-            self._check_device()
-        b = baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
+        b = self.baseline_path
         if self.baseline_dir.exists() and not self.baseline_dir.is_dir():
             raise HarnessError(
                 f"baseline directory '{self.baseline_dir}' is a file; remove it or pass --lcc-baseline-dir"
@@ -231,10 +224,13 @@ class LccSession:
 
     @property
     def baseline_path(self) -> Path:
+        """This run's baseline file, from the options alone (model, resolved dtype and device type, profile): known
+        before the model loads, and the same file `identity()` names once it has."""
         from .baselines import baseline_path
 
-        i = self.identity()
-        return baseline_path(self.baseline_dir, i["model"], i["dtype"], i["device_type"], i["profile"])
+        if self._expected is None:
+            self._check_device()
+        return baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
 
     def stored(self) -> Any:
         """The baseline file (None if missing); a corrupt or foreign file fails the calling test, naming it."""
