@@ -9,7 +9,6 @@ Registered through the `pytest11` entry point. Tests use these fixtures:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -41,6 +40,43 @@ def pytest_configure(config: pytest.Config) -> None:
     except (HarnessError, OptionError) as exc:
         raise pytest.UsageError(for_pytest(str(exc))) from None
     config.stash[_KEY] = session
+    if session.is_worker and session.store is not None:
+        _WORKER[:] = [session]
+    if not session.is_worker:
+        _catch_sigterm(session)
+
+
+def _catch_sigterm(session: LccSession) -> None:
+    """SIGTERM (what CI sends on cancel or timeout) stops the run like Ctrl-C: reports for the methods that
+    finished, baselines untouched, a line saying why. Only where nobody else handles SIGTERM; a second one kills."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        session.stopped_by = "SIGTERM"
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    session.restore_sigterm = True
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    s = config.stash.get(_KEY, None)
+    _WORKER.clear()
+    if getattr(s, "restore_sigterm", False):
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if s is not None and s.store is not None and not s.is_worker:
+        import shutil
+
+        shutil.rmtree(s.store.path, ignore_errors=True)
 
 
 _KEY = pytest.StashKey["LccSession"]()
@@ -56,7 +92,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if s is None:
         return
     if "lcc_method" in metafunc.fixturenames:
-        metafunc.parametrize("lcc_method", s.method_ids, ids=s.method_ids, scope="session")
+        # each method's cases run on one worker under `--dist loadgroup` (see xdist_sched.GroupScheduling)
+        params = [pytest.param(m, id=m, marks=pytest.mark.xdist_group(m)) for m in s.method_ids]
+        metafunc.parametrize("lcc_method", params, scope="session")
     if "lcc_length" in metafunc.fixturenames:
         metafunc.parametrize("lcc_length", list(s.lengths), ids=[str(L) for L in s.lengths])
 
@@ -71,10 +109,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             cuda = torch.cuda.is_available()
         if item.get_closest_marker("gpu") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is available here"))
-        callspec = getattr(item, "callspec", None)
-        if s is not None and callspec is not None and "lcc_method" in callspec.params:
-            # keep each method's tests on one xdist worker (use --dist loadgroup)
-            item.add_marker(pytest.mark.xdist_group(callspec.params["lcc_method"]))
         if (
             s is not None
             and s.profile.slow
@@ -113,12 +147,41 @@ def lcc_result(lcc: LccSession, lcc_method: str):
     return o["result"]
 
 
+# ---- pytest-xdist: one shared run folder, a scheduler that survives crashed workers ---------------------------
 @pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    out = getattr(node, "workeroutput", {}) or {}
-    if "lcc" in out:
-        s = get_session(node.config)
-        s.__dict__.setdefault("_worker_records", []).append(RunRecord.from_dict(json.loads(out["lcc"])))
+def pytest_configure_node(node: Any) -> None:
+    s = node.config.stash.get(_KEY, None)
+    if s is not None and s.store is not None:
+        node.workerinput["lcc_store"] = str(s.store.path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") == "loadgroup":
+        from .xdist_sched import GroupScheduling
+
+        s = config.stash.get(_KEY, None)
+        return GroupScheduling(config, log, s.method_ids if s is not None else [])
+    return None
+
+
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    """A worker's record goes to the run folder after every test: the controller has it if the worker dies."""
+    import contextlib
+
+    from .session import save_part
+
+    s = _session_of_worker()
+    if s is not None:
+        with contextlib.suppress(OSError, HarnessError):
+            save_part(s)
+
+
+_WORKER: list[LccSession] = []  # the worker's session (pytest_runtest_logfinish gets no config)
+
+
+def _session_of_worker() -> LccSession | None:
+    return _WORKER[0] if _WORKER else None
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -126,11 +189,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if s is None:
         return
     if s.is_worker:
-        if s.used:
-            session.config.workeroutput["lcc"] = json.dumps(partial_record(s).to_dict(), default=str)
+        from .session import save_part
+
+        save_part(s)
         return
     parts = [partial_record(s)] if s.used else []
-    parts += getattr(s, "_worker_records", [])
+    if s.store is not None:
+        parts += s.store.parts()
     if not parts:
         return
     rec = RunRecord.merge(parts)
@@ -140,6 +205,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         or session.shouldfail
         or getattr(session, "shouldstop", False)
     )
+    if s.store is not None and not interrupted:  # stopped runs leave methods unfinished on purpose
+        rec.add_unfinished(s.store.unfinished())
     if s.update and not interrupted:
         try:
             write_baselines(s, rec)
@@ -148,6 +215,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     elif s.update:
         rec.baseline_changes.append("baselines NOT written: the session was interrupted")
+    if s.stopped_by:
+        rec.run["stopped_by"] = s.stopped_by
+        done = sum(o.status in ("ok", "partial") for o in rec.methods.values())
+        rec.baseline_changes.append(
+            f"run stopped by {s.stopped_by}: the report covers the {done} method(s) that finished"
+        )
     s.final_record = rec
     try:
         from .report import write_reports

@@ -50,6 +50,13 @@ def bits(entry: Mapping[str, Any]) -> Any:
     return (entry.get("method_info") or {}).get("effective_bits")
 
 
+def died_message(method_id: str, who: str) -> str:
+    return (
+        f"the process that was running '{method_id}' ({who}) died before finishing it (killed by a signal, "
+        "the out-of-memory killer, or the method ended the process); its cases fail, the other methods go on"
+    )
+
+
 # ---- the typed record ---------------------------------------------------------------------------------------
 RECORD_SCHEMA = "lcc-record/1"
 _STAGED = ("entries", "staged_findings", "spec", "identity", "floor")
@@ -111,6 +118,12 @@ class RunRecord:
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         kw["methods"] = {m: MethodOutcome.from_dict(o) for m, o in (d.get("methods") or {}).items()}
         return cls(**kw)
+
+    def add_unfinished(self, unfinished: Mapping[str, str]) -> None:
+        """Methods whose computing process died (share.RunStore.unfinished): an error outcome naming it."""
+        for mid, who in unfinished.items():
+            if mid not in self.methods:
+                self.methods[mid] = MethodOutcome("error", died_message(mid, who))
 
     @classmethod
     def merge(cls, parts: Sequence[RunRecord]) -> RunRecord:

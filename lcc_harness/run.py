@@ -143,6 +143,21 @@ class MethodResult:
             **self.info,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodResult:
+        """The inverse of `to_dict` (a result another process computed; see share.RunStore)."""
+        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors"}
+        return cls(
+            method=d["method"],
+            model=d["model"],
+            lengths=tuple(int(L) for L in d["lengths"]),
+            stats={int(L): LengthStats(**c) for L, c in d["curves"].items()},
+            mode=d["mode"],
+            timings=dict(d["timings"]),
+            info={k: v for k, v in d.items() if k not in known},
+            errors={int(L): e for L, e in (d.get("errors") or {}).items()},
+        )
+
 
 class Harness:
     """Loads the model and corpus once, builds the reference once, and measures methods against it."""

@@ -9,6 +9,8 @@ import datetime as _dt
 import fnmatch
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,10 @@ class LccSession:
         self.method_ids = self._select_methods(raw if raw is not None else _opt(config, "lcc_methods"))
         self.update = bool(config.getoption("lcc_update_baselines", default=False))
         self.is_worker = hasattr(config, "workerinput")
+        self.who = config.workerinput["workerid"] if self.is_worker else f"pid {os.getpid()}"
+        self.store = self._run_store()
+        self.stopped_by: str | None = None  # set by the SIGTERM handler (plugin._catch_sigterm)
+        self.restore_sigterm = False
         self._harness = None
         self.outcomes: dict[str, dict[str, Any]] = {}
         self.results: dict[str, Any] = {}
@@ -93,6 +99,18 @@ class LccSession:
         self._floor: dict[str, float] | None = None
 
     # ---- configuration -------------------------------------------------------------------------
+    def _run_store(self):
+        """The folder that xdist's processes of this run share (share.RunStore): created by the controller when
+        the run is distributed, handed to each worker in its workerinput; None for a plain run."""
+        from .share import RunStore
+
+        if self.is_worker:
+            path = self.config.workerinput.get("lcc_store")
+            return RunStore(path) if path else None
+        if getattr(self.config.option, "dist", "no") in (None, "no"):
+            return None
+        return RunStore(tempfile.mkdtemp(prefix="lcc-run-"))
+
     def _check_device(self) -> None:
         """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
         from .models import dtype_name, resolve_device, resolve_dtype
@@ -261,26 +279,34 @@ class LccSession:
 
         'partial': some lengths ran out of memory (result.errors); the others were measured."""
         if method_id not in self.outcomes:
-            from .options import for_pytest
-            from .run import is_oom, oom_message
-
-            try:
-                res = self.harness.run(method_id, noise_probe=self.update)
-                err = for_pytest("; ".join(res.errors.values()))
-                self.outcomes[method_id] = {"status": "partial" if err else "ok", "error": err, "result": res}
-                self.results[method_id] = res
-            except NonFiniteError as exc:
-                self.outcomes[method_id] = {"status": "non-finite", "error": str(exc), "result": None}
-            except HarnessError as exc:
-                self.outcomes[method_id] = {"status": "error", "error": for_pytest(str(exc)), "result": None}
-            except Exception as exc:  # a method's bug surfacing at measurement time (e.g. in a forward hook)
-                lines = str(exc).strip().splitlines()
-                msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-                if is_oom(exc):
-                    msg = for_pytest(oom_message(f"running '{method_id}'", None, exc))
-                self.outcomes[method_id] = {"status": "error", "error": msg, "result": None}
-                log.debug("method %s failed", method_id, exc_info=True)
+            if self.store is None:
+                o = self._compute(method_id)
+            else:  # distributed: once per run, by whichever worker asks first; the others read it
+                o = self.store.outcome(method_id, lambda: self._compute(method_id), self.who)
+            self.outcomes[method_id] = o
+            if o["result"] is not None:
+                self.results[method_id] = o["result"]
         return self.outcomes[method_id]
+
+    def _compute(self, method_id: str) -> dict[str, Any]:
+        from .options import for_pytest
+        from .run import is_oom, oom_message
+
+        try:
+            res = self.harness.run(method_id, noise_probe=self.update)
+        except NonFiniteError as exc:
+            return {"status": "non-finite", "error": str(exc), "result": None}
+        except HarnessError as exc:
+            return {"status": "error", "error": for_pytest(str(exc)), "result": None}
+        except Exception as exc:  # a method's bug surfacing at measurement time (e.g. in a forward hook)
+            lines = str(exc).strip().splitlines()
+            msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+            if is_oom(exc):
+                msg = for_pytest(oom_message(f"running '{method_id}'", None, exc))
+            log.debug("method %s failed", method_id, exc_info=True)
+            return {"status": "error", "error": msg, "result": None}
+        err = for_pytest("; ".join(res.errors.values()))
+        return {"status": "partial" if err else "ok", "error": err, "result": res}
 
     def result(self, method_id: str):
         """The MethodResult; a method that failed makes the calling test fail, naming the method."""
@@ -538,3 +564,9 @@ def write_baselines(s: LccSession, rec: RunRecord) -> None:
     meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
     changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor)
     rec.baseline_changes.extend(changes or [f"{path.name}: no change"])
+
+
+def save_part(s: LccSession) -> None:
+    """An xdist worker's record into the run folder (share.RunStore.save_part), when it has measured anything."""
+    if s.store is not None and s.used:
+        s.store.save_part(s.who, partial_record(s))

@@ -6,12 +6,14 @@ fault-inf-logits       weights stay finite; the LM head emits +Inf logits
 fault-oom-{N}          the forward raises torch.OutOfMemoryError for inputs longer than N tokens
 fault-cpuoom-{N}       the same with the CPU allocator's RuntimeError text
 fault-sleep            touches $LCC_TEST_MARKER, then sleeps (to be interrupted)
+fault-kill             the process kills itself with SIGKILL (an OOM-killed or crashing xdist worker)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +129,16 @@ class Sleep(_Fixed):
         return model
 
 
-FAMILIES = (Raise, NaN, Inf, InfLogits, OOM, CpuOOM, Sleep)
+@dataclass(frozen=True)
+class Kill(_Fixed):
+    family = "fault-kill"
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return model
+
+
+FAMILIES = (Raise, NaN, Inf, InfLogits, OOM, CpuOOM, Sleep, Kill)
 
 
 def register_all() -> None:

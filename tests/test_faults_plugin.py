@@ -53,8 +53,8 @@ def project(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory)
     return pytester
 
 
-def subprocess_run(p: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return p.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-rfE", *args)
+def subprocess_run(p: pytest.Pytester, *args: str, timeout: float | None = None) -> pytest.RunResult:
+    return p.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-rfE", *args, timeout=timeout)
 
 
 DRIVER = """
@@ -380,6 +380,75 @@ def test_xdist_workers_update_baselines_without_losing_entries(project):
     assert sorted(report["methods"]) == ["rtn-w3-g32", "rtn-w4-g32"]
 
 
+COUNTING_CONFTEST = (
+    FAULTY_CONFTEST
+    + """
+import os
+import lcc_harness.run as run
+
+_compress = run.Harness.compress
+
+def counting(self, method):
+    with open({log!r}, "a") as f:
+        f.write(f"{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}} {{getattr(method, 'id', method)}}\\n")
+    return _compress(self, method)
+
+run.Harness.compress = counting
+"""
+)
+
+
+def _workers_per_method(out: str) -> dict[str, set[str]]:
+    """From `-v` output lines like '[gw1] PASSED test_kl_regression.py::test_kl_within_baseline[rtn-w3-g32-64]'."""
+    seen: dict[str, set[str]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        test = next((p for p in parts if p.startswith("test_kl_regression.py::")), "")
+        if parts and parts[0].startswith("[gw") and "[" in test:
+            param = test.split("[", 1)[1].rstrip("]")
+            method = param if "growth" in test else param.rsplit("-", 1)[0]
+            seen.setdefault(method, set()).add(parts[0])
+    return seen
+
+
+def test_xdist_loadgroup_keeps_each_method_on_one_worker_and_compresses_it_once(project):
+    log = project.path / "compress.log"
+    project.makeconftest(COUNTING_CONFTEST.format(log=str(log)))
+    r = subprocess_run(project, "-n", "2", "--dist", "loadgroup", "-vv", "--lcc-update-baselines")
+    r.assert_outcomes(passed=32)  # 7 methods × (3 lengths + growth) + 4 claims
+    per_method = _workers_per_method(r.stdout.str())
+    assert len(per_method) == 7 and all(len(w) == 1 for w in per_method.values()), per_method
+    calls = [line.split()[1] for line in log.read_text().splitlines()]
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 7  # claims read results, never recompute
+
+
+def test_xdist_worker_killed_mid_method_fails_that_method_and_keeps_the_rest(project):
+    project.makeconftest(FAULTY_CONFTEST)
+    r = subprocess_run(
+        project,
+        "-n",
+        "2",
+        "--dist",
+        "loadgroup",
+        "--lcc-methods",
+        "rtn-w3-g32,fault-kill,rtn-w4-g32",
+        "--lcc-update-baselines",
+        "test_kl_regression.py",
+        timeout=240,  # the run must end: a hang here is the failure this test guards against
+    )
+    out = r.stdout.str() + r.stderr.str()
+    assert "INTERNALERROR" not in out, out
+    r.assert_outcomes(passed=8, failed=1, errors=3)
+    assert "crashed while running 'test_kl_regression.py::test_kl_within_baseline[fault-kill-64]" in out
+    assert "fault-kill: the process that was running 'fault-kill' (gw" in out
+    data = json.loads((project.path / BASELINE).read_text())
+    assert sorted(data["methods"]) == ["rtn-w3-g32", "rtn-w4-g32"]  # the finished methods are kept
+    report = json.loads((project.path / "reports" / "kl_report.json").read_text())
+    status = {m: e["status"] for m, e in report["methods"].items()}
+    assert status == {"rtn-w3-g32": "ok", "rtn-w4-g32": "ok", "fault-kill": "error"}
+    assert "died before finishing it" in report["methods"]["fault-kill"]["error"]
+
+
 def test_xdist_session_error_stops_every_worker_cleanly(project):
     """pytest.exit in a worker would crash xdist (INTERNALERROR); workers fail once and stop the run instead."""
     r = subprocess_run(project, "-n", "2", "--lcc-model", "nosuch-model", "test_kl_regression.py")
@@ -421,18 +490,30 @@ def signal_pytest_when(
     return proc.returncode, out
 
 
-def test_ctrl_c_writes_the_report_and_leaves_baselines_alone(project):
+@pytest.mark.parametrize(
+    "sig,workers",
+    [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGTERM, 2)],
+    ids=["ctrl-c", "sigterm", "sigterm-xdist"],
+)
+def test_ctrl_c_or_sigterm_writes_the_report_and_leaves_baselines_alone(project, sig, workers):
     project.makeconftest(FAULTY_CONFTEST)
     path = project.path / BASELINE
     path.parent.mkdir()
     path.write_text('{"schema": "lcc-baseline/1", "note": "must survive byte for byte"}\n')
     before = path.read_bytes()
-    marker = project.path / "sleeping"  # fault-sleep starts once rtn-w4-g32 is done
+    marker = project.path / "sleeping"  # fault-sleep starts once rtn-w4-g32 is done (one process)
+    tmp = project.path / "tmp"  # where the controller makes its run folder (xdist)
+    tmp.mkdir()
+
+    def ready() -> bool:  # under xdist the two methods run side by side: wait for rtn-w4-g32's result too
+        return marker.exists() and (not workers or any(tmp.glob("lcc-run-*/outcome-rtn-w4-g32-*.json")))
+
     ret, out = signal_pytest_when(
         project,
-        marker.exists,
-        signal.SIGINT,
-        {"LCC_TEST_MARKER": str(marker)},
+        ready,
+        sig,
+        {"LCC_TEST_MARKER": str(marker), "TMPDIR": str(tmp)},
+        *(("-n", str(workers), "--dist", "loadgroup") if workers else ()),
         "--lcc-methods",
         "rtn-w4-g32,fault-sleep",
         "--lcc-update-baselines",
@@ -440,6 +521,9 @@ def test_ctrl_c_writes_the_report_and_leaves_baselines_alone(project):
     )
     assert ret == pytest.ExitCode.INTERRUPTED, out
     assert "baselines NOT written: the session was interrupted" in out
+    if sig == signal.SIGTERM:
+        assert "run stopped by SIGTERM: the report covers the 1 method(s) that finished" in out
+    assert not list(tmp.glob("lcc-run-*")), "the run folder is removed at the end"
     assert path.read_bytes() == before
     report = json.loads((project.path / "reports" / "kl_report.json").read_text())
     assert report["methods"]["rtn-w4-g32"]["status"] == "ok" and "fault-sleep" not in report["methods"]
@@ -476,3 +560,15 @@ def test_sigkill_while_the_plugin_writes_baselines_leaves_the_old_file(project):
     )
     r.assert_outcomes(passed=4)
     assert list(json.loads(path.read_text())["methods"]) == ["rtn-w4-g32"] and temps() == []
+
+
+def test_method_of_a_node_id_takes_the_longest_matching_method():
+    pytest.importorskip("xdist")
+    from lcc_harness.xdist_sched import method_of
+
+    ids = ["rtn-w4-g32", "rtn-w4-g32-sym", "wanda-s50"]
+    assert method_of("t.py::test_kl_within_baseline[rtn-w4-g32-sym-64]", ids) == "rtn-w4-g32-sym"
+    assert method_of("t.py::test_kl_within_baseline[rtn-w4-g32-64]", ids) == "rtn-w4-g32"
+    assert method_of("t.py::test_kl_growth_within_baseline[wanda-s50]", ids) == "wanda-s50"
+    assert method_of("t.py::test_claim[pruning-flat]", ids) is None
+    assert method_of("t.py::test_plain", ids) is None
