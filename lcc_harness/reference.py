@@ -12,13 +12,14 @@ not match is recomputed, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,45 @@ def build_reference(
     key = reference_key(lm, samples, lengths, not naive, rows)
     path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
     head = own_logits_head(lm.model) if own_logits else output_head(lm.model)
+    with _entry_lock(path) if use_cache else contextlib.nullcontext():
+        return _build(lm, samples, lengths, naive, use_cache, progress, summary_chunk, rows, key, path, head, t0)
+
+
+@contextlib.contextmanager
+def _entry_lock(path: Path) -> Iterator[None]:
+    """Hold the cache entry's file lock: one process (an xdist worker, a parallel CI job on a shared cache)
+    computes a reference; the others wait and then read it. A cache folder where no lock file can be made
+    (read-only) is used without one."""
+    from filelock import FileLock
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_suffix(".lock")))
+        lock.acquire()
+    except OSError as exc:
+        log.warning("reference cache %s: no lock (%s); computing without one", path.parent, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    lengths: tuple[int, ...],
+    naive: bool,
+    use_cache: bool,
+    progress: bool,
+    summary_chunk: int | None,
+    rows: int,
+    key: str,
+    path: Path,
+    head: Head,
+    t0: float,
+) -> Reference:
     if use_cache:
         loaded = _load(path, key)
         problem = _shape_problem(loaded, samples, lengths, lm) if loaded is not None else None

@@ -79,3 +79,54 @@ def test_length_dependent_model_is_measured_per_length(tiny, samples):
     with pytest.warns(UserWarning, match="per length"):
         ref = build_reference(other, samples, LENGTHS, use_cache=False)
     assert not ref.one_pass and sorted(ref.hidden) == list(LENGTHS)
+
+
+CONCURRENT = """
+import json, os, sys, time
+import lcc_harness.reference as reference
+from lcc_harness.corpus import TokenizedCorpus, default_corpus
+from lcc_harness.models import load_model
+
+lm = load_model("tiny-llama", "cpu")
+samples = TokenizedCorpus(default_corpus(), lm.tokenizer).draw(2, 64, seed=0)
+_final = reference.final_hidden
+
+def slow_final(model, ids):  # a slow reference: the other process must wait for it, not compute its own
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(0.2)
+    return _final(model, ids)
+
+reference.final_hidden = slow_final
+open(sys.argv[3], "w").close()  # ready
+while not os.path.exists(sys.argv[4]):  # start together
+    time.sleep(0.01)
+ref = reference.build_reference(lm, samples, (32, 64), cache_dir=sys.argv[1])
+print(json.dumps({"hit": ref.cache_hit, "key": ref.key}))
+"""
+
+
+def test_concurrent_processes_compute_one_reference_once(tmp_path):
+    """Two processes asking for the same cache entry at once: one computes, the other waits and reads it."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    log, go = tmp_path / "computed.log", tmp_path / "go"
+    script = tmp_path / "ref.py"
+    script.write_text(CONCURRENT)
+    procs = []
+    for i in range(2):
+        ready = tmp_path / f"ready{i}"
+        args = [sys.executable, str(script), str(tmp_path / "cache"), str(log), str(ready), str(go)]
+        procs.append((subprocess.Popen(args, stdout=subprocess.PIPE, text=True), ready))
+    t0 = time.monotonic()
+    while not all(r.exists() for _, r in procs):
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.02)
+    go.touch()
+    outs = [json.loads(p.communicate(timeout=180)[0].strip().splitlines()[-1]) for p, _ in procs]
+    assert sorted(o["hit"] for o in outs) == [False, True]
+    assert outs[0]["key"] == outs[1]["key"]
+    assert len(set(log.read_text().split())) == 1  # every reference forward ran in one process
