@@ -75,16 +75,19 @@ def head_transform(model: nn.Module) -> tuple[float, float | None]:
     return scale, (float(softcap) if softcap else None)
 
 
-def output_head(model: nn.Module) -> Head:
+def output_head(model: nn.Module, weights: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Head:
     """hidden (..., H) → float32 logits (..., V), as the model's forward would produce them but without its
     rounding: the head's weight is upcast to float32 once (kept by the returned function), the hidden states per
-    call, so KL never sees bf16/fp16-rounded logits."""
+    call, so KL never sees bf16/fp16-rounded logits. `weights` (weight, bias): a plain linear head with these
+    instead of the model's (the reference's own head when a method changed it in place)."""
     head = model.get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (LM head)")
     scale, softcap = head_transform(model)
-    plain = _plain_linear(head)
+    plain = weights is not None or _plain_linear(head)
     cache: dict[str, torch.Tensor | None] = {}
+    if weights is not None:
+        cache["w"], cache["b"] = weights[0].float(), None if weights[1] is None else weights[1].float()
 
     def apply(h: torch.Tensor) -> torch.Tensor:
         if plain:

@@ -131,7 +131,9 @@ def build_reference(
     path = Path(cache_dir or default_cache_dir()) / f"ref-{key[:32]}.safetensors"
     head = own_logits_head(lm.model) if own_logits else output_head(lm.model)
     with _entry_lock(path) if use_cache else contextlib.nullcontext():
-        return _build(lm, samples, lengths, naive, use_cache, progress, summary_chunk, rows, key, path, head, t0)
+        return _build(
+            lm, samples, lengths, naive, use_cache, progress, summary_chunk, rows, key, path, head, t0
+        )
 
 
 @contextlib.contextmanager

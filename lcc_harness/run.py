@@ -5,10 +5,11 @@ model + corpus → samples → reference (cached) → copy + method → measure 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
 from .options import parse_lengths  # noqa: F401 - re-exported: the CLI and tests use it here
 from .reference import LENGTH_PROBE_TOL, Reference, build_reference, probe_length_dependence
+from .snapshot import Snapshot
 from .targets import DEFAULT_INCLUDE, linearize_conv1d
 
 SENTINEL_TOKENS = 64  # tokens of the probe that re-checks the reference model after each method
@@ -69,6 +71,9 @@ class RunConfig:
     # reference's LM head, the others take the direct path (`compare`). Same KL by algebra; float32
     # rounding differs (window KL within 1e-5 relative on SmolLM2, bench/). False: always the direct path.
     reference_summary: bool = True
+    # Compress the loaded model in place and restore it from a host copy after each method (one model on the
+    # device; snapshot.Snapshot). False: compress a deep copy (two models on the device).
+    in_place: bool = True
 
 
 def validate_lengths(
@@ -175,6 +180,7 @@ class Harness:
         self._reference: Reference | None = None
         self._short_ref: list[torch.Tensor] | None = None
         self._sentinel: torch.Tensor | None = None
+        self._snapshot: Snapshot | None = None  # host copy of the model, for compressing in place
         self.head_note: str | None = None  # set when the model's own logits replace output_head
         self._own_logits = False
 
@@ -239,7 +245,30 @@ class Harness:
         return self._reference
 
     def compress(self, method: Method | str) -> tuple[torch.nn.Module, CompressContext, float]:
-        """A compressed copy of the reference model, its context (with method info) and the seconds taken."""
+        """A compressed copy of the reference model, its context (with method info) and the seconds taken
+        (a deep copy: two models in memory; `run` uses `compressed`, which compresses in place)."""
+        return self._compress(method, in_place=False)
+
+    @contextlib.contextmanager
+    def compressed(self, method: Method | str) -> Iterator[tuple[torch.nn.Module, CompressContext, float]]:
+        """The reference model compressed by `method` in place, its context and the seconds taken; on exit,
+        also when anything raised, the model is restored from the host copy (snapshot.Snapshot). With
+        `RunConfig.in_place=False`, a deep copy instead (the former strategy; two models on the device)."""
+        if not self.cfg.in_place:
+            model, ctx, seconds = self.compress(method)
+            yield model, ctx, seconds
+            return
+        if self._snapshot is None:
+            self.sentinel()  # taken before any method touches the model
+            self._snapshot = Snapshot(self.lm.model)
+        try:
+            yield self._compress(method, in_place=True)
+        finally:
+            self._snapshot.restore()
+
+    def _compress(
+        self, method: Method | str, in_place: bool
+    ) -> tuple[torch.nn.Module, CompressContext, float]:
         m = parse_method(method) if isinstance(method, str) else method
         t0 = time.perf_counter()
         calib = tuple(s.ids for s in self.calibration) if m.needs_calibration else ()
@@ -247,7 +276,7 @@ class Harness:
             calibration=calib, include=self.cfg.include, exclude=self.cfg.exclude, seed=self.cfg.seed
         )
         self.sentinel()  # the reference model's output before the method touches anything
-        model = copy.deepcopy(self.lm.model)
+        model = self.lm.model if in_place else copy.deepcopy(self.lm.model)
         try:
             model = m.apply(model, ctx) or model
         except HarnessError:
@@ -264,6 +293,8 @@ class Harness:
             msg = None
         if msg is not None:
             del model
+            if in_place:
+                self._snapshot.restore()  # before freeing memory: the method's tensors go with it
             _release_memory()
             raise OOMError(msg)
         with torch.no_grad():
@@ -297,7 +328,13 @@ class Harness:
 
         ref = self.reference
         head = self.head(model)
-        summary = bool(ref.summaries) and not self._own_logits and shared_linear_head(self.lm.model, model)
+        ref_head = self._reference_head(model)
+        summary = (
+            bool(ref.summaries)
+            and not self._own_logits
+            and ref_head is ref.head
+            and shared_linear_head(self.lm.model, model)
+        )
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
         passes = ref.passes()
@@ -315,7 +352,9 @@ class Harness:
                     )
                 return
             try:
-                sts = self._measure_pass(model, head, ref, P, run_len, lens, method_id, summary, first)
+                sts = self._measure_pass(
+                    model, head, ref, P, run_len, lens, method_id, summary, first, ref_head
+                )
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -363,6 +402,7 @@ class Harness:
         method_id: str,
         summary: bool = False,
         keep_first: list[torch.Tensor] | None = None,
+        ref_head: Any = None,
     ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
@@ -378,11 +418,28 @@ class Harness:
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
             else:
-                st = compare(ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
+                st = compare(ref_head or ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
             for L in lengths:
                 check_finite(method_id, L, i, st)
             out.append(st)
         return out
+
+    def _reference_head(self, model: torch.nn.Module) -> Head:
+        """The reference's logits function; when `model` is the reference model compressed in place and the
+        method changed its LM head's weights, the head rebuilt from the snapshot's host copy."""
+        ref = self.reference
+        snap = self._snapshot
+        if model is not self.lm.model or snap is None or not snap.head_changed():
+            return ref.head
+        if self._own_logits:
+            raise MethodRunError(
+                "the method changed the LM head of a model measured through its own forward; run it with "
+                "in_place=False (RunConfig) so that the reference keeps its own copy"
+            )
+        w = snap.original(snap.head.weight)
+        b = snap.original(snap.head.bias) if snap.head.bias is not None else None
+        dev = snap.head.weight.device
+        return output_head(self.lm.model, (w.to(dev), None if b is None else b.to(dev)))
 
     def _short_reference(self) -> list[torch.Tensor]:
         """Separate passes of the reference model over each sample's first `lengths[0]` tokens (cached)."""
@@ -396,7 +453,7 @@ class Harness:
         (other shapes, other kernels' summation order) against the measurement. 'absolute': the largest
         per-sample difference in nats; 'relative': that ÷ the mean (0 when the mean is 0)."""
         L0 = self.lengths[0]
-        ref_head, head = self.reference.head, self.head(model)
+        ref_head, head = self._reference_head(model), self.head(model)
         sts = [
             compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
             for h, s in zip(self._short_reference(), self.samples, strict=True)
@@ -449,16 +506,16 @@ class Harness:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
         ref = self.reference
-        model, ctx, t_compress = self.compress(m)
-        t0 = time.perf_counter()
-        try:
+        if noise_probe:
+            self._short_reference()  # from the reference model, before a method changes it in place
+        with self.compressed(m) as (model, ctx, t_compress):
+            t0 = time.perf_counter()
             stats, errors, length_note = self.measure_lengths(model, m.id)
             if not stats:  # not even the shortest length fits
                 raise OOMError(errors[min(errors)])
             t_measure = time.perf_counter() - t0
             if noise_probe:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
-        finally:
             del model
         self.check_reference_intact(m.id)
         return MethodResult(

@@ -386,14 +386,14 @@ COUNTING_CONFTEST = (
 import os
 import lcc_harness.run as run
 
-_compress = run.Harness.compress
+_compress = run.Harness._compress
 
-def counting(self, method):
+def counting(self, method, in_place):
     with open({log!r}, "a") as f:
         f.write(f"{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}} {{getattr(method, 'id', method)}}\\n")
-    return _compress(self, method)
+    return _compress(self, method, in_place)
 
-run.Harness.compress = counting
+run.Harness._compress = counting
 """
 )
 
