@@ -25,14 +25,45 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
-    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL) as a table."""
-    rows = [[L, s.window_kl, s.cumulative_kl, s.p99, s.top1, s.dnll] for L, s in sorted(stats.items())]
-    return tabulate(
+    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, reverse KL) as a table, then
+    lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
+    from .report import DP_COLUMNS, fmt_dp, fmt_kl
+
+    rows = [
+        [
+            L,
+            f"{s.window_kl:.5f}",
+            f"{s.cumulative_kl:.5f}",
+            f"{s.p99:.4f}",
+            f"{s.top1:.4f}",
+            f"{s.dnll:+.5f}",
+            f"{s.top1_se:.4f}" if s.top1_se is not None else fmt_kl(None),
+            f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else fmt_kl(None),
+        ]
+        for L, s in sorted(stats.items())
+    ]
+    main = tabulate(
         rows,
-        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL"],
+        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL", "top-1 SE", "reverse KL"],
         tablefmt=fmt,
-        floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"),
+        disable_numparse=True,
+        colalign=("right",) * 8,
     )
+    dp_rows = [
+        [L] + [fmt_dp(k, getattr(s, k)) for k, _ in DP_COLUMNS]
+        for L, s in sorted(stats.items())
+        if s.dp_mean is not None
+    ]
+    if not dp_rows:
+        return main
+    dp = tabulate(
+        dp_rows,
+        headers=["length"] + [f"Δp {h}" if not h.endswith("Δp") else h for _, h in DP_COLUMNS],
+        tablefmt=fmt,
+        disable_numparse=True,
+        colalign=("right",) * (len(DP_COLUMNS) + 1),
+    )
+    return f"{main}\n\nΔp = p_cmp − p_ref of the actual next token, over the window (informational):\n{dp}"
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:

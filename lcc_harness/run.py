@@ -28,6 +28,7 @@ from .measure import (
     compare,
     compare_summary,
     final_hidden,
+    linear_head,
     output_head,
     own_logits_head,
     shared_linear_head,
@@ -353,6 +354,7 @@ class Harness:
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
         sample-0 hidden states are appended to `keep_first` (the length probe reuses them)."""
         out = []
+        lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         for i, s in enumerate(ref.samples):
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
@@ -361,7 +363,7 @@ class Harness:
             if keep_first is not None and not keep_first and i == 0:
                 keep_first.append(h)
             if summary:
-                st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
+                st = compare_summary(summ, head, h_ref, h, s.ids[:run_len], lin)
             else:
                 st = compare(ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
             for L in lengths:
