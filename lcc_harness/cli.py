@@ -77,13 +77,15 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     )
     from .methods.registry import parse_method
 
-    method = parse_method(args.method)  # fail on a bad id before loading anything
+    method = parse_method(args.method) if args.method else None  # a bad id fails before anything loads
+    if args.name is not None and not args.compressed:
+        raise HarnessError("--name names a --compressed checkpoint; a method's name is its id")
     if args.quiet:  # transformers' own "Loading weights" bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     harness = Harness(cfg)
-    result = harness.run(method)
+    result = harness.run(method) if method is not None else _run_compressed(harness, args)
     t = result.timings
     print(
         f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
@@ -112,13 +114,42 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compressed(harness, args: argparse.Namespace):
+    """The --compressed checkpoint measured as the method: loaded like the reference, checked against it
+    (tokenizer and architecture), named by --name or its file name."""
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load_compressed
+
+    t0 = time.perf_counter()
+    lm = load_compressed(args.compressed, harness.lm)
+    name = args.name or Path(args.compressed).name
+    if not name.strip() or any(c.isspace() for c in name):
+        raise HarnessError(f"--name {name!r} must be one word (it is the method's name in the results)")
+    info = {"compressed": lm.source, "compressed_fingerprint": lm.fingerprint()}
+    return harness.run_checkpoint(lm.model, name, time.perf_counter() - t0, info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcc", description="Long-context KL of compressed LLMs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("methods", help="list registered compression methods").set_defaults(func=_cmd_methods)
     m = sub.add_parser("measure", help="measure one method's KL curve against the uncompressed model")
-    m.add_argument("--method", required=True, help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    what = m.add_mutually_exclusive_group(required=True)
+    what.add_argument("--method", help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    what.add_argument(
+        "--compressed",
+        metavar="PATH",
+        help="measure this compressed checkpoint (.gguf or HF folder) of --model instead of a method; it must "
+        "have the reference's tokenizer and architecture",
+    )
+    m.add_argument(
+        "--name",
+        default=None,
+        help="the --compressed checkpoint's name in the results (default: its file name)",
+    )
     add_cli_options(
         m,
         {

@@ -468,6 +468,41 @@ class Harness:
             errors=errors,
         )
 
+    def run_checkpoint(
+        self, model: torch.nn.Module, name: str, load_s: float = 0.0, info: dict[str, Any] | None = None
+    ) -> MethodResult:
+        """Measure an already compressed model (a checkpoint checked by `checkpoint.load_compressed`) as method
+        `name`: the measurement and result of `run`, with its load time as compression time and `info` as its
+        method facts."""
+        ref = self.reference
+        self.sentinel()
+        model.eval()
+        t0 = time.perf_counter()
+        stats, errors, length_note = self.measure_lengths(model, name)
+        if not stats:
+            raise OOMError(errors[min(errors)])
+        t_measure = time.perf_counter() - t0
+        self.check_reference_intact(name)
+        return MethodResult(
+            method=name,
+            model=self.cfg.model,
+            lengths=self.lengths,
+            stats=stats,
+            mode="one-pass" if ref.one_pass and not length_note else "per-length",
+            timings={
+                "reference_s": ref.seconds,
+                "reference_cache_hit": ref.cache_hit,
+                "compression_s": load_s,
+                "measurement_s": t_measure,
+            },
+            info={
+                "method_info": dict(info or {}),
+                **self.metadata(),
+                **({"length_dependent": length_note} if length_note else {}),
+            },
+            errors=errors,
+        )
+
     def metadata(self) -> dict[str, Any]:
         import transformers
 
