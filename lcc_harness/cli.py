@@ -6,12 +6,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
 from .errors import HarnessError
 from .models import DEFAULT_MODEL
 from .options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
+
+if TYPE_CHECKING:  # for annotations only: _cmd_measure imports run.py when it runs
+    from .run import Harness, MethodResult
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -114,7 +118,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compressed(harness, args: argparse.Namespace):
+def _run_compressed(harness: Harness, args: argparse.Namespace) -> MethodResult:
     """The --compressed checkpoint measured as the method: loaded like the reference, checked against it
     (tokenizer and architecture), named by --name or its file name."""
     import time
