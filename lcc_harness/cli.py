@@ -6,12 +6,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
 from .errors import HarnessError
 from .models import DEFAULT_MODEL
 from .options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
+
+if TYPE_CHECKING:  # for annotations only: _cmd_measure imports run.py when it runs
+    from .run import Harness, MethodResult
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -25,14 +29,45 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
-    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL) as a table."""
-    rows = [[L, s.window_kl, s.cumulative_kl, s.p99, s.top1, s.dnll] for L, s in sorted(stats.items())]
-    return tabulate(
+    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, reverse KL) as a table, then
+    lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
+    from .report import DP_COLUMNS, fmt_dp, fmt_kl
+
+    rows = [
+        [
+            L,
+            f"{s.window_kl:.5f}",
+            f"{s.cumulative_kl:.5f}",
+            f"{s.p99:.4f}",
+            f"{s.top1:.4f}",
+            f"{s.dnll:+.5f}",
+            f"{s.top1_se:.4f}" if s.top1_se is not None else fmt_kl(None),
+            f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else fmt_kl(None),
+        ]
+        for L, s in sorted(stats.items())
+    ]
+    main = tabulate(
         rows,
-        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL"],
+        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL", "top-1 SE", "reverse KL"],
         tablefmt=fmt,
-        floatfmt=("d", ".5f", ".5f", ".4f", ".4f", "+.5f"),
+        disable_numparse=True,
+        colalign=("right",) * 8,
     )
+    dp_rows = [
+        [L] + [fmt_dp(k, getattr(s, k)) for k, _ in DP_COLUMNS]
+        for L, s in sorted(stats.items())
+        if s.dp_mean is not None
+    ]
+    if not dp_rows:
+        return main
+    dp = tabulate(
+        dp_rows,
+        headers=["length"] + [f"Δp {h}" if not h.endswith("Δp") else h for _, h in DP_COLUMNS],
+        tablefmt=fmt,
+        disable_numparse=True,
+        colalign=("right",) * (len(DP_COLUMNS) + 1),
+    )
+    return f"{main}\n\nΔp = p_cmp − p_ref of the actual next token, over the window (informational):\n{dp}"
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
@@ -46,13 +81,15 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     )
     from .methods.registry import parse_method
 
-    method = parse_method(args.method)  # fail on a bad id before loading anything
+    method = parse_method(args.method) if args.method else None  # a bad id fails before anything loads
+    if args.name is not None and not args.compressed:
+        raise HarnessError("--name names a --compressed checkpoint; a method's name is its id")
     if args.quiet:  # transformers' own "Loading weights" bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     harness = Harness(cfg)
-    result = harness.run(method)
+    result = harness.run(method) if method is not None else _run_compressed(harness, args)
     t = result.timings
     print(
         f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
@@ -81,13 +118,42 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compressed(harness: Harness, args: argparse.Namespace) -> MethodResult:
+    """The --compressed checkpoint measured as the method: loaded like the reference, checked against it
+    (tokenizer and architecture), named by --name or its file name."""
+    import time
+    from pathlib import Path
+
+    from .checkpoint import load_compressed
+
+    t0 = time.perf_counter()
+    lm = load_compressed(args.compressed, harness.lm)
+    name = args.name or Path(args.compressed).name
+    if not name.strip() or any(c.isspace() for c in name):
+        raise HarnessError(f"--name {name!r} must be one word (it is the method's name in the results)")
+    info = {"compressed": lm.source, "compressed_fingerprint": lm.fingerprint()}
+    return harness.run_checkpoint(lm.model, name, time.perf_counter() - t0, info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcc", description="Long-context KL of compressed LLMs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("methods", help="list registered compression methods").set_defaults(func=_cmd_methods)
     m = sub.add_parser("measure", help="measure one method's KL curve against the uncompressed model")
-    m.add_argument("--method", required=True, help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    what = m.add_mutually_exclusive_group(required=True)
+    what.add_argument("--method", help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    what.add_argument(
+        "--compressed",
+        metavar="PATH",
+        help="measure this compressed checkpoint (.gguf or HF folder) of --model instead of a method; it must "
+        "have the reference's tokenizer and architecture",
+    )
+    m.add_argument(
+        "--name",
+        default=None,
+        help="the --compressed checkpoint's name in the results (default: its file name)",
+    )
     add_cli_options(
         m,
         {

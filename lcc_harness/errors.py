@@ -45,6 +45,10 @@ class ReportDirError(HarnessError, OSError):
     """The report directory cannot be created or written; the message names it and the fix."""
 
 
+class CheckpointError(HarnessError):
+    """A compressed checkpoint that is not the reference model up to its weights (tokenizer or architecture)."""
+
+
 def first_line(exc: BaseException, with_type: bool = True) -> str:
     """'Type: first line of the message' (at most 200 characters of it) for one-line error messages."""
     lines = str(exc).strip().splitlines()

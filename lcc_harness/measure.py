@@ -8,6 +8,7 @@ length's curve; `passes_for` decides when that holds (see `length_dependence`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,13 @@ class PositionStats:
     kl: torch.Tensor  # (T,) float32, nats
     top1: torch.Tensor  # (T,) bool, argmax of both distributions equal
     dnll: torch.Tensor  # (T-1,) float32, NLL_cmp - NLL_ref of token t+1 predicted at position t
+    # informational (never gated): reverse KL(P_cmp ‖ P_ref), and p_cmp − p_ref of token t+1 at position t;
+    # None where a caller did not compute them (compare_summary without the compared model's head)
+    rkl: torch.Tensor | None = None  # (T,) float32, nats
+    dp: torch.Tensor | None = None  # (T-1,) float32, probability
+
+
+DP_QUANTILES = (0.01, 0.05, 0.5, 0.95, 0.99)  # the Δp percentiles LengthStats reports (dp_p01 … dp_p99)
 
 
 @dataclass
@@ -39,7 +47,15 @@ class LengthStats:
     """Summary at context length L. Window = positions (L/2, L] (0-based [L//2, L)); cumulative = [0, L).
 
     Quantiles, top-1 and ΔNLL are over the window, pooled across samples; per_sample holds one value
-    per sample for window_kl, cumulative_kl, top1 and dnll (for confidence intervals).
+    per sample for window_kl, cumulative_kl, top1 and dnll (for confidence intervals), and for reverse_kl and
+    dp_mean when they were computed.
+
+    Informational statistics (llama.cpp's `perplexity --kl-divergence` block; never gated, never in baselines),
+    over the same window positions, pooled: reverse_kl = mean KL(P_cmp ‖ P_ref) (None when not computed);
+    top1_se = the binomial standard error sqrt(top1·(1 − top1)/n) of top1 over the n pooled positions, which
+    treats positions as independent (they are not: neighbouring positions share context, so it understates the
+    spread between texts; the per-sample top1 values show that spread); Δp = p_cmp − p_ref of the actual next
+    token: dp_mean, dp_rms and the percentiles dp_p01 … dp_p99 (DP_QUANTILES).
     """
 
     length: int
@@ -52,6 +68,15 @@ class LengthStats:
     top1: float
     dnll: float
     per_sample: dict[str, list[float]] = field(default_factory=dict)
+    reverse_kl: float | None = None
+    top1_se: float | None = None
+    dp_mean: float | None = None
+    dp_rms: float | None = None
+    dp_p01: float | None = None
+    dp_p05: float | None = None
+    dp_p50: float | None = None
+    dp_p95: float | None = None
+    dp_p99: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -222,7 +247,9 @@ def compare(
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
-    bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+    rkl = torch.empty(T, dtype=torch.float32)
+    dp = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    bufs: tuple[torch.Tensor, ...] | None = None
     s, rows = 0, min(chunk, 8)  # a small first block tells the vocabulary size
     while s < T:
         e = min(T, s + rows)
@@ -231,7 +258,7 @@ def compare(
             V = z_ref.shape[-1]
             rows = min(chunk, max(1, BLOCK_BYTES // (4 * V))) if z_ref.device.type == "cpu" else chunk
             bufs = tuple(
-                torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device) for _ in range(2)
+                torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device) for _ in range(3)
             )
         lp_ref = torch.log_softmax(z_ref.float(), dim=-1, out=bufs[0][: e - s])  # (c, V)
         lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1, out=bufs[1][: e - s])  # (c, V)
@@ -243,11 +270,14 @@ def compare(
             nll_ref = -lp_ref[: te - s].gather(1, tgt).squeeze(1)
             nll_cmp = -lp_cmp[: te - s].gather(1, tgt).squeeze(1)
             dnll[s:te] = (nll_cmp - nll_ref).cpu()
+            dp[s:te] = (torch.exp(-nll_cmp.double()) - torch.exp(-nll_ref.double())).float().cpu()
+        p_cmp = torch.exp(lp_cmp, out=bufs[2][: e - s])  # (c, V); read-only use of lp_cmp before the KL below
         # in place, the same arithmetic as (exp(lp_ref) * (lp_ref - lp_cmp)).sum(-1)
         diff = torch.sub(lp_ref, lp_cmp, out=lp_cmp)
+        rkl[s:e] = p_cmp.mul_(diff).sum(dim=-1).neg_().cpu()  # Σ p_cmp·(lp_cmp − lp_ref); diff is not changed
         kl[s:e] = diff.mul_(lp_ref.exp_()).sum(dim=-1).cpu()
         s = e
-    return PositionStats(kl, top1, dnll)
+    return PositionStats(kl, top1, dnll, rkl, dp)
 
 
 @dataclass
@@ -354,13 +384,23 @@ def summarize_reference(
 
 @torch.no_grad()
 def compare_summary(
-    ref: RefSummary, cmp_head: Head, h_ref: torch.Tensor, h_cmp: torch.Tensor, ids: torch.Tensor
+    ref: RefSummary,
+    cmp_head: Head,
+    h_ref: torch.Tensor,
+    h_cmp: torch.Tensor,
+    ids: torch.Tensor,
+    cmp_linear: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
 ) -> PositionStats:
     """`compare` against a RefSummary: the same statistics without recomputing the reference logits.
 
     KL(P_ref ‖ P_cmp) = Σ p_ref·(z_ref − z_cmp) − lse_ref + lse_cmp = (h_ref − h_cmp)·mu − lse_ref + lse_cmp,
     the scalars in float64; only the compared model's logits (float32, in the summary's blocks) are
-    computed. `cmp_head` must be the same linear map as the reference's (`shared_linear_head`)."""
+    computed. `cmp_head` must be the same linear map as the reference's (`shared_linear_head`).
+
+    Δp of the next token is exp(−NLL_cmp) − exp(−NLL_ref) (NLL_ref is in the summary). Reverse KL needs the
+    compared model's expected output embedding mu_cmp = scale·Wᵀp_cmp: KL(P_cmp ‖ P_ref) = (h_cmp − h_ref)·mu_cmp
+    − lse_cmp + lse_ref; it is computed when `cmp_linear` = `linear_head(compared model)` is given (one more
+    (c, V) × (V, H) product per block), else `rkl` is None. Neither touches the forward-KL arithmetic."""
     T = h_ref.shape[0]
     if h_cmp.shape[0] != T or ids.shape[0] != T or ref.lse.shape[0] != T:
         raise ValueError(
@@ -370,6 +410,11 @@ def compare_summary(
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    dp = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    rkl = torch.empty(T, dtype=torch.float32) if cmp_linear is not None else None
+    w = None
+    if cmp_linear is not None:
+        w = cmp_linear[0] if cmp_linear[0].dtype == torch.float32 else cmp_linear[0].float()  # (V, H)
     for s in range(0, T, ref.rows):
         e = min(T, s + ref.rows)
         z = cmp_head(h_cmp[s:e]).float()  # (c, V), a fresh tensor: overwritten below
@@ -377,15 +422,22 @@ def compare_summary(
         z_next = (
             z[: te - s].gather(1, ids[s + 1 : te + 1].to(z.device).view(-1, 1)).squeeze(1) if te > s else None
         )
-        lse, idx, _ = _lse_(z)
+        lse, idx, tot = _lse_(z)
+        mu_cmp = None
+        if w is not None:  # z holds exp(z − max): scale · Wᵀ p_cmp, as summarize_reference forms mu
+            mu_cmp = (z @ w).mul_((cmp_linear[2] / tot).unsqueeze(1)).cpu()  # (c, H)
         del z
         lse = lse.cpu()
         dh = h_ref[s:e].double() - h_cmp[s:e].to(h_ref.device).double()  # (c, H)
         kl[s:e] = ((dh * ref.mu[s:e].double()).sum(dim=-1) - ref.lse[s:e] + lse).float()
+        if mu_cmp is not None:
+            rkl[s:e] = ((dh * mu_cmp.double()).sum(dim=-1).neg_() - lse + ref.lse[s:e]).float()
         top1[s:e] = idx.cpu() == ref.argmax[s:e]
         if z_next is not None:
-            dnll[s:te] = ((lse[: te - s] - z_next.double().cpu()) - ref.nll[s:te]).float()
-    return PositionStats(kl, top1, dnll)
+            nll_cmp = lse[: te - s] - z_next.double().cpu()
+            dnll[s:te] = (nll_cmp - ref.nll[s:te]).float()
+            dp[s:te] = (torch.exp(-nll_cmp) - torch.exp(-ref.nll[s:te])).float()
+    return PositionStats(kl, top1, dnll, rkl, dp)
 
 
 def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
@@ -404,6 +456,21 @@ def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
         "dnll": [float(x.double().mean()) if x.numel() else 0.0 for x in win_dnll],
     }
     all_dnll = torch.cat(win_dnll).double()
+    all_top1 = torch.cat(win_top1).double()
+    top1 = float(all_top1.mean())
+    extra: dict[str, Any] = {"top1_se": math.sqrt(max(top1 * (1 - top1), 0.0) / all_top1.numel())}
+    if all(s.rkl is not None for s in stats):
+        win_rkl = [s.rkl[lo:length] for s in stats]
+        per["reverse_kl"] = [float(x.double().mean()) for x in win_rkl]
+        extra["reverse_kl"] = float(torch.cat(win_rkl).double().mean())
+    if all(s.dp is not None for s in stats):
+        win_dp = [s.dp[lo : length - 1] for s in stats]
+        per["dp_mean"] = [float(x.double().mean()) if x.numel() else 0.0 for x in win_dp]
+        dp = torch.cat(win_dp).double()
+        if dp.numel():
+            qs = torch.quantile(dp, torch.tensor(DP_QUANTILES, dtype=torch.float64)).tolist()
+            extra |= {"dp_mean": float(dp.mean()), "dp_rms": float(dp.square().mean().sqrt())}
+            extra |= {f"dp_p{round(100 * a):02d}": v for a, v in zip(DP_QUANTILES, qs, strict=True)}
     return LengthStats(
         length=length,
         window_kl=float(pooled.mean()),
@@ -412,9 +479,10 @@ def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
         p90=q[1],
         p99=q[2],
         max=float(pooled.max()),
-        top1=float(torch.cat(win_top1).double().mean()),
+        top1=top1,
         dnll=float(all_dnll.mean()) if all_dnll.numel() else 0.0,
         per_sample=per,
+        **extra,
     )
 
 

@@ -58,7 +58,12 @@ HOW_TO_READ = (
     "interval over samples. Checks compare the mean window KL over the same (paired) samples with the stored "
     "baseline and fail only when it got worse by more than the tolerance max(ε·baseline, floor, 5·noise); "
     "lower KL beyond it is ⬇ better, a change beyond float noise but inside the tolerance is ↕ changed, and "
-    "the paired column counts the samples that got worse. Growth is n/a when KL at the shortest length is ~0."
+    "the paired column counts the samples that got worse. Growth is n/a when KL at the shortest length is ~0. "
+    "Informational, never checked against baselines (as in llama.cpp's `perplexity --kl-divergence`): "
+    "**reverse KL** = KL(P_cmp ‖ P_ref) over the same window; top-1 ± its binomial standard error over the "
+    "pooled window positions (it treats positions as independent, so it understates the spread between texts); "
+    "**Δp** = p_cmp − p_ref of the actual next token, in percentage points (mean, RMS and percentiles over the "
+    "window positions of every sample)."
 )
 
 
@@ -90,6 +95,33 @@ def fmt_signed(x: Any) -> str:
 def fmt_pct(x: Any) -> str:
     """A fraction in [0, 1] as a percentage with two decimals (top-1 agreement)."""
     return f"{100 * x:.2f} %" if _finite(x) else fmt_kl(x)
+
+
+def fmt_pct_se(x: Any, se: Any) -> str:
+    """A fraction with its standard error as percentages: '97.12 ± 0.31 %' (the value alone without an SE)."""
+    return f"{100 * x:.2f} ± {100 * se:.2f} %" if _finite(x) and _finite(se) else fmt_pct(x)
+
+
+def fmt_pp(x: Any) -> str:
+    """A probability difference (Δp) in signed percentage points, e.g. '-0.412 %'."""
+    return f"{100 * x:+.3f} %" if _finite(x) else fmt_kl(x)
+
+
+def fmt_dp(key: str, x: Any) -> str:
+    """A Δp statistic of DP_COLUMNS: signed percentage points, the RMS unsigned."""
+    return f"{100 * x:.3f} %" if key == "dp_rms" and _finite(x) else fmt_pp(x)
+
+
+# Δp columns of a curve: (key in LengthStats.to_dict, header); one list for the report and `lcc measure`
+DP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dp_mean", "mean Δp"),
+    ("dp_rms", "RMS Δp"),
+    ("dp_p01", "1 %"),
+    ("dp_p05", "5 %"),
+    ("dp_p50", "median"),
+    ("dp_p95", "95 %"),
+    ("dp_p99", "99 %"),
+)
 
 
 def _fmt_ratio(x: Any) -> str:
@@ -127,7 +159,7 @@ def _check_counts(checks: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def _metric_table(record: Mapping[str, Any], key: str, fmt: Any, with_bits: bool = False) -> str:
-    """methods × lengths table of one curve statistic."""
+    """methods × lengths table of one curve statistic (`fmt` gets the value; the key 'top1' also gets its SE)."""
     lengths = _lengths(record)
     methods = _methods(record)
     bits = with_bits and any(_finite(_bits(e)) for e in methods.values())
@@ -138,13 +170,43 @@ def _metric_table(record: Mapping[str, Any], key: str, fmt: Any, with_bits: bool
         row: list[str] = [_cell(mid)]
         if bits:
             row.append(f"{_bits(entry):.2f}" if _finite(_bits(entry)) else DASH)
-        row += [fmt((curves.get(L) or {}).get(key)) if curves else DASH for L in lengths]
+        row += [_metric_cell(curves.get(L) or {}, key, fmt) if curves else DASH for L in lengths]
         if status != "ok":
             row[0] += f" ({status})"
         rows.append(row)
     headers = ["method"] + (["bits/weight"] if bits else []) + [str(L) for L in lengths]
     if not rows:
         return "_No methods ran._"
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(headers) - 1),
+    )
+
+
+def _metric_cell(curve: Mapping[str, Any], key: str, fmt: Any) -> str:
+    if key == "top1":
+        return fmt_pct_se(curve.get("top1"), curve.get("top1_se"))
+    return fmt(curve.get(key))
+
+
+def _dp_table(record: Mapping[str, Any]) -> str:
+    """methods × Δp statistics at the longest length each method has."""
+    rows = []
+    for mid, entry in _methods(record).items():
+        curves = _curves(entry)
+        if not curves:
+            continue
+        L = max(curves)
+        c = curves[L]
+        if not any(_finite(c.get(k)) for k, _ in DP_COLUMNS):
+            continue  # a record written before Δp existed
+        rows.append([_cell(mid), str(L)] + [fmt_dp(k, c.get(k)) for k, _ in DP_COLUMNS])
+    if not rows:
+        return "_No Δp statistics in this record._"
+    headers = ["method", "length"] + [h for _, h in DP_COLUMNS]
     return tabulate(
         rows,
         headers=headers,
@@ -388,8 +450,16 @@ def render_markdown(record: Mapping[str, Any]) -> str:
         ("Window KL (nats), mean over positions (L/2, L]", _metric_table(record, "window_kl", fmt_kl, True)),
         ("Cumulative KL (nats), mean over [0, L)", _metric_table(record, "cumulative_kl", fmt_kl)),
         ("p99 of per-position KL in the window (nats)", _metric_table(record, "p99", fmt_kl)),
-        ("Top-1 agreement in the window", _metric_table(record, "top1", fmt_pct)),
+        ("Top-1 agreement in the window (± binomial SE)", _metric_table(record, "top1", fmt_pct)),
         ("ΔNLL in the window (nats, compressed − reference)", _metric_table(record, "dnll", fmt_signed)),
+        (
+            "Reverse KL(P_cmp ‖ P_ref) in the window (nats, informational)",
+            _metric_table(record, "reverse_kl", fmt_kl),
+        ),
+        (
+            "Δp of the actual next token at the longest length (p_cmp − p_ref, informational)",
+            _dp_table(record),
+        ),
         ("Growth with context", _growth_table(record)),
         ("Baseline checks", _checks_table(record)),
     ]

@@ -29,6 +29,7 @@ from .measure import (
     compare,
     compare_summary,
     final_hidden,
+    linear_head,
     output_head,
     own_logits_head,
     shared_linear_head,
@@ -408,6 +409,7 @@ class Harness:
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
         sample-0 hidden states are appended to `keep_first` (the length probe reuses them)."""
         out = []
+        lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         for i, s in enumerate(ref.samples):
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
@@ -416,7 +418,7 @@ class Harness:
             if keep_first is not None and not keep_first and i == 0:
                 keep_first.append(h)
             if summary:
-                st = compare_summary(summ, head, h_ref, h, s.ids[:run_len])
+                st = compare_summary(summ, head, h_ref, h, s.ids[:run_len], lin)
             else:
                 st = compare(ref_head or ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
             for L in lengths:
@@ -532,6 +534,41 @@ class Harness:
             },
             info={
                 "method_info": dict(ctx.info),
+                **self.metadata(),
+                **({"length_dependent": length_note} if length_note else {}),
+            },
+            errors=errors,
+        )
+
+    def run_checkpoint(
+        self, model: torch.nn.Module, name: str, load_s: float = 0.0, info: dict[str, Any] | None = None
+    ) -> MethodResult:
+        """Measure an already compressed model (a checkpoint checked by `checkpoint.load_compressed`) as method
+        `name`: the measurement and result of `run`, with its load time as compression time and `info` as its
+        method facts."""
+        ref = self.reference
+        self.sentinel()
+        model.eval()
+        t0 = time.perf_counter()
+        stats, errors, length_note = self.measure_lengths(model, name)
+        if not stats:
+            raise OOMError(errors[min(errors)])
+        t_measure = time.perf_counter() - t0
+        self.check_reference_intact(name)
+        return MethodResult(
+            method=name,
+            model=self.cfg.model,
+            lengths=self.lengths,
+            stats=stats,
+            mode="one-pass" if ref.one_pass and not length_note else "per-length",
+            timings={
+                "reference_s": ref.seconds,
+                "reference_cache_hit": ref.cache_hit,
+                "compression_s": load_s,
+                "measurement_s": t_measure,
+            },
+            info={
+                "method_info": dict(info or {}),
                 **self.metadata(),
                 **({"length_dependent": length_note} if length_note else {}),
             },

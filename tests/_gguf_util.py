@@ -49,12 +49,20 @@ def _np(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy().astype(dtype)
 
 
-def write_tiny_llama_gguf(path: Path, model: nn.Module, dtype: np.dtype = np.float32) -> Path:
-    """Write `model` (a LlamaForCausalLM whose vocab is `tiny_vocab()`) as a llama.cpp-style GGUF file."""
+def write_tiny_llama_gguf(
+    path: Path,
+    model: nn.Module,
+    dtype: np.dtype = np.float32,
+    linear_qtype: str | None = None,
+    vocab: tuple[list[str], list[int], list[str]] | None = None,
+) -> Path:
+    """Write `model` (a LlamaForCausalLM whose vocab is `tiny_vocab()`, or `vocab`) as a llama.cpp-style GGUF
+    file. `linear_qtype` ('Q8_0', …): the decoder blocks' linear weights are stored quantized in that GGML type
+    by gguf-py (embeddings, norms and the output head stay in `dtype`)."""
     import gguf
 
     cfg = model.config
-    tokens, types, merges = tiny_vocab()
+    tokens, types, merges = vocab or tiny_vocab()
     if cfg.vocab_size != len(tokens):
         raise ValueError(f"model vocab {cfg.vocab_size} != tiny vocab {len(tokens)}")
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -106,7 +114,15 @@ def write_tiny_llama_gguf(path: Path, model: nn.Module, dtype: np.dtype = np.flo
             t = sd[p + hname]
             if permute_heads is not None:
                 t = llama_permute(t, permute_heads)
-            w.add_tensor(f"blk.{i}.{gname}.weight", _np(t, np.float32 if t.ndim == 1 else dtype))
+            if linear_qtype and t.ndim == 2:
+                qtype = gguf.GGMLQuantizationType[linear_qtype]
+                w.add_tensor(
+                    f"blk.{i}.{gname}.weight",
+                    gguf.quants.quantize(_np(t, np.float32), qtype),
+                    raw_dtype=qtype,
+                )
+            else:
+                w.add_tensor(f"blk.{i}.{gname}.weight", _np(t, np.float32 if t.ndim == 1 else dtype))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -192,10 +192,11 @@ def test_cli_error_is_one_line_exit_2(case, tmp_path, capsys):
 
 
 def table_lengths(out: str) -> list[int]:
-    """The lengths of the rows of the printed curve table."""
+    """The lengths of the rows of the printed curve table (the first table; the Δp table follows it)."""
+    first = out.split("\n\n")[0]
     return [
         int(r.split("|")[1])
-        for r in out.splitlines()
+        for r in first.splitlines()
         if r.startswith("|") and r.split("|")[1].strip().isdigit()
     ]
 
