@@ -57,11 +57,17 @@ class CompressContext:
             )
         return found
 
-    def generator(self, salt: str = "") -> torch.Generator:
-        """A CPU generator seeded from the context seed and a salt (e.g. a module name)."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed((self.seed * 1_000_003 + _stable_hash(salt)) % (2**63 - 1))
-        return g
+    def generator(self, salt: str = "", seed: int | None = None) -> torch.Generator:
+        """A CPU generator seeded from `seed` (default: the context seed, i.e. the run's sample seed) and a salt
+        (e.g. a module name); a method with its own seed (a mask seed in its id) passes it here."""
+        return seeded_generator(self.seed if seed is None else seed, salt)
+
+
+def seeded_generator(seed: int, salt: str = "") -> torch.Generator:
+    """An explicit CPU torch.Generator seeded from `seed` and `salt` only (no global state)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + _stable_hash(salt)) % (2**63 - 1))
+    return g
 
 
 def _stable_hash(s: str) -> int:
