@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
+from ..outliers import OutlierWatch
 from ..targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ class Method:
 
 class WeightMethod(Method):
     """A method that rewrites each target Linear on its own: a family implements `transform` (and optionally
-    `prepare`, e.g. for calibration statistics); traversal and effective-bits accounting live here."""
+    `prepare`, e.g. for calibration statistics); traversal, effective-bits accounting and the record of the
+    outlier weights it changed (`method_info["outliers"]`, `["super_weights_zeroed"]`) live here."""
 
     def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> Any:
         """Anything `transform` needs, computed once from the uncompressed model before any layer changes."""
@@ -284,6 +286,7 @@ class WeightMethod(Method):
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         linears = ctx.linears(model)
+        watch = OutlierWatch(linears)  # the targets' outlier weights before anything changes
         state = self.prepare(model, linears, ctx)
         bits = []
         for name, lin in linears:
@@ -292,6 +295,7 @@ class WeightMethod(Method):
                 bits.append((lin.weight.numel(), b))
         record_bits(ctx, bits)
         self.finish(ctx, state)
+        watch.record(model, ctx.info)  # which of them the method zeroed or moved (outliers.py)
         return model
 
     def finish(self, ctx: CompressContext, state: Any) -> None:
