@@ -74,12 +74,14 @@ class OutlierSnapshot:
     def take(cls, layer: str, weight: torch.Tensor, k: float = K_SIGMA) -> OutlierSnapshot:
         """Outliers of `weight` (out, in), any dtype and device; |w − mean| > k · std in float32."""
         w = weight.detach().float()  # (O, I); one matrix at a time
-        mean, std = w.mean(), w.std()
-        z = (w - mean).abs_().div_(std.clamp(min=torch.finfo(torch.float32).tiny))  # (O, I)
-        index = torch.nonzero(z > k).cpu()  # (N, 2)
+        std, mean = torch.std_mean(w)
+        std = std.clamp(min=torch.finfo(torch.float32).tiny)
+        index = torch.nonzero((w - mean).abs_() > k * std).cpu()  # (N, 2)
         if index.numel():
             rows, cols = index[:, 0].to(w.device), index[:, 1].to(w.device)
-            values, sigmas = w[rows, cols].cpu(), z[rows, cols].cpu()
+            values = w[rows, cols]  # (N,)
+            sigmas = ((values - mean).abs() / std).cpu()
+            values = values.cpu()
         else:
             values = sigmas = torch.zeros(0)
         return cls(layer, index, values, sigmas)
