@@ -99,6 +99,11 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
         if note:
             print(f"note: {note}")
+    from .report import super_weight_warning
+
+    warn = super_weight_warning(result.method, {"method_info": result.info.get("method_info")})
+    if warn:
+        print(f"warning: {warn.replace('`', '')}")
     print(
         f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
         f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s"

@@ -57,6 +57,17 @@ def died_message(method_id: str, who: str) -> str:
     )
 
 
+def outliers(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The method's record of the outlier weights it changed (outliers.OutlierTally.record), None if absent."""
+    out = (entry.get("method_info") or {}).get("outliers")
+    return dict(out) if isinstance(out, Mapping) else None
+
+
+def super_weights_zeroed(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The super weights (zeroed, beyond k_super σ) the method zeroed, largest first; [] if none or unknown."""
+    return [dict(x) for x in (entry.get("method_info") or {}).get("super_weights_zeroed") or []]
+
+
 # ---- the typed record ---------------------------------------------------------------------------------------
 RECORD_SCHEMA = "lcc-record/1"
 _STAGED = ("entries", "staged_findings", "spec", "identity", "floor")

@@ -26,7 +26,9 @@ from .record import curves as _curves
 from .record import finite as _finite
 from .record import lengths as _lengths
 from .record import methods as _methods
+from .record import outliers as _outliers
 from .record import run_title as _run_title
+from .record import super_weights_zeroed as _super_weights_zeroed
 
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
@@ -53,9 +55,9 @@ HOW_TO_READ = (
     "over [0, L). p99 is the 99th percentile of per-position KL in the window, **top-1** the share of window "
     "positions where both models' most likely next token agree, and **ΔNLL** = NLL_cmp − NLL_ref of the "
     "actual next token (positive: the compressed model is worse). **Growth** = window KL at the longest "
-    "length ÷ at the shortest; **rel. slope** = slope of window KL against log2(length) ÷ its mean KL (the "
-    "fraction of its own level by which KL rises per doubling of context), with a 90 % bootstrap confidence "
-    "interval over samples. Checks compare the mean window KL over the same (paired) samples with the stored "
+    "length ÷ at the shortest; **rel. slope** = per sample, the slope of window KL against log2(length) ÷ that "
+    "sample's mean KL (the fraction of its own level by which KL rises per doubling of context), averaged over "
+    "samples, with a 90 % Student-t confidence interval over samples (df = n − 1). Checks compare the mean window KL over the same (paired) samples with the stored "
     "baseline and fail only when it got worse by more than the tolerance max(ε·baseline, floor, 5·noise); "
     "lower KL beyond it is ⬇ better, a change beyond float noise but inside the tolerance is ↕ changed, and "
     "the paired column counts the samples that got worse. Growth is n/a when KL at the shortest length is ~0. "
@@ -349,6 +351,72 @@ def _summary_lines(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _weight_ref(c: Mapping[str, Any]) -> str:
+    """'model.layers.11.mlp.down_proj[507, 1229] (30.1σ, −0.55 → 0)'."""
+    try:
+        return f"`{c['layer']}[{c['row']}, {c['col']}]` ({c['sigma']:.1f}σ, {c['before']:+.4g} → {c['after']:+.4g})"
+    except (KeyError, TypeError, ValueError):
+        return _one_line(c)
+
+
+def super_weight_warning(method: str, entry: Mapping[str, Any]) -> str | None:
+    """One line when the method (record entry with its method_info) zeroed a super weight, else None; the
+    Markdown report and `lcc measure` print it."""
+    supers = _super_weights_zeroed(entry)
+    if not supers:
+        return None
+    o = _outliers(entry) or {}
+    n, k = o.get("super_zeroed", len(supers)), o.get("k_super")
+    beyond = f" beyond {k:g}σ" if _finite(k) else ""
+    listed = ", ".join(_weight_ref(c) for c in supers[:4]) + (" …" if len(supers) > 4 else "")
+    return (
+        f"`{method}` zeroed {n} super weight(s) (|w − mean|{beyond} of its layer): {listed}; its KL measures "
+        "the loss of these weights as much as the method's criterion"
+    )
+
+
+def _super_weight_warnings(record: Mapping[str, Any]) -> list[str]:
+    """One warning line per method that zeroed a super weight."""
+    lines = (super_weight_warning(mid, entry) for mid, entry in _methods(record).items())
+    return [w for w in lines if w]
+
+
+def _outlier_table(record: Mapping[str, Any]) -> str:
+    rows = []
+    for mid, entry in _methods(record).items():
+        o = _outliers(entry)
+        if o is None:
+            continue
+        top = o.get("top") or []
+        rows.append(
+            [
+                _cell(mid),
+                str(o.get("total", DASH)),
+                str(o.get("changed", DASH)),
+                str(o.get("zeroed", DASH)),
+                str(o.get("super_zeroed", DASH)),
+                _cell(_weight_ref(top[0])) if top else DASH,
+            ]
+        )
+    if not rows:
+        return "_No method recorded outlier weights (no weight method ran)._"
+    first = next(o for e in _methods(record).values() if (o := _outliers(e)) is not None)
+    k, frac, sup = first.get("k_sigma"), first.get("moved_frac"), first.get("k_super")
+    head = (
+        f"Outliers: weights with |w − mean| > {k:g}σ of their weight matrix; changed: zeroed or moved by more "
+        f"than {100 * frac:g} % of their value; super: zeroed and beyond {sup:g}σ.\n\n"
+        if all(_finite(x) for x in (k, frac, sup))
+        else ""
+    )
+    return head + tabulate(
+        rows,
+        headers=["method", "outliers", "changed", "zeroed", "super zeroed", "largest changed"],
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left", "right", "right", "right", "right", "left"),
+    )
+
+
 def _findings_lines(record: Mapping[str, Any]) -> list[str]:
     findings = record.get("findings") or []
     if not findings:
@@ -462,6 +530,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
         ),
         ("Growth with context", _growth_table(record)),
         ("Baseline checks", _checks_table(record)),
+        ("Outlier weights changed", _outlier_table(record)),
     ]
     for title, body in sections:
         out += ["", f"## {title}", "", body]
@@ -472,6 +541,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
         for m, e in methods.items()
         if e.get("length_dependent")
     ]
+    warns += [f"- ⚠ {w}" for w in _super_weight_warnings(record)]
     if warns:
         out += ["", "## Warnings", ""] + warns
     errored = [(m, e) for m, e in methods.items() if e.get("status", "ok") != "ok"]

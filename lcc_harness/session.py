@@ -334,7 +334,7 @@ class LccSession:
         if method_id not in self.growth:
             res = self.complete_result(method_id, "growth")
             per = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
-            g = growth(per, self.lengths, seed=self.harness.cfg.seed, floor=self.floor())
+            g = growth(per, self.lengths, floor=self.floor())
             self.growth[method_id] = g.to_dict()
         return self.growth[method_id]
 
@@ -444,7 +444,7 @@ class LccSession:
         for m in needed:
             res = self.complete_result(m, f"claim {claim}")
             curves[m] = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
-        f = evaluate_claim(claim, roles, curves, self.lengths, seed=self.harness.cfg.seed)
+        f = evaluate_claim(claim, roles, curves, self.lengths)
         baseline = None if self.update else self.stored()
         stored = None if baseline is None else baseline.findings.get(claim)
         f["stored"] = stored

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from lcc_harness.errors import HarnessError
 from lcc_harness.plot import mean_band
@@ -323,3 +324,26 @@ def test_run_record_round_trips_and_merges():
     assert "entries" not in pub and pub["methods"]["y"] == {"status": "error", "error": "boom"}
     with pytest.raises(ValueError, match="schema"):
         RunRecord.from_dict({"run": {}})
+
+
+def test_markdown_warns_when_a_method_zeroed_a_super_weight(record):
+    from lcc_harness.outliers import OutlierTally, changed_outliers
+
+    rec = copy.deepcopy(record)
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    w[5, 7] = 30 * float(w.std())
+    after = w.clone()
+    after[5, 7] = 0
+    tally = OutlierTally()
+    tally.add(1, changed_outliers("model.layers.11.mlp.down_proj", w, after))
+    tally.record(rec["methods"]["rtn-w3-g128"]["method_info"])
+    OutlierTally().record(rec["methods"]["wanda-s50"]["method_info"])  # changed nothing
+    md = render_markdown(rec)
+    warnings = md.split("## Warnings")[1].split("\n## ")[0]
+    assert "`rtn-w3-g128` zeroed 1 super weight(s)" in warnings
+    assert "`model.layers.11.mlp.down_proj[5, 7]`" in warnings and "→ +0" in warnings
+    assert "wanda-s50" not in warnings
+    table = md.split("## Outlier weights changed")[1].split("\n## ")[0]
+    assert "| rtn-w3-g128" in table and "| wanda-s50" in table and "gptq" not in table
+    assert "super zeroed" in table and "> 10σ" in table
+    assert "## Warnings" not in render_markdown(record)  # nothing recorded, nothing to warn about

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MethodError
+from ..outliers import OutlierSnapshot, OutlierTally
 from ._calib import InputStats, collect_input_stats
 from ._quant import effective_bits, fake_quant_groups, fake_quant_per_token
 from .registry import CompressContext, Method, param, register
@@ -95,15 +96,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_weights_acts_(
-    model: nn.Module, linears: list[tuple[str, nn.Linear]], w_bits: int, a_bits: int
+    model: nn.Module,
+    linears: list[tuple[str, nn.Linear]],
+    w_bits: int,
+    a_bits: int,
+    outliers: OutlierTally | None = None,
 ) -> dict[str, float]:
     """Per-channel symmetric `w_bits` weights and per-token `a_bits` inputs on `linears`, in place.
 
-    Returns facts for reports: mean effective weight bits (with one fp16 scale per row) and a_bits.
+    Returns facts for reports: mean effective weight bits (with one fp16 scale per row) and a_bits. `outliers`
+    (if given) collects the outlier weights the rounding zeroed or moved, each matrix compared with itself just
+    before its rounding.
     """
     n_w = n_bits = 0.0
     for name, lin in linears:
+        snap = OutlierSnapshot.take(name, lin.weight) if outliers is not None else None
         lin.weight.copy_(fake_quant_groups(lin.weight, w_bits, 0, sym=True))
+        if snap is not None:
+            outliers.add(len(snap), snap.changes(lin.weight))
         if isinstance(lin, ActQuantLinear):
             lin.input_quant.bits = a_bits
         else:
@@ -135,7 +145,9 @@ class WeightActQuant(Method):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        ctx.info.update(quantize_weights_acts_(model, ctx.linears(model), self.w_bits, self.a_bits))
+        tally = OutlierTally()
+        ctx.info.update(quantize_weights_acts_(model, ctx.linears(model), self.w_bits, self.a_bits, tally))
+        tally.record(ctx.info)
         return model
 
 
@@ -375,5 +387,8 @@ class SmoothQuant(Method):
             )
         ctx.info.update({f"smoothed_{k}": v for k, v in done.items()})
         ctx.info["smoothing_rel_error"] = err
-        ctx.info.update(quantize_weights_acts_(model, ctx.linears(model), self.w_bits, self.a_bits))
+        # outliers of the smoothed weights: smoothing is exact (checked above), the rounding is the lossy step
+        tally = OutlierTally(note="relative to the smoothed weights (smoothing itself is exact)")
+        ctx.info.update(quantize_weights_acts_(model, ctx.linears(model), self.w_bits, self.a_bits, tally))
+        tally.record(ctx.info)
         return model

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
+from ..outliers import OutlierWatch
 from ..targets import decoder_layers
 from ._calib import run_calibration
 from ._quant import GroupGrid, effective_bits, quant_params, quantize_dequantize, resolve_group
@@ -274,6 +275,7 @@ class GPTQ(Method, GroupGrid):
         targets = ctx.linears(model)
         for name, lin in targets:
             resolve_group(lin.in_features, self.group, f" of {name}")
+        watch = OutlierWatch(targets)  # outlier positions and values only, before any block is quantized
         layers = decoder_layers(model)
         dev = model.get_input_embeddings().weight.device
         calib = [ids.to(dev) for ids in ctx.calibration]
@@ -325,4 +327,5 @@ class GPTQ(Method, GroupGrid):
             "calib_spans": len(calib),
             "shared_block_pass": True,
         }
+        watch.record(model, ctx.info)
         return model

@@ -2,7 +2,9 @@
 
 `mixed` keeps the groups with the largest max|w| (the paper's remedy for outlier weights); two controls
 with the same budget (the same k groups per layer) pick them at random (`mixed-random`) or by
-activation-weighted quantization error (`mixed-saliency`). A group is G consecutive input weights of one
+activation-weighted quantization error (`mixed-saliency`). `mixed-random` takes an optional mask seed
+(`mixed-random-w3-g64-p2-seed3`): the random groups then come from S and the layer name only, not from the run's
+sample seed; without it they come from the run's seed, as before the suffix existed. A group is G consecutive input weights of one
 output row, quantized asymmetrically (min-max, integer zero point) as in `rtn`.
 
 Budget per layer: k = floor(pct/100 · n_groups + 1/2) (round half up, computed exactly from the decimal pct),
@@ -64,10 +66,11 @@ class _Mixed(WeightMethod):
     pct: float = param(DEFAULT_PCT, 0, 100)
 
     selection: ClassVar[str] = ""
+    form_suffix: ClassVar[str] = ""  # an optional part every form of the family ends with
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         if "family" in cls.__dict__:
-            cls.forms = _forms(cls.family)
+            cls.forms = _forms(cls.family, cls.form_suffix)
         super().__init_subclass__(**kwargs)
 
     def validate(self) -> None:
@@ -109,11 +112,14 @@ class _Mixed(WeightMethod):
         ctx.info["high_precision_groups"] = state["high"]
         ctx.info["high_precision_fraction"] = state["high"] / max(state["total"], 1)
         ctx.info["high_precision_selection"] = self.selection
+        if hasattr(self, "mask_seed"):
+            ctx.info["mask_seed"] = ctx.seed if self.mask_seed is None else self.mask_seed
+            ctx.info["mask_seed_from"] = "run seed" if self.mask_seed is None else "method id"
 
 
-def _forms(prefix: str) -> tuple[str, ...]:
+def _forms(prefix: str, suffix: str = "") -> tuple[str, ...]:
     """Ids always carry -p{pct}; on input it may be left out (then pct = DEFAULT_PCT)."""
-    return (f"{prefix}-w{{bits}}-g{{group}}-p{{pct}}", f"{prefix}-w{{bits}}-g{{group}}")
+    return (f"{prefix}-w{{bits}}-g{{group}}-p{{pct}}{suffix}", f"{prefix}-w{{bits}}-g{{group}}{suffix}")
 
 
 _DESC = (
@@ -142,18 +148,26 @@ class MixedMaxAbs(_Mixed):
 @register
 @dataclass(frozen=True)
 class MixedRandom(_Mixed):
-    """Control: k groups per layer chosen uniformly at random, seeded by ctx.generator(layer name)."""
+    """Control: k groups per layer chosen uniformly at random by an explicit generator seeded from the mask seed
+    (`-seed{S}`; without it, the run's seed) and the layer name."""
+
+    mask_seed: int | None = param(None, 0, 2**62, label="mask seed", hint="S >= 0")
 
     family, selection = "mixed-random", "random"
-    examples = ("mixed-random-w3-g128-p2",)
-    description = _DESC.format(how="chosen at random, seeded per layer; a control for `mixed`")
+    form_suffix = "[-seed{mask_seed}]"
+    examples = ("mixed-random-w3-g128-p2", "mixed-random-w3-g64-p2-seed3")
+    description = _DESC.format(
+        how="chosen at random, seeded per layer; a control for `mixed`; -seed{S}: the groups from seed S, "
+        "independent of the run's sample seed (default: the run's seed)"
+    )
 
     def _select(
         self, name: str, w: torch.Tensor, g: int, k: int, ctx: CompressContext, stats: dict[str, InputStats]
     ) -> torch.Tensor:
         out_f, in_f = w.shape
         n = out_f * (in_f // g)
-        chosen = torch.randperm(n, generator=ctx.generator(name))[:k]
+        gen = ctx.generator(name, seed=self.mask_seed)  # the run's seed when mask_seed is None
+        chosen = torch.randperm(n, generator=gen)[:k]
         mask = torch.zeros(n, dtype=torch.bool)
         mask[chosen] = True
         return mask.view(out_f, in_f // g).to(w.device)

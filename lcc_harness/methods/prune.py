@@ -6,8 +6,12 @@ Every family prunes each output row of every target Linear on its own (per-outpu
 - `{family}-{N}:{M}`: keep at most N of every M consecutive input weights of a row (NVIDIA 2:4 convention),
   i.e. zero the M−N lowest scores of each group; M must divide the input width of every target Linear.
 Scores: magnitude |W_ij|; Wanda |W_ij| · ‖X_j‖₂ (input column norms over the calibration tokens, collected in
-one pass on the dense model); random: uniform noise from `ctx.generator(name)`. Ties go to the lower input
-index (stable sort), so results are deterministic.
+one pass on the dense model); random: uniform noise from an explicit generator seeded per layer. Ties go to the
+lower input index (stable sort), so results are deterministic.
+
+Random pruning takes an optional mask seed, `random-s{P}-seed{S}` / `random-{N}:{M}-seed{S}`: the mask then comes
+from S and the layer name only, so the run's sample seed no longer picks it. Without the suffix the mask comes
+from the run's seed (the id and masks of `random-s10` are unchanged by the suffix's introduction).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -63,8 +68,16 @@ class _Prune(WeightMethod):
     n: int = 0
     m: int = 0
 
+    seeded: ClassVar[bool] = False  # the family takes an optional -seed{S} suffix (field `mask_seed`)
+
     def __post_init__(self) -> None:
         fam = self.family
+        seed = getattr(self, "mask_seed", None)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise MethodError(
+                f"method '{fam}': mask seed {seed!r} must be a whole number >= 0; write it as "
+                f"{fam}-s{{P}}-seed{{S}}, e.g. {fam}-s10-seed3"
+            )
         if self.m or self.n:
             form = f"{fam}-{{N}}:{{M}} with integers 0 < N < M, e.g. {fam}-2:4"
             check_range(self.id, "M", self.m, 2, 1 << 20, form)
@@ -90,8 +103,9 @@ class _Prune(WeightMethod):
     def __init_subclass__(cls, **kwargs: object) -> None:
         fam = cls.__dict__.get("family")
         if fam:  # every pruning family writes its ids the same two ways (parsed with N:M-specific errors)
-            cls.forms = (f"{fam}-s{{P}}", f"{fam}-{{N}}:{{M}}")
-            cls.pattern = _pattern(fam)
+            seed = "[-seed{S}]" if cls.seeded else ""
+            cls.forms = (f"{fam}-s{{P}}{seed}", f"{fam}-{{N}}:{{M}}{seed}")
+            cls.pattern = _pattern(fam, cls.seeded)
         super().__init_subclass__(**kwargs)
 
     @property
@@ -100,21 +114,32 @@ class _Prune(WeightMethod):
 
     @property
     def id(self) -> str:
+        seed = getattr(self, "mask_seed", None)
+        suffix = "" if seed is None else f"-seed{seed}"
         if self.m or self.n:
-            return f"{self.family}-{self.n}:{self.m}"
-        return f"{self.family}-s{format_percent(50.0 if self.percent is None else self.percent)}"
+            return f"{self.family}-{self.n}:{self.m}{suffix}"
+        return f"{self.family}-s{format_percent(50.0 if self.percent is None else self.percent)}{suffix}"
 
     @classmethod
     def from_match(cls, mt: re.Match[str]) -> _Prune:
+        kw: dict[str, int] = {}
+        seed_txt = mt.groupdict().get("seed")
+        if seed_txt is not None:
+            if "." in seed_txt or seed_txt.startswith("-"):
+                raise MethodError(
+                    f"method '{mt.group(0)}': the mask seed must be a whole number >= 0, got {seed_txt}; "
+                    f"write it as {cls.family}-s{{P}}-seed{{S}}, e.g. {cls.family}-s10-seed3"
+                )
+            kw["mask_seed"] = int(seed_txt)
         if mt["pct"] is not None:
-            return cls(percent=float(mt["pct"]))
+            return cls(percent=float(mt["pct"]), **kw)
         n_txt, m_txt = mt["n"], mt["m"]
         if "." in n_txt or "." in m_txt or n_txt.startswith("-") or m_txt.startswith("-"):
             raise MethodError(
                 f"method '{mt.group(0)}': N:M needs whole numbers 0 < N < M, got {n_txt}:{m_txt}; "
                 f"write it as {cls.family}-{{N}}:{{M}}, e.g. {cls.family}-2:4"
             )
-        return cls(n=int(n_txt), m=int(m_txt))
+        return cls(n=int(n_txt), m=int(m_txt), **kw)
 
     def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
         """Importance (out, in) float32 on the weight's device; the lowest scores are pruned."""
@@ -153,8 +178,9 @@ class _Prune(WeightMethod):
         ctx.info["sparsity"] = state["zero"] / max(state["total"], 1)
 
 
-def _pattern(family: str) -> re.Pattern[str]:
-    return re.compile(rf"{family}-(?:s(?P<pct>{_NUM})|(?P<n>{_NUM}):(?P<m>{_NUM}))")
+def _pattern(family: str, seeded: bool = False) -> re.Pattern[str]:
+    seed = rf"(?:-seed(?P<seed>{_NUM}))?" if seeded else ""
+    return re.compile(rf"{family}-(?:s(?P<pct>{_NUM})|(?P<n>{_NUM}):(?P<m>{_NUM})){seed}")
 
 
 _FORMS_NOTE = "0 < P < 100 percent per output row, or N:M = at most N nonzeros in every M consecutive inputs"
@@ -201,11 +227,24 @@ class WandaPrune(_Prune):
 @register
 @dataclass(frozen=True)
 class RandomPrune(_Prune):
-    """Zero uniformly random weights in each output row (or group of M); seeded by ctx.generator(layer name)."""
+    """Zero uniformly random weights in each output row (or group of M). The mask comes from an explicit generator
+    seeded by the mask seed (`-seed{S}`; without it, the run's seed) and the layer name."""
 
-    family, examples = "random", ("random-s10", "random-2:4")
-    description = f"random pruning (a floor for the other criteria), seeded per layer; {_FORMS_NOTE}"
+    mask_seed: int | None = None
+
+    seeded = True
+    family, examples = "random", ("random-s10", "random-2:4", "random-s10-seed3")
+    description = (
+        f"random pruning (a floor for the other criteria), seeded per layer; {_FORMS_NOTE}; -seed{{S}}: "
+        "the mask from seed S, independent of the run's sample seed (default: the run's seed)"
+    )
 
     def scores(self, name: str, lin: nn.Linear, ctx: CompressContext, state: dict) -> torch.Tensor:
-        noise = torch.rand(lin.weight.shape, generator=ctx.generator(name), dtype=torch.float32)  # CPU
+        g = ctx.generator(name, seed=self.mask_seed)  # the run's seed when mask_seed is None
+        noise = torch.rand(lin.weight.shape, generator=g, dtype=torch.float32)  # (O, I) on the CPU
         return noise.to(lin.weight.device)
+
+    def finish(self, ctx: CompressContext, state: dict) -> None:
+        super().finish(ctx, state)
+        ctx.info["mask_seed"] = ctx.seed if self.mask_seed is None else self.mask_seed
+        ctx.info["mask_seed_from"] = "run seed" if self.mask_seed is None else "method id"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
+from ..outliers import OutlierWatch
 from ..targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,17 @@ class CompressContext:
             )
         return found
 
-    def generator(self, salt: str = "") -> torch.Generator:
-        """A CPU generator seeded from the context seed and a salt (e.g. a module name)."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed((self.seed * 1_000_003 + _stable_hash(salt)) % (2**63 - 1))
-        return g
+    def generator(self, salt: str = "", seed: int | None = None) -> torch.Generator:
+        """A CPU generator seeded from `seed` (default: the context seed, i.e. the run's sample seed) and a salt
+        (e.g. a module name); a method with its own seed (a mask seed in its id) passes it here."""
+        return seeded_generator(self.seed if seed is None else seed, salt)
+
+
+def seeded_generator(seed: int, salt: str = "") -> torch.Generator:
+    """An explicit CPU torch.Generator seeded from `seed` and `salt` only (no global state)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + _stable_hash(salt)) % (2**63 - 1))
+    return g
 
 
 def _stable_hash(s: str) -> int:
@@ -265,7 +272,8 @@ class Method:
 
 class WeightMethod(Method):
     """A method that rewrites each target Linear on its own: a family implements `transform` (and optionally
-    `prepare`, e.g. for calibration statistics); traversal and effective-bits accounting live here."""
+    `prepare`, e.g. for calibration statistics); traversal, effective-bits accounting and the record of the
+    outlier weights it changed (`method_info["outliers"]`, `["super_weights_zeroed"]`) live here."""
 
     def prepare(self, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext) -> Any:
         """Anything `transform` needs, computed once from the uncompressed model before any layer changes."""
@@ -278,6 +286,7 @@ class WeightMethod(Method):
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         linears = ctx.linears(model)
+        watch = OutlierWatch(linears)  # the targets' outlier weights before anything changes
         state = self.prepare(model, linears, ctx)
         bits = []
         for name, lin in linears:
@@ -286,6 +295,7 @@ class WeightMethod(Method):
                 bits.append((lin.weight.numel(), b))
         record_bits(ctx, bits)
         self.finish(ctx, state)
+        watch.record(model, ctx.info)  # which of them the method zeroed or moved (outliers.py)
         return model
 
     def finish(self, ctx: CompressContext, state: Any) -> None:

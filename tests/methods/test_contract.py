@@ -51,6 +51,22 @@ def test_every_example_applies_to_the_tiny_model(family, example, tiny, device):
     assert torch.equal(a, b) == (family == "none")
 
 
+@pytest.mark.parametrize("family,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
+def test_every_weight_changing_example_records_outliers(family, example, tiny):
+    """A method that rewrites target weights records the outlier weights it changed (outliers.py); one that
+    changes none (`none`, KV-cache quantization) records nothing."""
+    m = parse_method(example)
+    if "group" in {f.name for f in dataclasses.fields(m)} and m.group not in (0, 32) and m.family != "kv":
+        m = dataclasses.replace(m, group=32)
+    calib = tuple(torch.arange(96) * 7 % 256 for _ in range(2)) if m.needs_calibration else ()
+    ctx = CompressContext(calibration=calib, seed=0)
+    out = m.apply(copy.deepcopy(tiny), ctx)
+    before = dict(CompressContext().linears(tiny))
+    changed = any(not torch.equal(lin.weight, before[n].weight) for n, lin in CompressContext().linears(out))
+    assert ("outliers" in ctx.info) == changed == (family not in ("none", "kv")), ctx.info.keys()
+    assert ("super_weights_zeroed" in ctx.info) == changed
+
+
 def _readme_block() -> str:
     text = README.read_text()
     start = text.index("### Your own quantizer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -266,6 +267,51 @@ def test_random_control_same_budget_other_groups_reproducible(tiny: nn.Module) -
         assert not torch.equal(r0[name], r1[name]), name
     # layers with the same shape draw different sets: the generator is salted by the layer name
     assert not torch.equal(r0["model.layers.0.self_attn.q_proj"], r0["model.layers.1.self_attn.q_proj"])
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("mixed-random-w3-g64-p2-seed3", "mixed-random-w3-g64-p2-seed3"),
+        ("mixed-random-w3-g64-seed3", "mixed-random-w3-g64-p2-seed3"),
+        ("mixed-random-w3-g64-p2-seed0", "mixed-random-w3-g64-p2-seed0"),
+        ("mixed-random-w3-g64-p2", "mixed-random-w3-g64-p2"),
+    ],
+)
+def test_random_control_mask_seed_id_round_trip(text: str, canonical: str) -> None:
+    m = parse_method(text)
+    assert m.id == canonical and parse_method(m.id) == m
+
+
+def test_mask_seed_only_for_the_random_control() -> None:
+    for bad in ("mixed-w3-g64-p2-seed3", "mixed-saliency-w3-g64-p2-seed3"):
+        with pytest.raises(MethodError, match="unknown method id"):
+            parse_method(bad)
+    with pytest.raises(MethodError, match="whole number"):
+        parse_method("mixed-random-w3-g64-p2-seed1.5")
+
+
+def test_random_control_mask_seed_independent_of_run_seed(tiny: nn.Module) -> None:
+    rand3, rand4 = parse_method("mixed-random-w3-g16-p3-seed3"), parse_method("mixed-random-w3-g16-p3-seed4")
+    a = apply_and_masks(rand3, tiny, CompressContext(seed=0))
+    b = apply_and_masks(rand3, tiny, CompressContext(seed=9))
+    c = apply_and_masks(rand4, tiny, CompressContext(seed=0))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        assert not torch.equal(a[name], c[name]), name
+        assert int(a[name].sum()) == int(c[name].sum()), name
+
+
+def test_random_control_without_suffix_unchanged(tiny: nn.Module) -> None:
+    """Weights digest computed before the mask seed existed (commit 015d14c), run seed 0."""
+    ctx = CompressContext(seed=0)
+    out = parse_method("mixed-random-w3-g16-p3").apply(copy.deepcopy(tiny), ctx)
+    h = hashlib.sha256()
+    for name, lin in ctx.linears(out):
+        h.update(name.encode())
+        h.update(lin.weight.detach().numpy().tobytes())
+    assert h.hexdigest()[:16] == "f4f7f364c006a0ca"
+    assert ctx.info["mask_seed"] == 0 and ctx.info["mask_seed_from"] == "run seed"
 
 
 # ---------------------------------------------------------------- saliency control

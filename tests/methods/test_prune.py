@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, parse_method
+from lcc_harness.methods.prune import RandomPrune
 
 FAMILIES = ("magnitude", "wanda", "random")
 
@@ -45,6 +47,10 @@ def target_weights(model: nn.Module, ctx: CompressContext | None = None) -> dict
         ("magnitude-2:4", "magnitude-2:4"),
         ("wanda-2:4", "wanda-2:4"),
         ("random-1:8", "random-1:8"),
+        ("random-s10-seed3", "random-s10-seed3"),
+        ("random-s10-seed03", "random-s10-seed3"),
+        ("random-s10-seed0", "random-s10-seed0"),
+        ("random-2:4-seed7", "random-2:4-seed7"),
     ],
 )
 def test_id_round_trip(text: str, canonical: str) -> None:
@@ -72,6 +78,7 @@ def test_needs_calibration_only_for_wanda() -> None:
         ("magnitude-4:4", "0 < N < M"),
         ("random-5:4", "0 < N < M"),
         ("wanda-0:4", "0 < N < M"),
+        ("random-s10-seed1.5", "whole number"),
     ],
 )
 def test_bad_ids_raise_helpful_error(bad: str, hint: str) -> None:
@@ -276,6 +283,91 @@ def test_random_reproducible_and_seeded(tiny: nn.Module) -> None:
     wa, wb, wc = target_weights(a), target_weights(b), target_weights(c)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(not torch.equal(wa[k] == 0, wc[k] == 0) for k in wa)
+
+
+def test_mask_seed_only_for_random() -> None:
+    assert parse_method("random-s10-seed3").mask_seed == 3
+    assert parse_method("random-s10").mask_seed is None
+    for bad in ("magnitude-s50-seed3", "wanda-2:4-seed1"):
+        with pytest.raises(MethodError, match="unknown method id"):
+            parse_method(bad)
+    with pytest.raises(MethodError, match="whole number >= 0"):
+        parse_method("random-s10-seed-1")
+    with pytest.raises(MethodError, match="mask seed"):
+        RandomPrune(percent=10, mask_seed=-1)
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: w == 0 for name, w in target_weights(model).items()}
+
+
+def test_mask_seed_fixes_the_mask_whatever_the_sample_seed(tiny: nn.Module) -> None:
+    a, ctx_a = prune(copy.deepcopy(tiny), "random-s10-seed3", seed=0)
+    b, ctx_b = prune(copy.deepcopy(tiny), "random-s10-seed3", seed=5)
+    ma, mb = masks(a), masks(b)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert ctx_a.info["mask_seed"] == ctx_b.info["mask_seed"] == 3
+    assert ctx_a.info["mask_seed_from"] == "method id"
+
+
+def test_mask_seeds_give_different_masks(tiny: nn.Module) -> None:
+    ma = masks(prune(copy.deepcopy(tiny), "random-s10-seed3")[0])
+    mb = masks(prune(copy.deepcopy(tiny), "random-s10-seed4")[0])
+    assert all(not torch.equal(ma[k], mb[k]) for k in ma)
+    assert all((ma[k].sum(1) == mb[k].sum(1)).all() for k in ma)  # same k per row, other positions
+
+
+def test_seed_suffix_s_equals_run_seed_s(tiny: nn.Module) -> None:
+    """-seed{S} draws the mask the run seed S draws without the suffix: one seeding rule for both."""
+    ma = masks(prune(copy.deepcopy(tiny), "random-s10-seed2", seed=0)[0])
+    mb = masks(prune(copy.deepcopy(tiny), "random-s10", seed=2)[0])
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+# sha256 (first 16 hex) of the tiny model's target weights after each method, per run seed, computed with the code
+# before the mask seed existed (commit 015d14c): the committed baselines' random-s10 must not move.
+GOLDEN = {
+    ("random-s10", 0): "def355f8bd1c1b20",
+    ("random-s10", 1): "bfbf140106d7ac37",
+    ("random-2:4", 0): "a0b1562f57d78c78",
+}
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, lin in CompressContext().linears(model):
+        h.update(name.encode())
+        h.update(lin.weight.detach().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("method_id, seed", sorted(GOLDEN))
+def test_without_suffix_masks_unchanged(tiny: nn.Module, method_id: str, seed: int) -> None:
+    out, ctx = prune(copy.deepcopy(tiny), method_id, seed=seed)
+    assert weights_digest(out) == GOLDEN[(method_id, seed)]
+    assert ctx.info["mask_seed"] == seed and ctx.info["mask_seed_from"] == "run seed"
+
+
+def test_without_suffix_mask_is_the_documented_rule(tiny: nn.Module) -> None:
+    """random-s10 at run seed s: per layer, torch.rand from a generator seeded (s·1000003 + hash(name)) mod 2⁶³−1,
+    the round(10 % · I) lowest per row (spelled out here, independent of the code under test)."""
+
+    def name_hash(text: str) -> int:
+        h = 0
+        for ch in text.encode():
+            h = (h * 131 + ch) % (2**61 - 1)
+        return h
+
+    seed = 1
+    got = masks(prune(copy.deepcopy(tiny), "random-s10", seed=seed)[0])
+    for name, lin in CompressContext().linears(tiny):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + name_hash(name)) % (2**63 - 1))
+        noise = torch.rand(lin.weight.shape, generator=g)
+        k = round(10 * lin.in_features / 100)
+        want = torch.zeros_like(noise, dtype=torch.bool).scatter_(
+            1, noise.argsort(dim=1, stable=True)[:, :k], True
+        )
+        assert torch.equal(got[name], want | (lin.weight == 0)), name
 
 
 def test_random_is_not_magnitude(tiny: nn.Module) -> None:
