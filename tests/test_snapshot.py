@@ -30,6 +30,7 @@ METHODS = [
     "w8a8",
     "smoothquant-w8a8-a0.5",
     "kv-k2v2-g32",
+    "gguf-q4_0",
 ]
 
 
