@@ -307,8 +307,21 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, p in model.state_dict().items():
-            t = p.detach().double()
-            h.update(
-                f"{name}:{tuple(p.shape)}:{p.dtype}:{t.sum().item():.12e}:{t.abs().sum().item():.12e}".encode()
-            )
+            total, absolute = _sums(p.detach())
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{total:.12e}:{absolute:.12e}".encode())
     return h.hexdigest()
+
+
+FINGERPRINT_BLOCK = 1 << 22  # elements per float64 block: 32 MiB, whatever the tensor's size
+
+
+def _sums(t: torch.Tensor) -> tuple[float, float]:
+    """Σ t and Σ |t| accumulated in float64 over blocks of FINGERPRINT_BLOCK elements, on the tensor's device:
+    never a float64 copy of the whole tensor (a 7B model's embedding would need 1 GB more)."""
+    flat = t.reshape(-1)
+    total = absolute = 0.0
+    for block in flat.split(FINGERPRINT_BLOCK):
+        b = block.double()
+        total += b.sum().item()
+        absolute += b.abs().sum().item()
+    return total, absolute

@@ -343,3 +343,27 @@ def test_smollm2_135m() -> None:
     last = logits(lm.model, prompt)[0, -1]  # (V,)
     assert torch.isfinite(last).all()
     assert tok.decode([int(last.argmax())]) == " Paris"
+
+
+def test_fingerprint_never_copies_a_whole_tensor_to_float64(monkeypatch):
+    """The fingerprint sums in float64 block by block: no float64 tensor larger than a block is made."""
+    import torch
+
+    import lcc_harness.models as models
+
+    big = torch.nn.Linear(64, 64, bias=False)
+    monkeypatch.setattr(models, "FINGERPRINT_BLOCK", 1000)
+    sizes: list[int] = []
+    double = torch.Tensor.double
+
+    def watched(self):
+        sizes.append(self.numel())
+        return double(self)
+
+    monkeypatch.setattr(torch.Tensor, "double", watched)
+    a = models.model_fingerprint(big)
+    assert sizes and max(sizes) <= 1000 and len(sizes) == 5  # 4096 elements in blocks of 1000
+    assert models.model_fingerprint(big) == a  # deterministic
+    with torch.no_grad():
+        big.weight[0, 0] += 1.0
+    assert models.model_fingerprint(big) != a
