@@ -356,3 +356,17 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     if bad:
         raise BaselineError(f"refusing to write '{path}': {bad} is NaN or Infinity, which JSON cannot hold")
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def update_from_record(baseline_dir: Path, rec: Any) -> None:
+    """The record's staged entries and verdicts into its baseline file under `baseline_dir` (baselines.update:
+    atomic, locked, other methods kept); what changed is appended to rec.baseline_changes."""
+    from . import __version__
+
+    if not rec.entries and not rec.staged_findings:
+        return
+    ident, spec = rec.identity, rec.spec
+    path = baseline_path(baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"])
+    meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
+    changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor)
+    rec.baseline_changes.extend(changes or [f"{path.name}: no change"])

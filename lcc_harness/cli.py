@@ -178,7 +178,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     m.set_defaults(func=_cmd_measure)
+    g = sub.add_parser(
+        "merge",
+        help="join the run records of CI shards (pytest --lcc-shard I/N) into one report and baseline update",
+    )
+    g.add_argument(
+        "records", nargs="+", metavar="RECORD", help="each shard's lcc-record.json (or its report folder)"
+    )
+    g.add_argument("--report-dir", default="reports", help="where the merged report goes (default: reports)")
+    g.add_argument("--baseline-dir", default="baselines", help="the baselines to compare with or update")
+    g.add_argument(
+        "--update-baselines",
+        action="store_true",
+        help="write the shards' entries and the claims' verdicts to the baseline file (atomically, once)",
+    )
+    g.set_defaults(func=_cmd_merge)
     return p
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+    from .report import terminal_summary
+
+    rec, status = merge(args.records, args.report_dir, args.baseline_dir, update=args.update_baselines)
+    print(terminal_summary(rec.public()))
+    for line in rec.baseline_changes:
+        print(f"baseline: {line}")
+    print(f"report: {args.report_dir}")
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

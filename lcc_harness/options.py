@@ -139,6 +139,18 @@ OPTIONS: tuple[Option, ...] = (
         kind="flag",
     ),
     Option(
+        "shard",
+        "I/N: run only the I-th of N fixed slices of the methods (1-based); `lcc merge` joins the shards' "
+        "records into one report and baseline update",
+        where="pytest",
+    ),
+    Option(
+        "gpus-per-worker",
+        "under pytest-xdist: K GPUs of their own for each worker (CUDA_VISIBLE_DEVICES; a model larger than "
+        "one GPU is spread over its K); default: every process sees every GPU",
+        where="pytest",
+    ),
+    Option(
         "seed",
         "seed of the sample and calibration draws (default 0)",
         "seed",
@@ -213,3 +225,29 @@ def run_fields(values: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[o.field] = o.convert(key, v)
     return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' → (I, N) with 1 ≤ I ≤ N; anything else is an OptionError naming --lcc-shard."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
+        raise OptionError("shard", f"--shard '{text}' must be I/N with 1 <= I <= N, e.g. --shard 2/4")
+    return int(m[1]), int(m[2])
+
+
+def shard_of(method_ids: list[str], shard: tuple[int, int]) -> list[str]:
+    """The methods of shard (I, N): every N-th id of the run's list, starting at the I-th (a fixed split)."""
+    i, n = shard
+    return [m for k, m in enumerate(method_ids) if k % n == i - 1]
+
+
+def gpu_groups(visible: list[str], workers: int, per_worker: int) -> list[list[str]]:
+    """Disjoint groups of `per_worker` GPU ids, one per xdist worker; an OptionError when too few are visible."""
+    need = workers * per_worker
+    if len(visible) < need:
+        raise OptionError(
+            "gpus-per-worker",
+            f"--gpus-per-worker {per_worker} with {workers} worker(s) needs {need} GPUs, {len(visible)} visible "
+            f"({', '.join(visible) or 'none'}); use fewer workers (-n) or fewer GPUs per worker",
+        )
+    return [visible[k * per_worker : (k + 1) * per_worker] for k in range(workers)]

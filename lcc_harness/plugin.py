@@ -153,6 +153,16 @@ def pytest_configure_node(node: Any) -> None:
     s = node.config.stash.get(_KEY, None)
     if s is not None and s.store is not None:
         node.workerinput["lcc_store"] = str(s.store.path)
+    gpus = s.gpus_for(node.gateway.id) if s is not None else None
+    if gpus is not None:
+        node.workerinput["lcc_gpus"] = gpus
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    s = node.config.stash.get(_KEY, None)
+    if s is not None:
+        s.release_gpus(node.gateway.id)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -226,6 +236,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from .report import write_reports
 
         s.report_files = write_reports(rec.public(), s.report_dir)
+        s.report_files.append(rec.write(s.report_dir))
     except (OSError, HarnessError) as exc:
         log.error("lcc: could not write reports to %s: %s", s.report_dir, exc)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -70,6 +71,7 @@ def super_weights_zeroed(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 # ---- the typed record ---------------------------------------------------------------------------------------
 RECORD_SCHEMA = "lcc-record/1"
+RECORD_FILE = "lcc-record.json"  # the full record, beside each report (what `lcc merge` joins)
 _STAGED = ("entries", "staged_findings", "spec", "identity", "floor")
 
 
@@ -118,6 +120,14 @@ class RunRecord:
         d["methods"] = {m: o.to_dict() for m, o in self.methods.items()}
         d["schema"] = RECORD_SCHEMA
         return d
+
+    def write(self, report_dir: str | Path) -> Path:
+        """The full record as RECORD_FILE in `report_dir` (atomic)."""
+        import json
+
+        from .files import atomic_write
+
+        return atomic_write(Path(report_dir) / RECORD_FILE, json.dumps(self.to_dict(), default=str).encode())
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in _STAGED}

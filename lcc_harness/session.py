@@ -82,6 +82,15 @@ class LccSession:
         self.is_worker = hasattr(config, "workerinput")
         self.who = config.workerinput["workerid"] if self.is_worker else f"pid {os.getpid()}"
         self.store = self._run_store()
+        self.shard: tuple[int, int] | None = None
+        if _opt(config, "lcc_shard"):
+            from .options import parse_shard, shard_of
+
+            self.shard = parse_shard(_opt(config, "lcc_shard"))
+            self.method_ids = shard_of(self.method_ids, self.shard)
+        self.gpu_free: list[list[str]] = []  # controller: GPU groups no worker holds
+        self.gpu_held: dict[str, list[str]] = {}
+        self._assign_gpus()
         self.stopped_by: str | None = None  # set by the SIGTERM handler (plugin._catch_sigterm)
         self.restore_sigterm = False
         self._harness = None
@@ -99,6 +108,38 @@ class LccSession:
         self._floor: dict[str, float] | None = None
 
     # ---- configuration -------------------------------------------------------------------------
+    def _assign_gpus(self) -> None:
+        """--lcc-gpus-per-worker K: the controller splits the visible GPUs into one group of K per xdist worker
+        (handed out in pytest_configure_node, taken back when a worker goes down); a worker, or a plain run,
+        restricts itself to its group through CUDA_VISIBLE_DEVICES before anything initializes CUDA."""
+        from .options import gpu_groups, positive_int
+
+        if self.is_worker:
+            gpus = self.config.workerinput.get("lcc_gpus")
+            if gpus is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+            return
+        text = _opt(self.config, "lcc_gpus_per_worker")
+        if not text:
+            return
+        k = positive_int("gpus-per-worker", text)
+        workers = int(getattr(self.config.option, "numprocesses", 0) or 0) if self.store is not None else 1
+        self.gpu_free = gpu_groups(_visible_gpus(), max(workers, 1), k)
+        if self.store is None:  # one process: it takes the first group
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_free[0])
+
+    def gpus_for(self, worker: str) -> str | None:
+        """The GPU group (CUDA_VISIBLE_DEVICES value) for a starting worker; None without --lcc-gpus-per-worker."""
+        if not self.gpu_free and not self.gpu_held:
+            return None
+        group = self.gpu_free.pop(0)
+        self.gpu_held[worker] = group
+        return ",".join(group)
+
+    def release_gpus(self, worker: str) -> None:
+        if worker in self.gpu_held:
+            self.gpu_free.insert(0, self.gpu_held.pop(worker))
+
     def _run_store(self):
         """The folder that xdist's processes of this run share (share.RunStore): created by the controller when
         the run is distributed, handed to each worker in its workerinput; None for a plain run."""
@@ -436,6 +477,10 @@ class LccSession:
         roles = self.profile.roles
         needed = [roles[r] for r in CLAIMS[claim].roles]
         missing = [m for m in needed if m not in self.method_ids]
+        if missing and self.shard is not None:
+            pytest.skip(
+                f"claim {claim} needs methods {', '.join(missing)} of other shards; `lcc merge` evaluates it"
+            )
         if missing:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
         if len(self.lengths) < 2:
@@ -528,6 +573,16 @@ class LccSession:
         )
 
 
+def _visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else every device torch counts."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None and env.strip():
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -552,18 +607,9 @@ def partial_record(s: LccSession) -> RunRecord:
 
 
 def write_baselines(s: LccSession, rec: RunRecord) -> None:
-    from . import __version__
-    from .baselines import baseline_path, update
+    from .baselines import update_from_record
 
-    if not rec.entries and not rec.staged_findings:
-        return
-    ident, spec = rec.identity, rec.spec
-    path = baseline_path(
-        s.baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"]
-    )
-    meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
-    changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor)
-    rec.baseline_changes.extend(changes or [f"{path.name}: no change"])
+    update_from_record(s.baseline_dir, rec)
 
 
 def save_part(s: LccSession) -> None:

@@ -572,3 +572,119 @@ def test_method_of_a_node_id_takes_the_longest_matching_method():
     assert method_of("t.py::test_kl_growth_within_baseline[wanda-s50]", ids) == "wanda-s50"
     assert method_of("t.py::test_claim[pruning-flat]", ids) is None
     assert method_of("t.py::test_plain", ids) is None
+
+
+# ---- CI shards: --lcc-shard I/N and `lcc merge` -----------------------------------------------------------------
+def _lcc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lcc_harness.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def _without_dates(data: dict) -> dict:
+    data = json.loads(json.dumps(data))
+    data.get("meta", {}).pop("updated", None)
+    return data
+
+
+def test_shards_merged_equal_one_unsharded_run(project):
+    whole = subprocess_run(
+        project, "--lcc-update-baselines", "--lcc-baseline-dir", "b-whole", "--lcc-report-dir", "r-whole"
+    )
+    whole.assert_outcomes(passed=32)
+    shards = []
+    for i in (1, 2):
+        r = subprocess_run(
+            project,
+            "-rs",
+            "--lcc-shard",
+            f"{i}/2",
+            "--lcc-update-baselines",
+            "--lcc-baseline-dir",
+            f"b-{i}",
+            "--lcc-report-dir",
+            f"r-{i}",
+        )
+        assert r.ret == 0 and "of other shards; `lcc merge` evaluates it" in r.stdout.str()
+        shards.append(json.loads((project.path / f"r-{i}" / "lcc-record.json").read_text()))
+    ran = [sorted(s["methods"]) for s in shards]
+    assert not set(ran[0]) & set(ran[1]) and len(ran[0]) + len(ran[1]) == 7  # a split, nothing twice
+    m = _lcc(
+        "merge",
+        "r-1",
+        "r-2/lcc-record.json",
+        "--update-baselines",
+        "--baseline-dir",
+        "b-merged",
+        "--report-dir",
+        "r-merged",
+        cwd=project.path,
+    )
+    assert m.returncode == 0, m.stdout + m.stderr
+    a = json.loads((project.path / "b-whole" / BASELINE.name).read_text())
+    b = json.loads((project.path / "b-merged" / BASELINE.name).read_text())
+    assert _without_dates(a) == _without_dates(b)
+    report = json.loads((project.path / "r-merged" / "kl_report.json").read_text())
+    assert len(report["findings"]) == 4 and sorted(report["methods"]) == sorted(ran[0] + ran[1])
+    # compare mode: shards against the merged baselines, then a merge that re-checks every claim
+    for i in (1, 2):
+        subprocess_run(
+            project, "--lcc-shard", f"{i}/2", "--lcc-baseline-dir", "b-merged", "--lcc-report-dir", f"c-{i}"
+        )
+    m = _lcc(
+        "merge", "c-1", "c-2", "--baseline-dir", "b-merged", "--report-dir", "c-merged", cwd=project.path
+    )
+    assert m.returncode == 0, m.stdout + m.stderr
+    report = json.loads((project.path / "c-merged" / "kl_report.json").read_text())
+    assert [f["reproduced"] for f in report["findings"]] == [True] * 4
+
+
+def test_merge_refuses_records_of_another_spec_and_overlapping_shards(project):
+    for name, extra in (("r-a", ()), ("r-b", ("--lcc-samples", "2"))):
+        subprocess_run(
+            project, "--lcc-methods", "rtn-w4-g32", "--lcc-report-dir", name, *extra, "test_kl_regression.py"
+        )
+    m = _lcc("merge", "r-a", "r-b", cwd=project.path)
+    assert m.returncode == 2 and "run records of different spec" in m.stderr and "samples=3" in m.stderr, (
+        m.stderr
+    )
+    m = _lcc("merge", "r-a", "r-a", cwd=project.path)
+    assert m.returncode == 2 and "is in two records" in m.stderr, m.stderr
+    m = _lcc("merge", "nowhere", cwd=project.path)
+    assert m.returncode == 2 and "cannot read run record" in m.stderr, m.stderr
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1-2", "x"])
+def test_bad_shard_is_a_usage_error(project, text):
+    r = subprocess_run(project, "--lcc-shard", text)
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--lcc-shard" in r.stderr.str() and "I/N" in r.stderr.str()
+
+
+# ---- one GPU group per xdist worker ------------------------------------------------------------------------------
+ENV_TEST = """
+import os
+
+def _log():
+    with open(os.environ["LCC_TEST_LOG"], "a") as f:
+        f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {os.environ.get('CUDA_VISIBLE_DEVICES')}\\n")
+
+def test_a(): _log()
+def test_b(): _log()
+def test_c(): _log()
+def test_d(): _log()
+"""
+
+
+def test_gpus_per_worker_gives_each_worker_its_own_group(project, monkeypatch):
+    project.makepyfile(test_env=ENV_TEST)
+    log = project.path / "env.log"
+    monkeypatch.setenv("LCC_TEST_LOG", str(log))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6")
+    r = subprocess_run(project, "-n", "2", "--lcc-gpus-per-worker", "2", "test_env.py")
+    r.assert_outcomes(passed=4)
+    seen = dict(line.split() for line in log.read_text().splitlines())
+    assert seen == {"gw0": "3,4", "gw1": "5,6"}
+    r = subprocess_run(project, "-n", "3", "--lcc-gpus-per-worker", "2", "test_env.py")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--lcc-gpus-per-worker 2 with 3 worker(s) needs 6 GPUs, 4 visible" in r.stderr.str()
