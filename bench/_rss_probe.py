@@ -3,9 +3,10 @@
     python bench/_rss_probe.py --model smollm2-135m --length 8192 --samples 2 --method rtn-w3-g64
 
 Loads the model, builds the reference at `--length` (with the shorter bench lengths summarized from the same
-pass), compresses a copy and measures it; prints one JSON object: the process peak (VmHWM, load
+pass), compresses it (`--strategy in-place`: the loaded model, restored from a host copy afterwards; `copy`: a
+deep copy) and measures it; prints one JSON object: the process peak (VmHWM, load
 included), the peak of each stage after loading (the mark reset through /proc/self/clear_refs), and the
-bytes of the weights held (reference + compressed copy), all in MiB.
+bytes of the weights held (reference + compressed copy, or model + host snapshot), all in MiB.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="rtn-w3-g64")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--strategy",
+        choices=("in-place", "copy"),
+        default="in-place",
+        help="compress the loaded model in place (restored from a host copy) or a deep copy of it",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples,
             device="cpu",
             use_cache=False,
+            in_place=args.strategy == "in-place",
             **extra,
         ),
         lm=lm,
@@ -116,15 +124,21 @@ def main(argv: list[str] | None = None) -> int:
 
     _ = h.reference
     stage("reference")
-    model, _ctx, _ = h.compress(args.method)
-    stage("compress")
-    stats = h.measure_model(model, args.method)
-    stage("measure")
+    with h.compressed(args.method) as (model, _ctx, _):
+        stage("compress")
+        stats = h.measure_model(model, args.method)
+        stage("measure")
+        held = weights_mb(lm.model, model)
+        del model
+    snapshot = h._snapshot.nbytes / MIB if h._snapshot is not None else 0.0
     out.update(
         peak_rss_mb=maxrss_mb() if not can_reset else max([out["peak_load_mb"], *stages.values()]),
         peak_after_load_mb=max(stages.values()) if can_reset else None,
         stage_peak_mb=stages if can_reset else None,
-        weights_mb=weights_mb(lm.model, model),
+        strategy=args.strategy,
+        weights_mb=held
+        + snapshot,  # on the device: `held`; the snapshot is host memory (the same RAM on CPU)
+        snapshot_mb=snapshot,
         reference_weights_mb=weights_mb(lm.model),
         lengths=lengths,
         window_kl={str(L): s.window_kl for L, s in stats.items()},

@@ -118,6 +118,8 @@ def summarize(b: Bench, machine: dict[str, Any], wall_s: float) -> dict[str, Any
         "rss_headroom_mb": headroom,
         "logits_fp32_mb": lv,
         "rss_detail": rss,
+        "rss_copy": r.get("rss_copy", {}),
+        "xdist": r.get("xdist", {}),
         "weights_mb": weights,
         "window_kl": r.get("window_kl", {}),
         "errors": r.get("errors", {}),
@@ -319,6 +321,23 @@ def markdown(s: dict[str, Any]) -> str:
             ),
             "",
         ]
+    for L, d in sorted(s.get("rss_copy", {}).items()):
+        inplace = s["rss_detail"].get(L, {})
+        out += [
+            f"In place vs deep copy at {L}: peak RSS {_fmt(inplace.get('peak_rss_mb'), '.0f')} MiB vs "
+            f"{_fmt(d['peak_rss_mb'], '.0f')} MiB; weights held {_fmt(inplace.get('weights_mb'), '.0f')} MiB "
+            f"(model + host snapshot {_fmt(inplace.get('snapshot_mb'), '.0f')}) vs {_fmt(d['weights_mb'], '.0f')} "
+            "MiB (reference + copy). On a CPU both hold two copies; on a GPU only the in-place device holds one.",
+            "",
+        ]
+    if s.get("xdist"):
+        x = s["xdist"]
+        out += ["## Workers", ""]
+        out += [
+            f"- `-n {k[1:]}`: {v['seconds']:.0f} s ({v['profile']} profile; {v['result']})"
+            for k, v in sorted(x.items())
+        ]
+        out += [""]
     return "\n".join(out)
 
 

@@ -213,9 +213,14 @@ def test_naive_whole_run(bench: Bench, benchmark) -> None:
     bench.results["naive_speedup"] = naive_s / onepass_s
 
 
-@pytest.mark.parametrize("length", CFG.rss_lengths)
-def test_peak_rss(bench: Bench, benchmark, length: int) -> None:
-    """Peak RSS of load + reference + compressed copy + measurement at `length`, in a fresh process."""
+@pytest.mark.parametrize(
+    "length,strategy",
+    [(L, "in-place") for L in CFG.rss_lengths] + [(max(CFG.rss_lengths), "copy")],
+    ids=[str(L) for L in CFG.rss_lengths] + [f"{max(CFG.rss_lengths)}-deep-copy"],
+)
+def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
+    """Peak RSS of load + reference + compressed model + measurement at `length`, in a fresh process: the harness's
+    in-place strategy at every length, and the former deep copy at the longest (section 'rss_copy')."""
     cmd = [
         sys.executable,
         str(PROBE),
@@ -229,6 +234,8 @@ def test_peak_rss(bench: Bench, benchmark, length: int) -> None:
         str(CFG.samples),
         "--method",
         CFG.ratio_methods[0],
+        "--strategy",
+        strategy,
     ]
     if CFG.chunk_size:
         cmd += ["--chunk-size", str(CFG.chunk_size)]
@@ -241,4 +248,38 @@ def test_peak_rss(bench: Bench, benchmark, length: int) -> None:
     proc, _ = timed(benchmark, subprocess.run, cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    bench.record("rss", str(length), rec)
+    bench.record("rss" if strategy == "in-place" else "rss_copy", str(length), rec)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_xdist_whole_run(bench: Bench, benchmark, workers: int, tmp_path: Path) -> None:
+    """`pytest suites/` of the bench model's profile (default: SmolLM2; smoke: tiny-llama) with `-n workers
+    --dist loadgroup`, reference cache warm (the first run warms it): whole-run wall time."""
+    profile = "default" if CFG.model == "smollm2-135m" else "smoke"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "suites/", "-q", "-p", "no:cacheprovider", "-n", str(workers)]
+    cmd += ["--dist", "loadgroup", "--lcc-profile", profile, "--lcc-report-dir", str(tmp_path / "reports")]
+    if not bench.results.get(
+        "xdist"
+    ):  # warm the reference cache outside the timing (its checks fail: no matter)
+        warm = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "suites/test_kl_regression.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ]
+        warm += [
+            "--lcc-profile",
+            profile,
+            "--lcc-methods",
+            "none",
+            "--lcc-report-dir",
+            str(tmp_path / "warm"),
+        ]
+        subprocess.run(warm, cwd=root, capture_output=True)
+    proc, seconds = timed(benchmark, subprocess.run, cmd, cwd=root, capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1:] or [""]
+    bench.record("xdist", f"n{workers}", {"seconds": seconds, "profile": profile, "result": tail[0]})

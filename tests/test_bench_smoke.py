@@ -20,6 +20,8 @@ KEYS = (
     "weights_mb",
     "cache_hit_ratio",
     "machine",
+    "rss_copy",
+    "xdist",
 )
 
 
@@ -48,6 +50,9 @@ def test_bench_smoke_writes_every_key(tmp_path: Path) -> None:
     assert all(math.isfinite(v) and v > 0 for v in data["ratio_to_forward"].values())
     assert set(data["compress_s"]) == {"rtn-w3-g32", "gptq-w3-g32"}
     assert set(data["peak_rss_mb"]) == {str(L) for L in data["config"]["rss_lengths"]}
+    assert set(data["rss_copy"]) == {str(max(data["config"]["rss_lengths"]))}
+    assert set(data["xdist"]) == {"n1", "n2"} and all(v["seconds"] > 0 for v in data["xdist"].values())
+    assert all("passed" in v["result"] for v in data["xdist"].values()), data["xdist"]
     assert data["naive_speedup"] > 0 and 0 <= data["cache_hit_ratio"] < 1
     md = stem.with_suffix(".md").read_text()
     assert "naive whole run / one-pass whole run" in md and "| rtn-w3-g32" in md
