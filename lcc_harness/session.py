@@ -150,7 +150,13 @@ class LccSession:
             return RunStore(path) if path else None
         if getattr(self.config.option, "dist", "no") in (None, "no"):
             return None
-        return RunStore(tempfile.mkdtemp(prefix="lcc-run-"))
+        try:
+            return RunStore(tempfile.mkdtemp(prefix="lcc-run-"))
+        except OSError as exc:
+            raise HarnessError(
+                f"cannot make the run folder that xdist workers share in {tempfile.gettempdir()} ({exc}); "
+                "point TMPDIR to a writable folder"
+            ) from None
 
     def _check_device(self) -> None:
         """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
