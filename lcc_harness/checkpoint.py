@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, HarnessError
 from .models import LoadedModel, load_model
 from .targets import linearize_conv1d
+
+if TYPE_CHECKING:
+    from .run import Harness, MethodResult
 
 # Config fields that must agree: together with the parameter shapes they fix what a position's output depends on.
 ARCH_FIELDS: tuple[str, ...] = (
@@ -124,3 +130,48 @@ def load_compressed(path: str, ref: LoadedModel) -> LoadedModel:
             "measure a checkpoint compressed from this reference model"
         )
     return lm
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint as stored: a file's bytes, or a folder's files (relative names and bytes, sorted)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_name(name: str, what: str) -> str:
+    """A checkpoint's name in results and baselines: one word that is not a method id."""
+    from .methods.registry import parse_method
+
+    if not name.strip() or any(c.isspace() for c in name) or "=" in name:
+        raise HarnessError(f"{what} {name!r} must be one word (it is the method's name in the results)")
+    try:
+        parse_method(name)
+    except HarnessError:
+        return name
+    raise HarnessError(f"{what} {name!r} is a method id; give the checkpoint another name")
+
+
+def measure_checkpoint(harness: Harness, path: str, name: str) -> MethodResult:
+    """The checkpoint at `path` measured as method `name`: loaded like the reference, checked against it
+    (tokenizer and architecture), its file hash and weight fingerprint in method_info, then freed."""
+    t0 = time.perf_counter()
+    if not Path(path).exists():
+        raise HarnessError(f"compressed checkpoint '{path}' does not exist; check the path")
+    lm = load_compressed(path, harness.lm)
+    info = {
+        "compressed": lm.source,
+        "compressed_sha256": file_sha256(path),
+        "compressed_fingerprint": lm.fingerprint(),
+    }
+    try:
+        return harness.run_checkpoint(lm.model, name, time.perf_counter() - t0, info)
+    finally:
+        del lm

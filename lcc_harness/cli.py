@@ -124,20 +124,13 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _run_compressed(harness: Harness, args: argparse.Namespace) -> MethodResult:
-    """The --compressed checkpoint measured as the method: loaded like the reference, checked against it
-    (tokenizer and architecture), named by --name or its file name."""
-    import time
+    """The --compressed checkpoint measured as the method, named by --name or its file name."""
     from pathlib import Path
 
-    from .checkpoint import load_compressed
+    from .checkpoint import check_name, measure_checkpoint
 
-    t0 = time.perf_counter()
-    lm = load_compressed(args.compressed, harness.lm)
-    name = args.name or Path(args.compressed).name
-    if not name.strip() or any(c.isspace() for c in name):
-        raise HarnessError(f"--name {name!r} must be one word (it is the method's name in the results)")
-    info = {"compressed": lm.source, "compressed_fingerprint": lm.fingerprint()}
-    return harness.run_checkpoint(lm.model, name, time.perf_counter() - t0, info)
+    name = check_name(args.name or Path(args.compressed).name, "--name")
+    return measure_checkpoint(harness, args.compressed, name)
 
 
 def build_parser() -> argparse.ArgumentParser:

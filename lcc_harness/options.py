@@ -72,7 +72,8 @@ def flag(key: str, value: Any) -> bool:
 @dataclass(frozen=True)
 class Option:
     """key: the name in flags ('--<key>', '--lcc-<key>', ini 'lcc_<key with _>'); field: the RunConfig field it
-    sets (None: front-end only); where: 'both', 'pytest' or 'cli'; kind: 'value' or 'flag'."""
+    sets (None: front-end only); where: 'both', 'pytest' or 'cli'; kind: 'value', 'flag' or 'append' (repeatable;
+    its ini is a line list)."""
 
     key: str
     help: str
@@ -139,6 +140,13 @@ OPTIONS: tuple[Option, ...] = (
         kind="flag",
     ),
     Option(
+        "compressed",
+        "NAME=PATH: a compressed checkpoint of the model (.gguf or HF folder) measured as method NAME; repeatable "
+        "(ini lcc_compressed: one per line); without --lcc-methods only the checkpoints run",
+        where="pytest",
+        kind="append",
+    ),
+    Option(
         "shard",
         "I/N: run only the I-th of N fixed slices of the methods (1-based); `lcc merge` joins the shards' "
         "records into one report and baseline update",
@@ -187,6 +195,9 @@ def add_pytest_options(parser: Any) -> None:
             continue
         if o.kind == "flag":
             g.addoption(o.pytest_flag, dest=o.dest, action="store_true", default=False, help=o.help)
+        elif o.kind == "append":
+            g.addoption(o.pytest_flag, dest=o.dest, action="append", default=None, help=o.help)
+            parser.addini(o.dest, o.help, type="linelist", default=[])
         else:
             g.addoption(o.pytest_flag, dest=o.dest, default=None, help=o.help)
             parser.addini(o.dest, o.help, default=None)

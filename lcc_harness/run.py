@@ -259,7 +259,9 @@ class Harness:
             model, ctx, seconds = self.compress(method)
             yield model, ctx, seconds
             return
-        _ = self.reference  # everything computed from the reference model happens before the method changes it
+        _ = (
+            self.reference
+        )  # everything computed from the reference model happens before the method changes it
         if self._snapshot is None:
             self.sentinel()
             self._snapshot = Snapshot(self.lm.model)

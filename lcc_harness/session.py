@@ -77,7 +77,10 @@ class LccSession:
         self.report_dir = Path(_opt(config, "lcc_report_dir") or root / "reports")
         self.baseline_dir = Path(_opt(config, "lcc_baseline_dir") or root / "baselines")
         raw = config.getoption("lcc_methods", default=None)  # '' given on the command line is not "unset"
-        self.method_ids = self._select_methods(raw if raw is not None else _opt(config, "lcc_methods"))
+        methods = raw if raw is not None else _opt(config, "lcc_methods")
+        self.checkpoints = _checkpoints(config)  # name → path (--lcc-compressed)
+        self.method_ids = [] if self.checkpoints and methods is None else self._select_methods(methods)
+        self.method_ids += [n for n in self.checkpoints if n not in self.method_ids]
         self.update = bool(config.getoption("lcc_update_baselines", default=False))
         self.is_worker = hasattr(config, "workerinput")
         self.who = config.workerinput["workerid"] if self.is_worker else f"pid {os.getpid()}"
@@ -340,7 +343,12 @@ class LccSession:
         from .run import is_oom, oom_message
 
         try:
-            res = self.harness.run(method_id, noise_probe=self.update)
+            if method_id in self.checkpoints:
+                from .checkpoint import measure_checkpoint
+
+                res = measure_checkpoint(self.harness, self.checkpoints[method_id], method_id)
+            else:
+                res = self.harness.run(method_id, noise_probe=self.update)
         except NonFiniteError as exc:
             return {"status": "non-finite", "error": str(exc), "result": None}
         except HarnessError as exc:
@@ -465,6 +473,8 @@ class LccSession:
                 f"no {what} in {self.baseline_path}; create it with: {self.update_command([method_id])}",
                 pytrace=False,
             )
+        if method_id in self.checkpoints:
+            self._check_same_checkpoint(method_id, res, stored)
         eps, noise = self.policy.for_method(method_id, kind), stored.rel_noise(method_id)
         if kind == "kl":
             chk = check_kl(per(length), old[0], eps, stored.floor, noise)
@@ -475,6 +485,19 @@ class LccSession:
         self._record_check(method_id, length, kind, chk)
         if chk.outcome == "fail":
             pytest.fail(f"{label}: {chk.message}", pytrace=False)
+
+    def _check_same_checkpoint(self, name: str, res: Any, stored: Any) -> None:
+        """A checkpoint whose file changed since its baseline is another model: fail, never compare silently."""
+        now = res.info.get("method_info", {}).get("compressed_sha256")
+        then = (stored.methods.get(name, {}).get("method_info") or {}).get("compressed_sha256")
+        if now != then:
+            pytest.fail(
+                f"checkpoint '{name}' ({self.checkpoints[name]}) is not the file its baseline was measured on "
+                f"(sha256 {str(then)[:12]}… then, {str(now)[:12]}… now); re-create its baseline with "
+                f"{self.update_command([name])} --lcc-compressed {name}={self.checkpoints[name]}, or give it "
+                "another name",
+                pytrace=False,
+            )
 
     def check_finding(self, claim: str) -> dict[str, Any]:
         """Evaluate one of the paper's claims and assert it reproduces the verdict stored in the baseline."""
@@ -577,6 +600,29 @@ class LccSession:
             findings=list(self.findings),
             baseline_changes=list(self.baseline_changes),
         )
+
+
+def _checkpoints(config: pytest.Config) -> dict[str, str]:
+    """--lcc-compressed NAME=PATH (repeatable) or ini lcc_compressed lines → name → path; a bare PATH is named
+    by its file name."""
+    from .checkpoint import check_name
+
+    items = config.getoption("lcc_compressed", default=None) or config.getini("lcc_compressed") or []
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name, item
+        name, path = name.strip(), path.strip()
+        if not path:
+            raise HarnessError(f"--lcc-compressed '{item}' has no path; write NAME=PATH")
+        check_name(name, "--lcc-compressed name")
+        if name in out and out[name] != path:
+            raise HarnessError(
+                f"--lcc-compressed name '{name}' is given twice; give each checkpoint its own name"
+            )
+        out[name] = path
+    return out
 
 
 def _visible_gpus() -> list[str]:

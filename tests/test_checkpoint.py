@@ -177,3 +177,42 @@ def test_architecture_mismatch_names_the_parameter():
     )
     c = build_tiny_llama(num_hidden_layers=3)
     assert architecture_mismatch(a, c) == "config num_hidden_layers = 3, in the reference 2"
+
+
+# ---- under pytest: --lcc-compressed NAME=PATH ---------------------------------------------------------------------
+def test_a_checkpoint_under_pytest_is_gated_and_a_changed_file_is_never_compared(files, project, tmp_path):
+    ckpt = tmp_path / "mine.gguf"
+    ckpt.write_bytes(files["q8"].read_bytes())
+    common = ["-p", "no:cacheprovider", "-q", "-rfE", "--lcc-model", str(files["ref"]), "--lcc-corpus"]
+    common += [str(files["corpus"]), "--lcc-lengths", "32,64", "--lcc-samples", "2", "test_kl_regression.py"]
+    r = project.runpytest_subprocess(*common, "--lcc-compressed", f"mine={ckpt}", "--lcc-update-baselines")
+    r.assert_outcomes(passed=3)  # 2 lengths + growth, and no profile method (--lcc-methods not given)
+    (base,) = (project.path / "baselines").glob("*.json")
+    entry = json.loads(base.read_text())["methods"]["mine"]
+    assert entry["method_info"]["compressed_sha256"] and list(json.loads(base.read_text())["methods"]) == [
+        "mine"
+    ]
+    r = project.runpytest_subprocess(*common, "--lcc-compressed", f"mine={ckpt}")
+    r.assert_outcomes(passed=3)
+    ckpt.write_bytes(files["ref"].read_bytes())  # another file under the same name
+    r = project.runpytest_subprocess(*common, "--lcc-compressed", f"mine={ckpt}")
+    r.assert_outcomes(failed=3)
+    assert (
+        "checkpoint 'mine' (" in r.stdout.str()
+        and "is not the file its baseline was measured on" in r.stdout.str()
+    )
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("rtn-w4-g32={p}", "is a method id; give the checkpoint another name"),
+        ("x=", "has no path; write NAME=PATH"),
+        ("two words={p}", "must be one word"),
+    ],
+)
+def test_bad_compressed_option_is_a_usage_error(files, project, value, message):
+    r = project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--lcc-compressed", value.format(p=files["q8"])
+    )
+    assert r.ret == pytest.ExitCode.USAGE_ERROR and message in r.stderr.str(), r.stderr.str()
