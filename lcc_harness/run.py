@@ -510,7 +510,6 @@ class Harness:
     def run(self, method: Method | str, noise_probe: bool = False) -> MethodResult:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
-        ref = self.reference
         if noise_probe:
             self._short_reference()  # from the reference model, before a method changes it in place
         with self.compressed(m) as (model, ctx, t_compress):
@@ -523,25 +522,7 @@ class Harness:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
             del model
         self.check_reference_intact(m.id)
-        return MethodResult(
-            method=m.id,
-            model=self.cfg.model,
-            lengths=self.lengths,
-            stats=stats,
-            mode="one-pass" if ref.one_pass and not length_note else "per-length",
-            timings={
-                "reference_s": ref.seconds,
-                "reference_cache_hit": ref.cache_hit,
-                "compression_s": t_compress,
-                "measurement_s": t_measure,
-            },
-            info={
-                "method_info": dict(ctx.info),
-                **self.metadata(),
-                **({"length_dependent": length_note} if length_note else {}),
-            },
-            errors=errors,
-        )
+        return self._result(m.id, stats, errors, length_note, t_compress, t_measure, ctx.info)
 
     def run_checkpoint(
         self, model: torch.nn.Module, name: str, load_s: float = 0.0, info: dict[str, Any] | None = None
@@ -549,7 +530,7 @@ class Harness:
         """Measure an already compressed model (a checkpoint checked by `checkpoint.load_compressed`) as method
         `name`: the measurement and result of `run`, with its load time as compression time and `info` as its
         method facts."""
-        ref = self.reference
+        _ = self.reference
         self.sentinel()
         model.eval()
         t0 = time.perf_counter()
@@ -558,6 +539,19 @@ class Harness:
             raise OOMError(errors[min(errors)])
         t_measure = time.perf_counter() - t0
         self.check_reference_intact(name)
+        return self._result(name, stats, errors, length_note, load_s, t_measure, info or {})
+
+    def _result(
+        self,
+        name: str,
+        stats: dict[int, LengthStats],
+        errors: dict[int, str],
+        length_note: str | None,
+        compress_s: float,
+        measure_s: float,
+        info: dict[str, Any],
+    ) -> MethodResult:
+        ref = self.reference
         return MethodResult(
             method=name,
             model=self.cfg.model,
@@ -567,11 +561,11 @@ class Harness:
             timings={
                 "reference_s": ref.seconds,
                 "reference_cache_hit": ref.cache_hit,
-                "compression_s": load_s,
-                "measurement_s": t_measure,
+                "compression_s": compress_s,
+                "measurement_s": measure_s,
             },
             info={
-                "method_info": dict(info or {}),
+                "method_info": dict(info),
                 **self.metadata(),
                 **({"length_dependent": length_note} if length_note else {}),
             },
