@@ -125,3 +125,55 @@ def test_matched_growth_recovers_power_law():
     zero = matched_growth({32: [0.0, 0.1], 64: [0.1, 0.1]}, [32, 64])
     assert zero.slope is None and "≤" in zero.na
     assert math.isfinite(zero.ratio)
+
+
+def _with_matched(record: dict, result: MethodResult) -> dict:
+    """`record` (test_report's) with `result`'s matched curves on its first method."""
+    import copy
+
+    rec = copy.deepcopy(record)
+    rec["methods"]["rtn-w3-g128"]["matched"] = result.matched.to_dict()
+    return rec
+
+
+@pytest.fixture(scope="module")
+def both_result(tiny) -> MethodResult:
+    return Harness(tiny_config(design="both", samples=3), lm=tiny).run("rtn-w3-g32")
+
+
+def test_record_report_and_png_carry_matched_curves(both_result, tmp_path):
+    from test_report import make_record
+
+    from lcc_harness.record import MethodOutcome, RunRecord
+    from lcc_harness.report import render_markdown, write_reports
+
+    rec = _with_matched(make_record(), both_result)
+    md = render_markdown(rec)
+    assert "## Matched-target curves" in md and "### Growth of the matched curves" in md
+    g = both_result.matched.growth
+    assert f"{g['slope']:+.3f}" in md and f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]" in md
+    out = MethodOutcome.from_dict(rec["methods"]["rtn-w3-g128"])
+    assert out.matched == both_result.matched.to_dict()
+    back = RunRecord.from_dict(RunRecord(run=rec["run"], methods={"m": out}).to_dict())
+    assert back.methods["m"].matched == out.matched
+    paths = write_reports(rec, tmp_path)
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a record without matched data renders as before: no matched section
+    assert "Matched-target" not in render_markdown(make_record())
+
+
+def test_matched_only_record_renders(both_result, tmp_path):
+    from lcc_harness.report import render_markdown, write_reports
+
+    rec = {
+        "run": {
+            "model": "tiny-llama",
+            "lengths": list(TINY_LENGTHS),
+            "design": "matched",
+            "target_tokens": 16,
+        },
+        "methods": {"rtn-w3-g32": {"status": "ok", "curves": {}, "matched": both_result.matched.to_dict()}},
+    }
+    md = render_markdown(rec)
+    assert "## Matched-target curves" in md and "matched, T = 16" in md
+    assert write_reports(rec, tmp_path)[2].stat().st_size > 1000
