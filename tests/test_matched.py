@@ -177,3 +177,47 @@ def test_matched_only_record_renders(both_result, tmp_path):
     md = render_markdown(rec)
     assert "## Matched-target curves" in md and "matched, T = 16" in md
     assert write_reports(rec, tmp_path)[2].stat().st_size > 1000
+
+
+def test_plugin_design_both_and_matched(project):
+    import json
+
+    def run(*args: str) -> pytest.RunResult:
+        return project.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-rfEs", *args)
+
+    r = run(
+        "--lcc-methods",
+        "rtn-w3-g32",
+        "--lcc-design",
+        "both",
+        "--lcc-update-baselines",
+        "test_kl_regression.py",
+    )
+    r.assert_outcomes(passed=4)
+    rec = json.loads((project.path / "reports" / "kl_report.json").read_text())
+    entry = rec["methods"]["rtn-w3-g32"]
+    assert entry["matched"]["target_tokens"] == 32 and sorted(map(int, entry["matched"]["curves"])) == [
+        64,
+        128,
+        256,
+    ]
+    assert (
+        rec["run"]["design"] == "both"
+        and "## Matched-target curves" in (project.path / "reports" / "kl_report.md").read_text()
+    )
+    stored = (project.path / "baselines" / "tiny-llama.float32.cpu.smoke.json").read_text()
+    assert "matched" not in stored  # baselines keep window curves only
+
+    r = run(
+        "--lcc-methods",
+        "rtn-w3-g32",
+        "--lcc-design",
+        "matched",
+        "--lcc-target-tokens",
+        "16",
+        "test_kl_regression.py",
+    )
+    r.assert_outcomes(skipped=4)
+    r.stdout.fnmatch_lines(["*reads window curves, and --lcc-design matched measures none*"])
+    rec = json.loads((project.path / "reports" / "kl_report.json").read_text())
+    assert rec["methods"]["rtn-w3-g32"]["matched"]["target_tokens"] == 16
