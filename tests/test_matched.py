@@ -221,3 +221,21 @@ def test_plugin_design_both_and_matched(project):
     r.stdout.fnmatch_lines(["*reads window curves, and --lcc-design matched measures none*"])
     rec = json.loads((project.path / "reports" / "kl_report.json").read_text())
     assert rec["methods"]["rtn-w3-g32"]["matched"]["target_tokens"] == 16
+
+
+def test_matched_cost_bench_counts_forwards(monkeypatch, capsys):
+    """bench/matched_cost.py on the tiny model: the matched design passes Σ L / Lmax forwards per sample (the
+    reference from the cache), the window design one (plus the 1-sample length probe)."""
+    import json
+    import sys
+
+    from bench import matched_cost
+
+    argv = ["matched_cost", "--lengths", "32,64,128", "--methods", "rtn-w3-g32", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    matched_cost.main()
+    out = json.loads(capsys.readouterr().out)
+    row = out["methods"]["rtn-w3-g32"]
+    assert row["matched"]["forwards_tokens"] == pytest.approx((32 + 64 + 128) / 128)
+    assert row["matched"]["forwards_tokens"] <= 2.1
+    assert row["window"]["forwards_tokens"] == pytest.approx(1 + 32 / (2 * 128))
