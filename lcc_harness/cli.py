@@ -70,6 +70,38 @@ def format_curve_table(stats: dict, fmt: str = "github") -> str:
     return f"{main}\n\nΔp = p_cmp − p_ref of the actual next token, over the window (informational):\n{dp}"
 
 
+def format_matched(matched, fmt: str = "github") -> str:
+    """The matched-target curves of a MethodResult (run.MatchedCurves): lengths × (KL, top-1, ΔNLL, reverse KL,
+    per-sample KL), then the growth line."""
+    rows = [
+        [
+            L,
+            f"{s.window_kl:.5f}",
+            f"{s.top1:.4f}",
+            f"{s.dnll:+.5f}",
+            f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else "—",
+            " ".join(f"{v:.4g}" for v in s.per_sample["window_kl"]),
+        ]
+        for L, s in sorted(matched.stats.items())
+    ]
+    table = tabulate(
+        rows,
+        headers=["length", "KL", "top-1", "ΔNLL", "reverse KL", "KL per sample"],
+        tablefmt=fmt,
+        disable_numparse=True,
+        colalign=("right",) * 6,
+    )
+    g = matched.growth or {}
+    if g.get("slope") is None:
+        line = f"log-log slope: n/a ({g.get('na') or 'not measured'})"
+    else:
+        ci = g.get("ci") or [None, None]
+        ci_text = f", 90 % CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if None not in ci else ""
+        line = f"log-log slope b {g['slope']:+.3f}{ci_text} (KL ∝ L^b, ×{g['per_doubling']:.3g} per doubling)"
+    head = f"matched target: the last {matched.target_tokens} tokens of each sample, scored at every length"
+    return f"{head}\n{table}\n{line}"
+
+
 def _cmd_measure(args: argparse.Namespace) -> int:
     from .run import Harness, RunConfig, parse_lengths, write_json_atomic
 
@@ -95,7 +127,10 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
         f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats"
     )
-    print(format_curve_table(result.stats))
+    if result.stats:
+        print(format_curve_table(result.stats))
+    if result.matched is not None:
+        print(format_matched(result.matched))
     for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
         if note:
             print(f"note: {note}")
@@ -107,6 +142,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     print(
         f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
         f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s"
+        + (f", matched measurement {t['matched_measurement_s']:.1f}s" if "matched_measurement_s" in t else "")
     )
     if args.json:
         try:

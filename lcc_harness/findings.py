@@ -112,6 +112,65 @@ def slope_contrast(
     return paired_contrast(ra, rb, CI_LEVEL, 0.80)
 
 
+def log_slopes(m: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """Per-sample log-log slopes (n,) from KL m (n, k) at `lengths` (k): each sample's least-squares slope of
+    log2 KL against log2(length), the exponent b of KL ∝ L^b (KL multiplies by 2^b per doubling). Every value of
+    m must be > 0."""
+    x = np.log2(np.asarray(lengths, dtype=np.float64))
+    xc = x - x.mean()
+    return (np.log2(m) * xc).sum(-1) / (xc**2).sum()
+
+
+@dataclass(frozen=True)
+class MatchedGrowth:
+    """Growth of the matched-target curves (the same target tokens at every length): per sample the log-log slope
+    of KL_i(L) against L (`log_slopes`), their mean with a CI_LEVEL Student-t interval over samples (df = n − 1),
+    and the ratio of mean KL at the longest length to the shortest. Informational: no verdict, no gate; None
+    (reason in `na`) when some KL_i(L) is not above `min_kl` (log undefined or float noise) or with one length."""
+
+    slope: float | None  # mean per-sample exponent b (KL ∝ L^b)
+    ci: tuple[float | None, float | None]
+    per_sample: list[float]
+    per_doubling: float | None  # 2^slope: the factor by which KL grows per doubling of context
+    ratio: float | None  # mean KL at the longest length ÷ at the shortest
+    n: int
+    na: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ci"] = list(self.ci)
+        return d
+
+
+def matched_growth(
+    per_sample: Mapping[int, Sequence[float]], lengths: Sequence[int], min_kl: float = 0.0
+) -> MatchedGrowth:
+    """MatchedGrowth from per-sample matched KL at each length; `min_kl` the smallest KL whose log means
+    something (the run's floor × gate.GROWTH_MIN_FLOORS)."""
+    lengths = sorted(lengths)
+    m = _matrix(per_sample, lengths)  # (n, k)
+    n = m.shape[0]
+    ratio = float(m[:, -1].mean() / m[:, 0].mean()) if m[:, 0].mean() > min_kl else None
+    if len(lengths) < 2:
+        return MatchedGrowth(None, (None, None), [], None, ratio, n, "one length: no slope")
+    if not (np.isfinite(m).all() and (m > min_kl).all()):
+        return MatchedGrowth(None, (None, None), [], None, ratio, n, f"some KL_i(L) ≤ {min_kl:.3g} nats")
+    b = log_slopes(m, lengths).tolist()
+    mean, lo, hi = t_interval(b, CI_LEVEL)
+    ci = (None, None) if n < 2 else (lo, hi)
+    return MatchedGrowth(mean, ci, b, float(2.0**mean), ratio, n)
+
+
+def log_slope_contrast(
+    a: Mapping[int, Sequence[float]], b: Mapping[int, Sequence[float]], lengths: Sequence[int]
+) -> Contrast:
+    """Paired contrast of two methods' matched growth on the same samples and targets: per sample the log-log
+    slope of a minus that of b (stats.paired_contrast: mean, CI_LEVEL t-interval, MDD at 80 % power)."""
+    lengths = sorted(lengths)
+    la, lb = (log_slopes(_matrix(c, lengths), lengths).tolist() for c in (a, b))
+    return paired_contrast(la, lb, CI_LEVEL, 0.80)
+
+
 def _lower(point: float, lo: float, hi: float) -> str:
     """'yes' when a is confidently lower than b, 'no' when confidently not lower, else 'inconclusive'."""
     if hi < 0:

@@ -440,9 +440,11 @@ def compare_summary(
     return PositionStats(kl, top1, dnll, rkl, dp)
 
 
-def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
-    """LengthStats at `length` from per-sample PositionStats covering at least `length` positions."""
-    lo = length // 2
+def summarize(length: int, stats: Sequence[PositionStats], lo: int | None = None) -> LengthStats:
+    """LengthStats at `length` from per-sample PositionStats covering at least `length` positions; the window is
+    positions [lo, length), by default [length // 2, length). `summarize(T, sts, lo=0)` summarizes every position
+    of T-position stats (the matched-target curves: `matched_ids`)."""
+    lo = length // 2 if lo is None else lo
     win_kl = [s.kl[lo:length] for s in stats]
     cum_kl = [s.kl[:length] for s in stats]
     win_top1 = [s.top1[lo:length].float() for s in stats]
@@ -484,6 +486,15 @@ def summarize(length: int, stats: Sequence[PositionStats]) -> LengthStats:
         per_sample=per,
         **extra,
     )
+
+
+def matched_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """ids (N,) → its last `length` tokens (length,): the input of the matched-target design at context length
+    `length`. Its last T positions are the sample's fixed target span (the same tokens for every length), each
+    read with `length` − T + its offset tokens of context."""
+    if not 0 < length <= ids.shape[0]:
+        raise ValueError(f"matched input of {length} tokens from a sample of {ids.shape[0]}")
+    return ids[ids.shape[0] - length :]
 
 
 def passes_for(lengths: Sequence[int], one_pass: bool) -> dict[int, tuple[int, ...]]:

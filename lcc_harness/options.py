@@ -69,6 +69,19 @@ def flag(key: str, value: Any) -> bool:
     return bool(value)
 
 
+DESIGNS = ("window", "matched", "both")  # RunConfig.design: which curves a run measures
+
+
+def design(key: str, value: Any) -> str:
+    """One of DESIGNS, or OptionError naming `key`."""
+    v = str(value).strip().lower()
+    if v not in DESIGNS:
+        raise OptionError(
+            key, f"--{key} '{value}' is not one of {', '.join(DESIGNS)}; pass e.g. --{key} both"
+        )
+    return v
+
+
 @dataclass(frozen=True)
 class Option:
     """key: the name in flags ('--<key>', '--lcc-<key>', ini 'lcc_<key with _>'); field: the RunConfig field it
@@ -105,6 +118,19 @@ OPTIONS: tuple[Option, ...] = (
         "chunk-size",
         "positions per LM-head chunk (default 256; lower it when memory is short)",
         "chunk_size",
+        positive_int,
+    ),
+    Option(
+        "design",
+        "window (default): KL over positions (L/2, L] of one pass; matched: the same last T tokens of each "
+        "sample scored at every length (one pass per length); both",
+        "design",
+        design,
+    ),
+    Option(
+        "target-tokens",
+        "matched design: target tokens T scored at every length (default: half the shortest length)",
+        "target_tokens",
         positive_int,
     ),
     Option("cache-dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)", "cache_dir"),

@@ -17,6 +17,7 @@ from .record import bits as _bits
 from .record import curves as _curves
 from .record import finite as _finite
 from .record import lengths as _lengths
+from .record import matched as _matched
 from .record import methods as _methods
 from .record import run_title as _run_title
 
@@ -41,7 +42,8 @@ def mean_band(
 
 
 def render_png(record: Mapping[str, Any]) -> bytes:
-    """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes."""
+    """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes; when the record has
+    matched-target curves, a second panel shows them (same colours; the only panel for a matched-only run)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
@@ -71,16 +73,27 @@ def render_png(record: Mapping[str, Any]) -> bytes:
         bl = [(L, v) for L, v in bl if v is not None]
         series.append((mid, _bits(entry), xs, ms, los, his, bl, max(ns, default=0)))
 
+    matched = _matched_series(record, seed)
     positive = [v for s in series for v in s[3] + [b for _, b in s[6]] if v > 0]
     log_y = bool(positive) and max(positive) / min(positive) > 10  # over a decade: log axis
 
     n_rows_legend = math.ceil((len(series) + 1) / 3) if series else 1
-    fig = Figure(figsize=(11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
+    two = bool(matched) and bool(series)
+    fig = Figure(figsize=(18 if two else 11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")
+    ax = fig.add_subplot(1, 2 if two else 1, 1)
     colors = [f"C{i}" for i in range(10)]  # default cycle = tab10
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+    order = {mid: i for i, mid in enumerate(dict.fromkeys([s[0] for s in series] + [m[0] for m in matched]))}
+    if matched and not series:  # matched curves only: they are the one panel
+        _matched_panel(ax, matched, order, colors, markers, run, with_legend=True)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    if two:
+        _matched_panel(fig.add_subplot(1, 2, 2), matched, order, colors, markers, run, with_legend=False)
     hidden = []
-    for i, (mid, bits, xs, ms, los, his, bl, _n) in enumerate(series):
+    for mid, bits, xs, ms, los, his, bl, _n in series:
+        i = order[mid]
         color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
         label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
         if log_y and all(m <= 0 for m in ms):
@@ -166,3 +179,80 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _matched_series(record: Mapping[str, Any], seed: int) -> list[tuple]:
+    """(method, bits, T, xs, means, los, his, n samples) of each method's matched-target curves."""
+    out = []
+    for mid, entry in _methods(record).items():
+        T, curves, _ = _matched(entry)
+        if not curves:
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), 1])
+        xs, ms, los, his, ns = [], [], [], [], []
+        for L in sorted(curves):
+            per = (curves[L].get("per_sample") or {}).get("window_kl") or []
+            m, lo, hi = mean_band(per, rng) if per else (curves[L].get("window_kl"), None, None)
+            if not _finite(m):
+                continue
+            xs.append(L)
+            ms.append(m)
+            los.append(lo if _finite(lo) else m)
+            his.append(hi if _finite(hi) else m)
+            ns.append(len(per))
+        out.append((mid, _bits(entry), T, xs, ms, los, his, max(ns, default=0)))
+    return out
+
+
+def _matched_panel(
+    ax: Any,
+    series: list[tuple],
+    order: Mapping[str, int],
+    colors: Sequence[str],
+    markers: Sequence[str],
+    run: Mapping[str, Any],
+    with_legend: bool,
+) -> None:
+    """Matched-target KL vs context length on `ax`: one line per method (colour and marker as in the window
+    panel) with its CI band over samples; log y axis when the values span over a decade."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    positive = [v for s in series for v in s[4] if v > 0]
+    log_y = bool(positive) and max(positive) / min(positive) > 10
+    lengths = sorted({L for s in series for L in s[3]})
+    for mid, bits, _T, xs, ms, los, his, _n in series:
+        i = order[mid]
+        color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
+        label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
+        ys = [m if (m > 0 or not log_y) else np.nan for m in ms]
+        ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=2, label=label, zorder=3)
+        if any(h > lo for lo, h in zip(los, his, strict=True)):
+            lo_b = [max(v, min(positive) / 10) for v in los] if log_y else los
+            ax.fill_between(xs, lo_b, his, color=color, alpha=0.18, linewidth=0, zorder=2)
+    ax.set_xscale("log", base=2)
+    if lengths:
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.set_xticklabels([str(L) for L in lengths])
+        ax.set_xlim(lengths[0] / 2**0.25, lengths[-1] * 2**0.25)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(bottom=0)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.tick_params(labelsize=12)
+    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
+    ax.set_ylabel("KL on the target tokens, nats" + ("  (log scale)" if log_y else ""), fontsize=13)
+    ax.set_title(f"Matched-target KL — {_run_title(run)}", fontsize=15, pad=26)
+    targets = ", ".join(str(T) for T in sorted({s[2] for s in series if s[2] is not None})) or "?"
+    n = max((s[7] for s in series), default=0)
+    band = "90 % bootstrap CI" if n >= 3 else "mean ± SE" if n == 2 else "no band (one sample)"
+    note = (
+        f"target = each sample's last {targets} tokens, the same at every L; band = {band} over {n} samples"
+    )
+    ax.text(0.5, 1.015, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=10.5, color="0.3")
+    if with_legend:
+        ax.legend(loc="best", fontsize=11, frameon=False)

@@ -28,6 +28,17 @@ def curves(entry: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(k): v for k, v in (entry.get("curves") or {}).items()}
 
 
+def matched(entry: Mapping[str, Any]) -> tuple[int | None, dict[int, dict[str, Any]], dict[str, Any]]:
+    """A method's matched-target curves: (target tokens, curves keyed by int length, growth); (None, {}, {}) for a
+    record or method without them (a window-only run, an older record, a method that failed)."""
+    m = entry.get("matched")
+    if entry.get("status", "ok") not in ("ok", "partial") or not isinstance(m, Mapping):
+        return None, {}, {}
+    cs = {int(k): v for k, v in (m.get("curves") or {}).items() if isinstance(v, Mapping)}
+    g = m.get("growth")
+    return m.get("target_tokens"), cs, dict(g) if isinstance(g, Mapping) else {}
+
+
 def lengths(record: Mapping[str, Any]) -> list[int]:
     """Run lengths plus any length some curve has, ascending."""
     found = {int(L) for L in (record.get("run") or {}).get("lengths") or []}
@@ -87,6 +98,9 @@ class MethodOutcome:
     method_info: dict[str, Any] | None = None
     mode: str | None = None
     length_dependent: str | None = None
+    # matched-target curves (run.MatchedCurves.to_dict: target_tokens, curves by str length, growth, errors);
+    # None when the run's design measured window curves only
+    matched: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

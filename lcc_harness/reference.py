@@ -36,6 +36,7 @@ from .measure import (
     compare,
     final_hidden,
     length_dependence,
+    matched_ids,
     output_head,
     own_logits_head,
     passes_for,
@@ -83,8 +84,15 @@ class Reference:
 
 
 def reference_key(
-    lm: LoadedModel, samples: Sequence[Sample], lengths: Sequence[int], one_pass: bool, rows: int = 0
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    lengths: Sequence[int],
+    one_pass: bool,
+    rows: int = 0,
+    target: int | None = None,
 ) -> str:
+    """The cache key: a hash of everything a reference depends on. `target`: the matched-target reference's T
+    (its own component, absent from the window reference's key, whose value is unchanged)."""
     import transformers
 
     spec = {
@@ -102,6 +110,8 @@ def reference_key(
         "one_pass": one_pass,
         "summary_rows": rows,
     }
+    if target is not None:
+        spec["design"], spec["matched_target"] = "matched", target
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -373,3 +383,100 @@ def _save(
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as exc:  # a read-only cache must not stop a measurement
         log.warning("could not write reference cache %s: %s", path, exc)
+
+
+# ---- the matched-target reference ---------------------------------------------------------------------------
+
+
+@dataclass
+class MatchedReference:
+    """The reference of the matched-target curves: hidden[L][i] is the reference model's final hidden states
+    (T, H) on sample i's last T tokens (its target span) when it reads the last L tokens of the sample
+    (`matched_ids`); summaries[L][i] their RefSummary (T positions) when the head allows one (else empty)."""
+
+    samples: list[Sample]
+    lengths: tuple[int, ...]
+    target: int
+    hidden: dict[int, list[torch.Tensor]]
+    head: Head
+    key: str
+    seconds: float = 0.0
+    cache_hit: bool = False
+    summaries: dict[int, list[RefSummary]] = field(default_factory=dict)
+
+
+def build_matched_reference(
+    lm: LoadedModel,
+    samples: Sequence[Sample],
+    lengths: Sequence[int],
+    target: int,
+    *,
+    cache_dir: Path | str | None = None,
+    use_cache: bool = True,
+    summary_chunk: int | None = DEFAULT_CHUNK,
+    own_logits: bool = False,
+) -> MatchedReference:
+    """Compute (or load from cache) the matched-target reference: one pass per (sample, length) over the last L
+    tokens of each sample, keeping the last `target` positions. Cached like `build_reference`, under a key with
+    its own component (`reference_key(…, target=T)`) and the file prefix `mref-`."""
+    t0 = time.perf_counter()
+    lengths = tuple(sorted(lengths))
+    if not 0 < target <= lengths[0]:
+        raise ValueError(
+            f"matched target of {target} tokens must lie in [1, {lengths[0]}] (the shortest length)"
+        )
+    rows = summary_rows(lm.model, summary_chunk) if summary_chunk and not own_logits else 0
+    key = reference_key(lm, samples, lengths, False, rows, target)
+    path = Path(cache_dir or default_cache_dir()) / f"mref-{key[:32]}.safetensors"
+    head = own_logits_head(lm.model) if own_logits else output_head(lm.model)
+    with _entry_lock(path) if use_cache else contextlib.nullcontext():
+        if use_cache:
+            loaded = _load(path, key)
+            problem = _matched_problem(loaded, samples, lengths, target, lm) if loaded is not None else None
+            if problem:
+                warnings.warn(f"reference cache {path.name} unusable ({problem}); recomputed", stacklevel=2)
+            elif loaded is not None:
+                hidden, summaries, _ = loaded
+                secs = time.perf_counter() - t0
+                return MatchedReference(
+                    list(samples), lengths, target, hidden, head, key, secs, True, summaries
+                )
+        hidden = {
+            L: [final_hidden(lm.model, matched_ids(s.ids, L))[-target:].clone() for s in samples]
+            for L in lengths
+        }  # (T, H) each
+        summaries = (
+            {
+                L: [
+                    summarize_reference(lm.model, h, matched_ids(s.ids, target), summary_chunk)
+                    for h, s in zip(hs, samples, strict=True)
+                ]
+                for L, hs in hidden.items()
+            }
+            if rows
+            else {}
+        )
+        if use_cache:
+            _save(path, key, hidden, summaries, {"design": "matched", "target": str(target)})
+    secs = time.perf_counter() - t0
+    return MatchedReference(list(samples), lengths, target, hidden, head, key, secs, False, summaries)
+
+
+def _matched_problem(
+    loaded: tuple, samples: Sequence[Sample], lengths: Sequence[int], target: int, lm: LoadedModel
+) -> str | None:
+    """What makes a matched cache entry with the right key unusable, or None: every length must hold one (T, H)
+    tensor per sample in the model's dtype (and a T-position summary when summaries are stored)."""
+    hidden, summaries, _ = loaded
+    if sorted(hidden) != sorted(lengths):
+        return f"lengths {sorted(hidden)}, not {sorted(lengths)}"
+    for L, ts in hidden.items():
+        if len(ts) != len(samples):
+            return f"length {L} holds {len(ts)} samples, not {len(samples)}"
+        for t in ts:
+            if t.dim() != 2 or t.shape[0] != target or t.dtype != lm.dtype:
+                return f"length {L} holds a {tuple(t.shape)} {t.dtype} tensor, not ({target}, H) {lm.dtype}"
+        for sm in summaries.get(L, []):
+            if sm.lse.shape[0] != target:
+                return f"length {L} has a summary of {sm.lse.shape[0]} positions"
+    return None

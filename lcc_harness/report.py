@@ -25,6 +25,7 @@ from .record import bits as _bits
 from .record import curves as _curves
 from .record import finite as _finite
 from .record import lengths as _lengths
+from .record import matched as _matched
 from .record import methods as _methods
 from .record import outliers as _outliers
 from .record import run_title as _run_title
@@ -265,6 +266,99 @@ def _growth_table(record: Mapping[str, Any]) -> str:
     )
 
 
+MATCHED_HOW_TO_READ = (
+    "Matched-target curves: each sample's last T tokens (the target) are scored at every context length L, "
+    "with the L tokens that end at the target's end (one pass per length), so every column is over the same "
+    "tokens and only the context changes — unlike window KL, whose positions (L/2, L] differ for each L. KL is "
+    "the mean over the target tokens of all samples; top-1 and ΔNLL are over the same tokens. **log-log slope** "
+    "= per sample, the least-squares slope of log KL_i(L) against log L (KL ∝ L^b; ×2^b per doubling), averaged "
+    "over samples, with a 90 % Student-t interval over samples (df = n − 1). Informational: no check, no verdict."
+)
+
+
+def _matched_records(record: Mapping[str, Any]) -> list[tuple[str, int | None, dict, dict, str]]:
+    """(method, T, curves by length, growth, status) for each method with matched curves."""
+    out = []
+    for mid, entry in _methods(record).items():
+        T, curves, g = _matched(entry)
+        if curves:
+            out.append((mid, T, curves, g, str(entry.get("status", "ok"))))
+    return out
+
+
+def _matched_metric_table(record: Mapping[str, Any], key: str, fmt: Any) -> str:
+    """methods × lengths table of one matched-curve statistic."""
+    rows_in = _matched_records(record)
+    lengths = sorted({L for _, _, c, _, _ in rows_in for L in c})
+    rows = []
+    for mid, T, curves, _, status in rows_in:
+        name = _cell(mid) + (f" ({status})" if status != "ok" else "")
+        rows.append(
+            [name, str(T) if T is not None else DASH]
+            + [_metric_cell(curves.get(L) or {}, key, fmt) if L in curves else DASH for L in lengths]
+        )
+    headers = ["method", "T"] + [str(L) for L in lengths]
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(headers) - 1),
+    )
+
+
+def _matched_growth_table(record: Mapping[str, Any]) -> str:
+    rows = []
+    for mid, _T, curves, g, _ in _matched_records(record):
+        lo, hi = min(curves), max(curves)
+        slope = g.get("slope")
+        rows.append(
+            [
+                _cell(mid),
+                fmt_kl(curves[lo].get("window_kl")),
+                fmt_kl(curves[hi].get("window_kl")),
+                _fmt_ratio(g.get("ratio")),
+                _fmt_slope(slope),
+                _fmt_ci(g.get("ci")),
+                _fmt_ratio(g.get("per_doubling")) if _finite(slope) else _cell(g.get("na") or DASH),
+            ]
+        )
+    headers = [
+        "method",
+        "KL @ shortest",
+        "KL @ longest",
+        "ratio",
+        "log-log slope b",
+        "90 % CI",
+        "× per doubling",
+    ]
+    return tabulate(
+        rows,
+        headers=headers,
+        tablefmt="github",
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(headers) - 1),
+    )
+
+
+def _matched_sections(record: Mapping[str, Any]) -> list[str]:
+    """The report's matched-target section (empty when no method has matched curves)."""
+    if not _matched_records(record):
+        return []
+    out = ["", "## Matched-target curves (same target tokens at every length)", "", MATCHED_HOW_TO_READ]
+    for title, body in (
+        ("KL (nats), mean over the target tokens", _matched_metric_table(record, "window_kl", fmt_kl)),
+        ("Top-1 agreement on the target (± binomial SE)", _matched_metric_table(record, "top1", fmt_pct)),
+        (
+            "ΔNLL on the target (nats, compressed − reference)",
+            _matched_metric_table(record, "dnll", fmt_signed),
+        ),
+        ("Growth of the matched curves", _matched_growth_table(record)),
+    ):
+        out += ["", f"### {title}", "", body]
+    return out
+
+
 def _delta_pct(value: Any, baseline: Any) -> str:
     if not (_finite(value) and _finite(baseline)) or baseline == 0:
         return DASH
@@ -493,6 +587,11 @@ def _run_table(record: Mapping[str, Any]) -> str:
         ("samples", run.get("samples")),
         ("lengths", ", ".join(str(L) for L in run.get("lengths") or []) or DASH),
         ("measurement", run.get("mode")),
+        (
+            "design",
+            run.get("design", "window")
+            + (f", T = {run['target_tokens']}" if run.get("target_tokens") else ""),
+        ),
         ("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or DASH),
         ("started", run.get("started")),
         ("finished", run.get("finished")),
@@ -534,6 +633,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     ]
     for title, body in sections:
         out += ["", f"## {title}", "", body]
+    out += _matched_sections(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
     warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
     warns += [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from .measure import (
     compare_summary,
     final_hidden,
     linear_head,
+    matched_ids,
     output_head,
     own_logits_head,
     shared_linear_head,
@@ -37,8 +39,15 @@ from .measure import (
 )
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model
-from .options import parse_lengths  # noqa: F401 - re-exported: the CLI and tests use it here
-from .reference import LENGTH_PROBE_TOL, Reference, build_reference, probe_length_dependence
+from .options import DESIGNS, parse_lengths  # parse_lengths re-exported: the CLI and tests use it here
+from .reference import (
+    LENGTH_PROBE_TOL,
+    MatchedReference,
+    Reference,
+    build_matched_reference,
+    build_reference,
+    probe_length_dependence,
+)
 from .snapshot import Snapshot
 from .targets import DEFAULT_INCLUDE, linearize_conv1d
 
@@ -75,6 +84,12 @@ class RunConfig:
     # Compress the loaded model in place and restore it from a host copy after each method (one model on the
     # device; snapshot.Snapshot). False: compress a deep copy (two models on the device).
     in_place: bool = True
+    # Which curves to measure (options.DESIGNS): 'window' (KL over positions (L/2, L] of one pass; the gate, the
+    # baselines and the findings read these), 'matched' (each sample's last `target_tokens` tokens scored at every
+    # length L with the L tokens that end there: one pass per length), or 'both'.
+    design: str = "window"
+    # Matched design: T, the target tokens per sample (default: half the shortest length).
+    target_tokens: int | None = None
 
 
 def validate_lengths(
@@ -122,10 +137,42 @@ def oom_message(what: str, length: int | None, exc: BaseException) -> str:
 
 
 @dataclass
+class MatchedCurves:
+    """The matched-target curves of one method: per length L, statistics over the same T target tokens of each
+    sample (its last T), read with the L tokens that end there (`LengthStats` whose window is the target span:
+    window_kl = mean KL over the target, per_sample['window_kl'] = KL_i(L)); growth = findings.MatchedGrowth as a
+    dict; errors: length → message for lengths that ran out of memory."""
+
+    target_tokens: int
+    stats: dict[int, LengthStats]
+    growth: dict[str, Any]
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_tokens": self.target_tokens,
+            "curves": {str(L): s.to_dict() for L, s in self.stats.items()},
+            "growth": self.growth,
+            **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MatchedCurves:
+        return cls(
+            target_tokens=int(d["target_tokens"]),
+            stats={int(L): LengthStats(**c) for L, c in d["curves"].items()},
+            growth=dict(d.get("growth") or {}),
+            errors={int(L): e for L, e in (d.get("errors") or {}).items()},
+        )
+
+
+@dataclass
 class MethodResult:
     """One method measured against the reference: curves per length, provenance and timings.
 
     `errors` maps a length that could not be measured (out of memory) to its message; `stats` lacks it.
+    `matched`: the matched-target curves when the run's design asked for them (`stats` is empty when it asked
+    for them only).
     """
 
     method: str
@@ -136,6 +183,7 @@ class MethodResult:
     timings: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    matched: MatchedCurves | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,13 +194,14 @@ class MethodResult:
             "curves": {str(L): s.to_dict() for L, s in self.stats.items()},
             "timings": self.timings,
             **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
+            **({"matched": self.matched.to_dict()} if self.matched is not None else {}),
             **self.info,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MethodResult:
         """The inverse of `to_dict` (a result another process computed; see share.RunStore)."""
-        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors"}
+        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors", "matched"}
         return cls(
             method=d["method"],
             model=d["model"],
@@ -162,6 +211,7 @@ class MethodResult:
             timings=dict(d["timings"]),
             info={k: v for k, v in d.items() if k not in known},
             errors={int(L): e for L, e in (d.get("errors") or {}).items()},
+            matched=MatchedCurves.from_dict(d["matched"]) if d.get("matched") else None,
         )
 
 
@@ -174,11 +224,23 @@ class Harness:
         linearize_conv1d(self.lm.model)  # GPT-2 family: Conv1D → nn.Linear, so every method finds its targets
         self.lengths = parse_lengths(cfg.lengths)
         validate_lengths(self.lengths, self.lm.max_positions, cfg.model, cfg.allow_extrapolation)
+        if cfg.design not in DESIGNS:
+            raise HarnessError(
+                f"design '{cfg.design}' is not one of {', '.join(DESIGNS)}; pass --design both"
+            )
+        self.target = cfg.target_tokens if cfg.target_tokens is not None else max(1, self.lengths[0] // 2)
+        if not 0 < self.target <= self.lengths[0]:
+            raise LengthError(
+                f"--target-tokens {self.target} must lie in [1, {self.lengths[0]}] (the shortest length: every "
+                "length scores the same target tokens); lower it or drop the shorter lengths"
+            )
         self.corpus = load_corpus(cfg.corpus, cfg.text_field)
         self.tokens = TokenizedCorpus(self.corpus, self.lm.tokenizer)
         self.samples = self.tokens.draw(cfg.samples, self.lengths[-1], cfg.seed)
         self._calibration: list[Sample] | None = None
         self._reference: Reference | None = None
+        self._matched_ref: MatchedReference | None = None
+        self._head_checked = False
         self._short_ref: list[torch.Tensor] | None = None
         self._sentinel: torch.Tensor | None = None
         self._snapshot: Snapshot | None = None  # host copy of the model, for compressing in place
@@ -220,10 +282,7 @@ class Harness:
     def reference(self) -> Reference:
         if self._reference is None:
             try:
-                self.head_note = _check_head(self.lm.model, self.samples[0].ids)
-                self._own_logits = self.head_note is not None
-                if self.head_note:
-                    warnings.warn(self.head_note, stacklevel=2)
+                self._check_head_once()
                 self._reference = build_reference(
                     self.lm,
                     self.samples,
@@ -245,6 +304,49 @@ class Harness:
             raise OOMError(msg)
         return self._reference
 
+    def _check_head_once(self) -> None:
+        """Check the model's head against its own logits (check_head) once per harness; sets head_note and
+        whether the model's own forward replaces output_head."""
+        if self._head_checked:
+            return
+        self.head_note = _check_head(self.lm.model, self.samples[0].ids)
+        self._own_logits = self.head_note is not None
+        if self.head_note:
+            warnings.warn(self.head_note, stacklevel=3)
+        self._head_checked = True
+
+    @property
+    def matched_reference(self) -> MatchedReference:
+        """The matched-target reference (reference.build_matched_reference), computed or loaded once."""
+        if self._matched_ref is None:
+            try:
+                self._check_head_once()
+                self._matched_ref = build_matched_reference(
+                    self.lm,
+                    self.samples,
+                    self.lengths,
+                    self.target,
+                    cache_dir=self.cfg.cache_dir,
+                    use_cache=self.cfg.use_cache,
+                    summary_chunk=self.cfg.chunk_size if self.cfg.reference_summary else None,
+                    own_logits=self._own_logits,
+                )
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                msg = oom_message("computing the matched reference", self.lengths[-1], exc)
+            else:
+                return self._matched_ref
+            _release_memory()
+            raise OOMError(msg)
+        return self._matched_ref
+
+    def _base_head(self) -> Head:
+        """The reference model's logits function: the window reference's, else the matched reference's."""
+        if self._reference is not None or self.cfg.design != "matched":
+            return self.reference.head
+        return self.matched_reference.head
+
     def compress(self, method: Method | str) -> tuple[torch.nn.Module, CompressContext, float]:
         """A compressed copy of the reference model, its context (with method info) and the seconds taken
         (a deep copy: two models in memory; `run` uses `compressed`, which compresses in place)."""
@@ -259,9 +361,8 @@ class Harness:
             model, ctx, seconds = self.compress(method)
             yield model, ctx, seconds
             return
-        _ = (
-            self.reference
-        )  # everything computed from the reference model happens before the method changes it
+        # everything computed from the reference model happens before the method changes it
+        _ = self.reference if self.cfg.design != "matched" else self.matched_reference
         if self._snapshot is None:
             self.sentinel()
             self._snapshot = Snapshot(self.lm.model)
@@ -429,13 +530,70 @@ class Harness:
             out.append(st)
         return out
 
+    def measure_matched(self, model: torch.nn.Module, method_id: str) -> MatchedCurves:
+        """The matched-target curves of `model`: for each length L (shortest first) and sample, one pass over
+        the sample's last L tokens, compared on its last T positions with the matched reference (its RefSummary
+        when both heads are the same linear map, else both heads: `compare`). A length that runs out of memory
+        is recorded in `errors`, and longer lengths are not tried."""
+        from .findings import matched_growth
+        from .gate import FLOOR_MIN, GROWTH_MIN_FLOORS
+
+        mref = self.matched_reference
+        T = mref.target
+        head = self.head(model)
+        ref_head = self._reference_head(model)
+        summary = (
+            bool(mref.summaries)
+            and not self._own_logits
+            and ref_head is mref.head
+            and shared_linear_head(self.lm.model, model)
+        )
+        lin = linear_head(model) if summary else None  # for reverse KL on the summary path
+        per_len: dict[int, list[PositionStats]] = {}
+        errors: dict[int, str] = {}
+        for L in mref.lengths:
+            if errors:
+                errors[L] = (
+                    f"'{method_id}' not measured at length {L}: length {min(errors)} ran out of memory"
+                )
+                continue
+            try:
+                sts = []
+                for i, s in enumerate(mref.samples):
+                    x = matched_ids(s.ids, L)  # (L,): the target is its last T tokens
+                    h = final_hidden(model, x)[-T:]  # (T, H)
+                    if summary:
+                        st = compare_summary(mref.summaries[L][i], head, mref.hidden[L][i], h, x[-T:], lin)
+                    else:
+                        st = compare(ref_head, head, mref.hidden[L][i], h, x[-T:], self.cfg.chunk_size)
+                    check_finite(method_id, L, i, st)
+                    sts.append(st)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                msg = oom_message(f"measuring '{method_id}' (matched)", L, exc)
+            else:
+                per_len[L] = sts
+                continue
+            _release_memory()
+            errors[L] = msg
+        stats = {L: dataclasses.replace(summarize(T, sts, lo=0), length=L) for L, sts in per_len.items()}
+        done = sorted(stats)
+        min_kl = GROWTH_MIN_FLOORS * FLOOR_MIN.get(dtype_name(self.lm.dtype), max(FLOOR_MIN.values()))
+        g = (
+            matched_growth({L: stats[L].per_sample["window_kl"] for L in done}, done, min_kl).to_dict()
+            if done
+            else {}
+        )
+        return MatchedCurves(T, stats, g, errors)
+
     def _reference_head(self, model: torch.nn.Module) -> Head:
         """The reference's logits function; when `model` is the reference model compressed in place and the
         method changed its LM head's weights, the head rebuilt from the snapshot's host copy."""
-        ref = self.reference
+        base = self._base_head()
         snap = self._snapshot
         if model is not self.lm.model or snap is None or not snap.head_changed():
-            return ref.head
+            return base
         if self._own_logits:
             raise MethodRunError(
                 "the method changed the LM head of a model measured through its own forward; run it with "
@@ -495,7 +653,7 @@ class Harness:
         before = self.sentinel()
         ids = self.samples[0].ids[: before.shape[0]]
         now = final_hidden(self.lm.model, ids)
-        head = self.reference.head
+        head = self._base_head()
         worst = (
             float(compare(head, head, before, now, ids).kl.abs().max()) if now.shape == before.shape else 1.0
         )
@@ -510,19 +668,86 @@ class Harness:
     def run(self, method: Method | str, noise_probe: bool = False) -> MethodResult:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
-        if noise_probe:
+        window = self.cfg.design != "matched"
+        _ = self.reference if window else None  # built (or loaded) before compressing
+        mref = self.matched_reference if self.cfg.design != "window" else None
+        if noise_probe and window:
             self._short_reference()  # from the reference model, before a method changes it in place
         with self.compressed(m) as (model, ctx, t_compress):
-            t0 = time.perf_counter()
-            stats, errors, length_note = self.measure_lengths(model, m.id)
-            if not stats:  # not even the shortest length fits
-                raise OOMError(errors[min(errors)])
-            t_measure = time.perf_counter() - t0
-            if noise_probe:
+            stats, errors, length_note, t_measure = (
+                self._measure_window(model, m.id) if window else ({}, {}, None, 0.0)
+            )
+            if noise_probe and window:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
+            matched, t_matched = self._measure_matched_timed(model, m.id) if mref is not None else (None, 0.0)
             del model
         self.check_reference_intact(m.id)
-        return self._result(m.id, stats, errors, length_note, t_compress, t_measure, ctx.info)
+        return self._result(
+            m.id, stats, errors, length_note, matched, t_compress, t_measure, t_matched, ctx.info
+        )
+
+    def _measure_window(
+        self, model: torch.nn.Module, method_id: str
+    ) -> tuple[dict[int, LengthStats], dict[int, str], str | None, float]:
+        """measure_lengths and its seconds; OOMError when not even the shortest length fits."""
+        t0 = time.perf_counter()
+        stats, errors, length_note = self.measure_lengths(model, method_id)
+        if not stats:  # not even the shortest length fits
+            raise OOMError(errors[min(errors)])
+        return stats, errors, length_note, time.perf_counter() - t0
+
+    def _measure_matched_timed(self, model: torch.nn.Module, method_id: str) -> tuple[MatchedCurves, float]:
+        """measure_matched and its seconds; OOMError when the design is matched only and no length fits."""
+        t0 = time.perf_counter()
+        matched = self.measure_matched(model, method_id)
+        if not matched.stats and self.cfg.design == "matched":
+            raise OOMError(matched.errors[min(matched.errors)])
+        return matched, time.perf_counter() - t0
+
+    def _result(
+        self,
+        method_id: str,
+        stats: dict[int, LengthStats],
+        errors: dict[int, str],
+        length_note: str | None,
+        matched: MatchedCurves | None,
+        t_compress: float,
+        t_measure: float,
+        t_matched: float,
+        method_info: dict[str, Any],
+    ) -> MethodResult:
+        """The MethodResult of a measured method or checkpoint (window curves, matched curves or both)."""
+        window = self.cfg.design != "matched"
+        ref, mref = self._reference, self._matched_ref
+        first = ref if window else mref  # matched only: its reference is the run's reference
+        timings: dict[str, Any] = {
+            "reference_s": first.seconds,
+            "reference_cache_hit": first.cache_hit,
+            "compression_s": t_compress,
+            "measurement_s": t_measure,
+        }
+        if matched is not None:
+            timings |= {
+                "matched_reference_s": mref.seconds,
+                "matched_reference_cache_hit": mref.cache_hit,
+                "matched_measurement_s": t_matched,
+            }
+        mode = ("one-pass" if ref.one_pass and not length_note else "per-length") if window else "matched"
+        return MethodResult(
+            method=method_id,
+            model=self.cfg.model,
+            lengths=self.lengths,
+            stats=stats,
+            mode=mode,
+            timings=timings,
+            info={
+                "method_info": dict(method_info),
+                **self.metadata(),
+                **({"length_dependent": length_note} if length_note else {}),
+            },
+            errors=errors if self.cfg.design != "matched" else dict(matched.errors),
+            matched=matched,
+        )
 
     def run_checkpoint(
         self, model: torch.nn.Module, name: str, load_s: float = 0.0, info: dict[str, Any] | None = None
@@ -530,46 +755,20 @@ class Harness:
         """Measure an already compressed model (a checkpoint checked by `checkpoint.load_compressed`) as method
         `name`: the measurement and result of `run`, with its load time as compression time and `info` as its
         method facts."""
-        _ = self.reference
+        window = self.cfg.design != "matched"
+        _ = self.reference if window else None  # built before the measurement is timed
+        _ = self.matched_reference if self.cfg.design != "window" else None
         self.sentinel()
         model.eval()
-        t0 = time.perf_counter()
-        stats, errors, length_note = self.measure_lengths(model, name)
-        if not stats:
-            raise OOMError(errors[min(errors)])
-        t_measure = time.perf_counter() - t0
+        stats, errors, length_note, t_measure = (
+            self._measure_window(model, name) if window else ({}, {}, None, 0.0)
+        )
+        matched, t_matched = (
+            self._measure_matched_timed(model, name) if self.cfg.design != "window" else (None, 0.0)
+        )
         self.check_reference_intact(name)
-        return self._result(name, stats, errors, length_note, load_s, t_measure, info or {})
-
-    def _result(
-        self,
-        name: str,
-        stats: dict[int, LengthStats],
-        errors: dict[int, str],
-        length_note: str | None,
-        compress_s: float,
-        measure_s: float,
-        info: dict[str, Any],
-    ) -> MethodResult:
-        ref = self.reference
-        return MethodResult(
-            method=name,
-            model=self.cfg.model,
-            lengths=self.lengths,
-            stats=stats,
-            mode="one-pass" if ref.one_pass and not length_note else "per-length",
-            timings={
-                "reference_s": ref.seconds,
-                "reference_cache_hit": ref.cache_hit,
-                "compression_s": compress_s,
-                "measurement_s": measure_s,
-            },
-            info={
-                "method_info": dict(info),
-                **self.metadata(),
-                **({"length_dependent": length_note} if length_note else {}),
-            },
-            errors=errors,
+        return self._result(
+            name, stats, errors, length_note, matched, load_s, t_measure, t_matched, info or {}
         )
 
     def metadata(self) -> dict[str, Any]:

@@ -439,11 +439,22 @@ class LccSession:
         its tolerance; n/a (passes) when either run has KL ~0 at the shortest length."""
         self._check("growth", method_id, None)
 
+    def _require_window(self, what: str) -> None:
+        """Skip the calling test when the run measures matched-target curves only: the gate, the baselines and
+        the claims read window curves."""
+        if self.run_config().design == "matched":
+            pytest.skip(
+                f"{what} reads window curves, and --lcc-design matched measures none; pass --lcc-design both "
+                "to gate and measure matched curves in one run"
+            )
+
     def _check(self, kind: str, method_id: str, length: int | None) -> None:
         """One gate case, in the spirit of pytest-regressions' perform_regression_check: obtain the value; when
         updating, stage the method's entry; else compare with the stored per-sample values (gate.check_kl /
         gate.check_growth), record the check and fail the test with its message."""
         from .gate import check_growth, check_kl, growth_ratio
+
+        self._require_window("the baseline gate")
 
         lo, hi = self.lengths[0], self.lengths[-1]
         res = self.result(method_id) if kind == "kl" else self.complete_result(method_id, "growth")
@@ -514,6 +525,7 @@ class LccSession:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
         if len(self.lengths) < 2:
             pytest.skip(f"claim {claim} needs at least two context lengths")
+        self._require_window(f"claim {claim}")
         curves = {}
         for m in needed:
             res = self.complete_result(m, f"claim {claim}")
@@ -567,6 +579,9 @@ class LccSession:
             run.update({k: md[k] for k in ("dtype", "device_type", "corpus", "corpus_sha256", "seed")})
             ref = h.reference_built
             run["mode"] = "one-pass" if (ref is None or ref.one_pass) else "per-length"
+            run["design"] = h.cfg.design
+            if h.cfg.design != "window":
+                run["target_tokens"] = h.target
             run["baseline_file"] = _rel(self.baseline_path, Path(self.config.rootpath))
             run["sample_spans"] = md["samples"]
             run["notes"] = md.get("notes", [])
@@ -577,6 +592,7 @@ class LccSession:
                 rd = o["result"].to_dict()
                 out.curves, out.timings, out.method_info = rd["curves"], rd["timings"], rd["method_info"]
                 out.mode, out.length_dependent = rd["mode"], rd.get("length_dependent")
+                out.matched = rd.get("matched")
             methods[mid] = out
         baselines = {}
         b = None
