@@ -621,9 +621,11 @@ class LccSession:
 def _checkpoints(config: pytest.Config) -> dict[str, str]:
     """--lcc-compressed NAME=PATH (repeatable) or ini lcc_compressed lines → name → path; a bare PATH is named
     by its file name."""
-    from .checkpoint import check_name
-
     items = config.getoption("lcc_compressed", default=None) or config.getini("lcc_compressed") or []
+    if not items:
+        return {}
+    from .checkpoint import check_name  # imports torch: only when checkpoints are given
+
     out: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
