@@ -78,7 +78,7 @@ class LibraryMethod(Method):
                 set_submodule(model, name, lin)  # the library may have swapped the module …
                 lin.weight, lin.bias = weight, bias  # … or its parameters
                 weight.copy_(done[name].weight.reshape(weight.shape))
-        record_bits(ctx, [(lin.weight.numel(), done[name].bits) for name, (lin, _, _) in params.items()])
+        record_bits(ctx, [(weight.numel(), done[name].bits) for name, (_, weight, _) in params.items()])
         watch.record_weights({name: q.weight for name, q in done.items()}, ctx.info)
         ctx.info["library"] = f"{self.library.dist}=={self.library.version()}"
         ctx.info["mode"] = "kernel" if self.keeps_library_modules else "dequantized"

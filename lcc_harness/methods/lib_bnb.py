@@ -5,8 +5,8 @@
   (within one row when B divides I), each scaled by its absmax (float32) onto the 16 NF4 levels (normal
   quantiles) or FP4 (e2m1) values: 4 + 32/B bits per weight. No double quantization of the absmax (transformers'
   default `bnb_4bit_use_double_quant=False`). `-kernel`: a `bnb.nn.Linear4bit` replaces the Linear.
-- bnb-int8: `int8_vectorwise_quant`, per output row absmax to ±127 (float32 row scale: 8 + 32/I bits) — the
-  weight half of LLM.int8(). `-kernel`: `bnb.nn.Linear8bitLt(threshold=6.0, has_fp16_weights=False)`, i.e.
+- bnb-int8: `int8_vectorwise_quant` of the weight in float16 (as bnb's Int8Params does), per output row absmax
+  to ±127 (float32 row scale: 8 + 32/I bits) — the weight half of LLM.int8(). `-kernel`: `bnb.nn.Linear8bitLt(threshold=6.0, has_fp16_weights=False)`, i.e.
   LLM.int8() as transformers' `load_in_8bit` runs it: per-token int8 activations, except input columns with an
   outlier above 6.0, which go through a float matmul.
 """
@@ -37,11 +37,12 @@ def bnb_fake_quant_4bit(w: torch.Tensor, quant_type: str, blocksize: int) -> tor
 
 
 def bnb_fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' per-row absmax int8 (int8_vectorwise_quant) of a 2-D weight (O, I), dequantized."""
+    """bitsandbytes' per-row absmax int8 (int8_vectorwise_quant) of a 2-D weight (O, I), dequantized. Of the
+    weight in float16, as `Int8Params` quantizes it (so both modes hold the same codes and scales)."""
     import bitsandbytes.functional as F
 
-    codes, row_absmax, _ = F.int8_vectorwise_quant(w.float())  # (O, I) int8, (O,) float32
-    return (codes.float() * (row_absmax[:, None] / 127)).to(w.dtype)
+    codes, row_absmax, _ = F.int8_vectorwise_quant(w.half())  # (O, I) int8, (O,) float32
+    return (codes.float() * (row_absmax.float()[:, None] / 127)).to(w.dtype)
 
 
 class _BNB4(LibraryMethod):

@@ -3,7 +3,7 @@
 Each target goes through `HQQLinear(linear, BaseQuantizeConfig(nbits=b, group_size=G, axis=1))`: groups of G
 consecutive input weights of one row (axis=1, the groups rtn uses; HQQ's own default axis=0 groups along the
 output dimension), a min-max start then HQQ's half-quadratic optimizer of the zero point and scale (an lp-norm,
-p < 1, fit of the rounding error). Scale and zero are kept as floats in the weight dtype: b + 2·16/G bits per
+p < 1, fit of the rounding error); the zero point is rounded to an integer at 4 bits only (HQQ's default). Scale and zero are kept as floats in the weight dtype: b + 2·16/G bits per
 weight counted as fp16. Default mode: `HQQLinear.dequantize()` copied into the original nn.Linear; `-kernel`:
 the HQQLinear replaces the Linear, with HQQ's PyTorch backend (the one that runs on a CPU).
 """
@@ -26,14 +26,19 @@ HQQ = Library(
 HQQ_BITS = (2, 3, 4, 8)
 
 
-def hqq_linear(lin: nn.Linear, bits: int, group: int, optimize: bool = True) -> Any:
+def hqq_linear(
+    lin: nn.Linear, bits: int, group: int, optimize: bool = True, round_zero: bool | None = None
+) -> Any:
     """An HQQLinear (PyTorch backend) quantizing `lin`'s weight (O, I) per group of `group` input weights; `lin`
-    itself is left as it was."""
+    itself is left as it was. optimize=False skips the half-quadratic fit (min-max only); round_zero=None keeps
+    HQQ's default (an integer zero point at 4 bits only, a float one otherwise)."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 
     HQQLinear.set_backend(HQQBackend.PYTORCH)
     cfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)
     cfg["weight_quant_params"]["optimize"] = optimize
+    if round_zero is not None:
+        cfg["weight_quant_params"]["round_zero"] = round_zero
     w = lin.weight
     return HQQLinear(lin, quant_config=cfg, compute_dtype=w.dtype, device=str(w.device), del_orig=False)
 

@@ -191,7 +191,7 @@ _LIBRARY_STATUS: dict[str, str | None] = {}  # import name → why it does not i
 
 def _try_import(module: str) -> str | None:
     if importlib.util.find_spec(module.split(".")[0]) is None:
-        return f"{module} is not installed"
+        return f"{module.split('.')[0]} is not installed"
     quiet = [logging.getLogger(module.split(".")[0])]  # torchao logs each CUDA-only .so it skips on a CPU box
     levels = [lg.level for lg in quiet]
     for lg in quiet:
