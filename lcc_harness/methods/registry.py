@@ -170,7 +170,8 @@ class Library:
         """Why the library cannot be imported here (one line), or None when it imports; cached per process."""
         if self.module not in _LIBRARY_STATUS:
             _LIBRARY_STATUS[self.module] = _try_import(self.module)
-        return _LIBRARY_STATUS[self.module]
+        why = _LIBRARY_STATUS[self.module]
+        return f"{self.dist} is not installed" if why == _NOT_INSTALLED else why
 
     def load(self, method_id: str) -> Any:
         """The imported module, or a MethodError naming the pip command."""
@@ -187,11 +188,12 @@ class Library:
 
 
 _LIBRARY_STATUS: dict[str, str | None] = {}  # import name → why it does not import (None: it does)
+_NOT_INSTALLED = "not installed"
 
 
 def _try_import(module: str) -> str | None:
     if importlib.util.find_spec(module.split(".")[0]) is None:
-        return f"{module.split('.')[0]} is not installed"
+        return _NOT_INSTALLED
     quiet = [logging.getLogger(module.split(".")[0])]  # torchao logs each CUDA-only .so it skips on a CPU box
     levels = [lg.level for lg in quiet]
     for lg in quiet:
