@@ -19,11 +19,15 @@ if TYPE_CHECKING:  # for annotations only: _cmd_measure imports run.py when it r
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods.registry import families
+    from .methods.registry import families, unavailable
 
     rows = []
     for fam, cls in sorted(families().items()):
         rows.append([fam, " | ".join(cls.forms), ", ".join(cls.examples), cls.description])
+    for fam, cls in sorted(unavailable().items()):
+        lib = cls.library
+        why = f"UNAVAILABLE: {lib.missing()}; install: {lib.install}"
+        rows.append([fam, " | ".join(cls.forms), ", ".join(cls.examples), f"{why}. {cls.description}"])
     print(tabulate(rows, headers=["family", "id forms", "examples", "description"], tablefmt="github"))
     return 0
 

@@ -175,3 +175,11 @@ class OutlierWatch:
 
     def record(self, model: nn.Module, info: dict[str, Any]) -> None:
         self.tally(model).record(info)
+
+    def record_weights(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """As `record`, from the weights (out, in) after the method given by layer name: for a method whose
+        modules no longer hold a float weight (a library's quantized module), its dequantized weights."""
+        t = OutlierTally(note=self.note)
+        for snap in self.snapshots:
+            t.add(len(snap), snap.changes(weights[snap.layer]))
+        t.record(info)

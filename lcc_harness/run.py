@@ -404,6 +404,8 @@ class Harness:
             raise OOMError(msg)
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if type(p) not in (torch.Tensor, torch.nn.Parameter) and hasattr(p, "dequantize"):
+                    p = p.dequantize()  # a quantization library's tensor subclass (an adapter's -kernel mode)
                 if p.is_floating_point() and not bool(torch.isfinite(p).all()):
                     raise NonFiniteError(
                         f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "

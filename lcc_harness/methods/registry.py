@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import logging
 import math
 import pkgutil
@@ -17,7 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points
+from importlib.metadata import version as dist_version
 from typing import Any, ClassVar
 
 import torch
@@ -147,6 +149,67 @@ def forms_pattern(forms: Sequence[str]) -> re.Pattern[str]:
 
 
 @dataclass(frozen=True)
+class Library:
+    """An optional third-party library a method family needs: imported on first use, never at harness import.
+
+    module: import name; dist and pin: the pip distribution and the version known to work here; pip: the install
+    command it needs (e.g. "DISABLE_CUDA=1 pip install --no-build-isolation" for an sdist with CUDA sources)."""
+
+    module: str
+    dist: str
+    pin: str
+    extra: str = "adapters"
+    pip: str = "pip install"
+
+    @property
+    def install(self) -> str:
+        """The command that installs it: the harness's extra, or the library alone."""
+        return f"pip install 'lcc-harness[{self.extra}]' or {self.pip} {self.dist}=={self.pin}"
+
+    def missing(self) -> str | None:
+        """Why the library cannot be imported here (one line), or None when it imports; cached per process."""
+        if self.module not in _LIBRARY_STATUS:
+            _LIBRARY_STATUS[self.module] = _try_import(self.module)
+        why = _LIBRARY_STATUS[self.module]
+        return f"{self.dist} is not installed" if why == _NOT_INSTALLED else why
+
+    def load(self, method_id: str) -> Any:
+        """The imported module, or a MethodError naming the pip command."""
+        why = self.missing()
+        if why is not None:
+            raise MethodError(f"method '{method_id}' needs {self.dist} ({why}); install it: {self.install}")
+        return importlib.import_module(self.module)
+
+    def version(self) -> str:
+        try:
+            return dist_version(self.dist)
+        except PackageNotFoundError:
+            return "unknown"
+
+
+_LIBRARY_STATUS: dict[str, str | None] = {}  # import name → why it does not import (None: it does)
+_NOT_INSTALLED = "not installed"
+
+
+def _try_import(module: str) -> str | None:
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return _NOT_INSTALLED
+    quiet = [logging.getLogger(module.split(".")[0])]  # torchao logs each CUDA-only .so it skips on a CPU box
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # a library's import may raise anything (ImportError, OSError of a .so, ...)
+        lines = str(exc).strip().splitlines()
+        return f"import {module} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
+    finally:
+        for lg, lv in zip(quiet, levels, strict=True):
+            lg.setLevel(lv)
+    return None
+
+
+@dataclass(frozen=True)
 class Method:
     """Base class: a method is data. A family declares its parameters as dataclass fields (`param` for a
     range), its `forms` ("rtn-w{bits}-g{group}[-sym]": {field} a number, [..] optional, a bracketed literal a
@@ -161,6 +224,7 @@ class Method:
     examples: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    library: ClassVar[Library | None] = None  # an optional third-party library the family needs (adapters)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -385,9 +449,16 @@ def _load_all() -> None:
 
 
 def families() -> dict[str, type[Method]]:
-    """family name → Method subclass, built-ins and plugins."""
+    """family name → Method subclass, built-ins and plugins; a family whose library does not import here
+    (`Method.library`) is left out (see `unavailable`)."""
     _load_all()
-    return dict(_FAMILIES)
+    return {k: c for k, c in _FAMILIES.items() if c.library is None or c.library.missing() is None}
+
+
+def unavailable() -> dict[str, type[Method]]:
+    """family name → Method subclass of the registered families whose library does not import here."""
+    _load_all()
+    return {k: c for k, c in _FAMILIES.items() if c.library is not None and c.library.missing() is not None}
 
 
 def examples() -> list[str]:
@@ -406,6 +477,8 @@ def parse_method(method_id: str) -> Method:
         raise MethodError(f"method id '{text}' is matched by families {names}; make their patterns disjoint")
     if hits:
         cls, m = hits[0]
+        if cls.library is not None:
+            cls.library.load(text)
         return cls.from_match(m)
     known = [f for cls in _FAMILIES.values() for f in (*cls.examples, *cls.forms)]
     close = difflib.get_close_matches(text, known, n=3, cutoff=0.5)
