@@ -71,23 +71,50 @@ def test_a_q8_0_gguf_measures_like_the_gguf_q8_0_method(files, tmp_path, capsys)
         assert b["reverse_kl"] == pytest.approx(a["reverse_kl"], rel=1e-6)
 
 
-def test_an_hf_directory_measures_like_the_method(files, tmp_path, capsys):
-    """Reference and checkpoint as Hugging Face folders (a GGUF-loaded model cannot be saved by transformers)."""
+@pytest.mark.parametrize("method_id", ["gguf-q4_0", "magnitude-s50"], ids=["quantized", "pruned"])
+def test_an_hf_directory_measures_like_the_method(files, tmp_path, capsys, method_id):
+    """Reference and checkpoint as Hugging Face folders (a GGUF-loaded model cannot be saved by transformers): a
+    quantized and a pruned model's safetensors."""
     from test_models import hf_tokenizer
 
     source = build_tiny_llama(vocab_size=tiny_vocab_size()).eval()
-    dirs = {"ref": tmp_path / "ref-hf", "cmp": tmp_path / "q4_0-hf"}
-    compressed = parse_method("gguf-q4_0").apply(copy.deepcopy(source), CompressContext())
+    dirs = {"ref": tmp_path / "ref-hf", "cmp": tmp_path / "cmp-hf"}
+    compressed = parse_method(method_id).apply(copy.deepcopy(source), CompressContext())
     for key, model in (("ref", source), ("cmp", compressed)):
         model.save_pretrained(dirs[key])
         hf_tokenizer().save_pretrained(dirs[key])
     hf = {**files, "ref": dirs["ref"]}
-    method = measure(capsys, hf, tmp_path, "--method", "gguf-q4_0")
-    ckpt = measure(capsys, hf, tmp_path, "--compressed", str(dirs["cmp"]), "--name", "my-q4_0")
-    assert ckpt["method"] == "my-q4_0"
+    method = measure(capsys, hf, tmp_path, "--method", method_id)
+    ckpt = measure(capsys, hf, tmp_path, "--compressed", str(dirs["cmp"]), "--name", "mine")
+    assert ckpt["method"] == "mine"
     for L in ("32", "64"):
         assert method["curves"][L]["window_kl"] > 1e-3
         assert ckpt["curves"][L]["window_kl"] == pytest.approx(method["curves"][L]["window_kl"], rel=1e-6)
+
+
+def test_a_checkpoint_saved_by_torchao_through_transformers_measures_like_the_adapter(
+    files, tmp_path, capsys
+):
+    """A checkpoint quantized and saved by a library (transformers' TorchAoConfig, int8 weight-only; loaded back
+    with its Int8Tensor weights, so it runs torchao's own forward) against the adapter family in its kernel mode."""
+    pytest.importorskip("torchao")
+    from test_models import hf_tokenizer
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    ref, q = tmp_path / "ref-hf", tmp_path / "torchao-int8"
+    build_tiny_llama(vocab_size=tiny_vocab_size()).eval().save_pretrained(ref)
+    hf_tokenizer().save_pretrained(ref)
+    cfg = TorchAoConfig(Int8WeightOnlyConfig())
+    model = AutoModelForCausalLM.from_pretrained(ref, quantization_config=cfg, dtype=torch.float32)
+    model.save_pretrained(q, safe_serialization=False)
+    hf_tokenizer().save_pretrained(q)
+    hf = {**files, "ref": ref}
+    method = measure(capsys, hf, tmp_path, "--method", "torchao-int8wo-kernel")
+    ckpt = measure(capsys, hf, tmp_path, "--compressed", str(q))
+    for L in ("32", "64"):
+        assert method["curves"][L]["window_kl"] > 1e-6
+        assert ckpt["curves"][L]["window_kl"] == pytest.approx(method["curves"][L]["window_kl"], rel=1e-5)
 
 
 def test_the_reference_itself_gives_zero(files, tmp_path, capsys):
