@@ -19,6 +19,7 @@ class Profile:
     calib_samples: int = 8
     calib_length: int = 512
     slow: bool = False
+    anatomy: int = 0  # error-anatomy samples (RunConfig.anatomy); --lcc-anatomy overrides it
     description: str = ""
 
     @property
