@@ -76,12 +76,12 @@ def bucket_sums(values: torch.Tensor, index: torch.Tensor, n_buckets: int) -> to
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     from .measure import decoder_of
 
-    layers = getattr(decoder_of(model), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise TypeError(
-            f"{type(model).__name__} has no decoder `layers` list; the error anatomy needs a Llama-like model"
-        )
-    return list(layers)
+    body = decoder_of(model)
+    for name in ("layers", "h", "blocks"):  # Llama-like, GPT-2, others
+        layers = getattr(body, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return list(layers)
+    raise TypeError(f"{type(model).__name__} has no list of decoder layers (`layers`, `h` or `blocks`)")
 
 
 def probes(model: nn.Module) -> dict[str, list[nn.Module]]:

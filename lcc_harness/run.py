@@ -261,6 +261,7 @@ class Harness:
         self._anatomy_refs: list[Captured] | None = None  # the reference's activations, per anatomy sample
         self._anatomy_ref_s = 0.0
         self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
+        self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
 
     @property
     def calibration(self) -> list[Sample]:
@@ -639,8 +640,11 @@ class Harness:
                 try:
                     with capture(self.lm.model) as got:
                         final_hidden(self.lm.model, s.ids[: self.lengths[-1]])
-                except TypeError as exc:  # anatomy.probes: not a Llama-like decoder
-                    raise HarnessError(f"{exc}; pass --anatomy 0") from None
+                except TypeError as exc:  # anatomy.probes: no decoder layers it can find; measure without
+                    self.anatomy_note = f"no error anatomy: {exc}"
+                    warnings.warn(self.anatomy_note, stacklevel=2)
+                    refs = []
+                    break
                 refs.append(got)
             self._anatomy_refs = refs
             self._anatomy_ref_s = time.perf_counter() - t0
@@ -650,7 +654,8 @@ class Harness:
     def _anatomy_tally(self) -> Iterator[ErrorTally | None]:
         """While active (the anatomy on), the window measurement's longest passes of the anatomy samples also
         compare every layer with the reference (`_measure_pass`); None when the anatomy is off."""
-        self._tally = ErrorTally(self.anatomy_reference()) if self.cfg.anatomy else None
+        refs = self.anatomy_reference() if self.cfg.anatomy else []
+        self._tally = ErrorTally(refs) if refs else None
         try:
             yield self._tally
         finally:
@@ -883,6 +888,8 @@ class Harness:
         notes = list(self._reference.notes) if self._reference is not None else []
         if self.head_note:
             notes.append(self.head_note)
+        if self.anatomy_note:
+            notes.append(self.anatomy_note)
         if notes:
             md["notes"] = notes
         return md

@@ -135,6 +135,9 @@ def test_model_restored_and_no_hooks_left(tiny):
 
 
 def test_options_and_validation(tiny):
+    from lcc_harness.profiles import PROFILES
+
+    assert {p.name: p.anatomy for p in PROFILES.values()} == {"smoke": 0, "default": 1, "paper": 1}
     assert run_fields({"anatomy": "1"}) == {"anatomy": 1} and run_fields({"anatomy": "0"}) == {"anatomy": 0}
     with pytest.raises(OptionError, match="--anatomy -1 must be at least 0"):
         run_fields({"anatomy": "-1"})
@@ -220,3 +223,22 @@ def test_plugin_records_and_reports_the_anatomy(project):
         "## Error anatomy" in (reports / "kl_report.md").read_text() and (reports / "kl_anatomy.png").exists()
     )
     assert "anatomy" not in (project.path / "baselines" / "tiny-llama.float32.cpu.smoke.json").read_text()
+
+
+def test_gpt2_gets_the_residual_stream_and_an_unknown_body_a_note(tiny, monkeypatch):
+    from test_numerics import _tiny_gpt2, loaded
+
+    import lcc_harness.anatomy as anatomy
+
+    a = Harness(tiny_config(anatomy=1), lm=loaded(_tiny_gpt2(), "gpt2")).run("rtn-w3-g32").anatomy
+    assert set(a.error) == {"residual"} and a.layers == 2 and all(v > 0 for v in a.error["residual"][1])
+    assert "K / V: not captured" in format_tables(a.to_dict())
+
+    def none(model):
+        raise TypeError("LlamaForCausalLM has no list of decoder layers")
+
+    monkeypatch.setattr(anatomy, "_decoder_layers", none)
+    h = Harness(tiny_config(anatomy=1), lm=tiny)
+    with pytest.warns(UserWarning, match="no error anatomy"):
+        res = h.run("rtn-w3-g32")
+    assert res.anatomy is None and res.stats and "no error anatomy" in " ".join(res.info["notes"])
