@@ -135,6 +135,10 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         print(format_curve_table(result.stats))
     if result.matched is not None:
         print(format_matched(result.matched))
+    if result.anatomy is not None:
+        from .anatomy import format_tables
+
+        print(format_tables(result.anatomy.to_dict()))
     for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
         if note:
             print(f"note: {note}")
@@ -147,6 +151,11 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         f"timings: reference {t['reference_s']:.1f}s{' (cache hit)' if t['reference_cache_hit'] else ''}, "
         f"compression {t['compression_s']:.1f}s, measurement {t['measurement_s']:.1f}s"
         + (f", matched measurement {t['matched_measurement_s']:.1f}s" if "matched_measurement_s" in t else "")
+        + (
+            f", anatomy reference {t['anatomy_reference_s']:.1f}s (extra forwards {t['anatomy_extra_s']:.1f}s)"
+            if "anatomy_reference_s" in t
+            else ""
+        )
     )
     if args.json:
         try:

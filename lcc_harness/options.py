@@ -61,6 +61,17 @@ def positive_int(key: str, text: Any) -> int:
     return v
 
 
+def nonneg_int(key: str, text: Any) -> int:
+    """An integer ≥ 0, or OptionError naming `key` (as `--<key>`)."""
+    try:
+        v = int(str(text).strip())
+    except ValueError:
+        raise OptionError(key, f"--{key} '{text}' is not an integer; pass e.g. --{key} 1") from None
+    if v < 0:
+        raise OptionError(key, f"--{key} {v} must be at least 0; pass e.g. --{key} 1")
+    return v
+
+
 def text(key: str, value: Any) -> str:
     return str(value)
 
@@ -132,6 +143,13 @@ OPTIONS: tuple[Option, ...] = (
         "matched design: target tokens T scored at every length (default: half the shortest length)",
         "target_tokens",
         positive_int,
+    ),
+    Option(
+        "anatomy",
+        "error anatomy on the first N samples at the longest length: relative error of the residual stream, keys "
+        "and values per layer and log2 position bucket (0: off; default: the profile's, else 0)",
+        "anatomy",
+        nonneg_int,
     ),
     Option("cache-dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)", "cache_dir"),
     Option(

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .findings import CI_LEVEL, N_BOOT
+from .record import anatomy as _anatomy
 from .record import baseline_kl as _baseline_kl
 from .record import bits as _bits
 from .record import curves as _curves
@@ -256,3 +257,54 @@ def _matched_panel(
     ax.text(0.5, 1.015, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=10.5, color="0.3")
     if with_legend:
         ax.legend(loc="best", fontsize=11, frameon=False)
+
+
+def render_anatomy_png(record: Mapping[str, Any]) -> bytes:
+    """The error anatomy as PNG bytes: per method with one (a row), heatmaps of the relative error (log colour
+    scale, shared by all panels) over decoder layer × log2 position bucket for the residual stream, keys and
+    values."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    from .anatomy import QUANTITIES, Anatomy, bucket_label
+
+    found = [
+        (mid, Anatomy.from_dict(a)) for mid, e in _methods(record).items() if (a := _anatomy(e)) is not None
+    ]
+    if not found:
+        raise ValueError("no method in the record has an error anatomy")
+    cols = [q for q in QUANTITIES if any(q in a.error for _, a in found)]
+    vals = [
+        v for _, a in found for q in cols for row in a.error.get(q, []) for v in row if _finite(v) and v > 0
+    ]
+    norm = LogNorm(vmin=min(vals), vmax=max(vals)) if vals else None
+    title = {"residual": "residual stream", "k": "keys (k_proj)", "v": "values (v_proj)"}
+    n_layers = max(a.layers for _, a in found)
+    fig = Figure(
+        figsize=(5.2 * len(cols) + 1.2, (1.2 + 0.16 * n_layers) * len(found) + 0.8),
+        dpi=110,
+        layout="constrained",
+    )
+    axes = fig.subplots(len(found), len(cols), squeeze=False)
+    image = None
+    for r, (mid, a) in enumerate(found):
+        for c, q in enumerate(cols):
+            ax = axes[r][c]
+            m = np.array(a.error.get(q) or [[np.nan]], dtype=np.float64)  # (layers, buckets)
+            m = np.where(m > 0, m, np.nan)  # zero error: blank on a log scale
+            image = ax.imshow(
+                m, aspect="auto", origin="lower", cmap="viridis", norm=norm, interpolation="nearest"
+            )
+            ax.set_xticks(range(len(a.buckets)))
+            ax.set_xticklabels([bucket_label(lo, hi) for lo, hi in a.buckets], rotation=60, fontsize=8)
+            ax.set_ylabel("decoder layer", fontsize=10)
+            ax.set_title(f"{mid}: {title[q]}", fontsize=11)
+            if r == len(found) - 1:
+                ax.set_xlabel("position bucket (tokens)", fontsize=10)
+    if image is not None and norm is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="relative error ‖x_cmp − x_ref‖ / ‖x_ref‖")
+    run = record.get("run") or {}
+    fig.suptitle(f"Error anatomy — {_run_title(run)}, length {found[0][1].length}", fontsize=13)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

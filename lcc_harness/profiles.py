@@ -19,6 +19,7 @@ class Profile:
     calib_samples: int = 8
     calib_length: int = 512
     slow: bool = False
+    anatomy: int = 0  # error-anatomy samples (RunConfig.anatomy); --lcc-anatomy overrides it
     description: str = ""
 
     @property
@@ -68,6 +69,7 @@ PROFILES: dict[str, Profile] = {
             (256, 512, 1024, 2048),
             4,
             group=64,
+            anatomy=1,
             description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores",
         ),
         Profile(
@@ -76,6 +78,7 @@ PROFILES: dict[str, Profile] = {
             (256, 512, 1024, 2048, 4096, 8192),
             4,
             group=64,
+            anatomy=1,
             slow=True,
             description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)",
         ),

@@ -39,6 +39,14 @@ def matched(entry: Mapping[str, Any]) -> tuple[int | None, dict[int, dict[str, A
     return m.get("target_tokens"), cs, dict(g) if isinstance(g, Mapping) else {}
 
 
+def anatomy(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A method's error anatomy (anatomy.Anatomy.to_dict); None for a record or method without one."""
+    a = entry.get("anatomy")
+    if entry.get("status", "ok") not in ("ok", "partial") or not isinstance(a, Mapping) or not a.get("error"):
+        return None
+    return dict(a)
+
+
 def lengths(record: Mapping[str, Any]) -> list[int]:
     """Run lengths plus any length some curve has, ascending."""
     found = {int(L) for L in (record.get("run") or {}).get("lengths") or []}
@@ -101,6 +109,8 @@ class MethodOutcome:
     # matched-target curves (run.MatchedCurves.to_dict: target_tokens, curves by str length, growth, errors);
     # None when the run's design measured window curves only
     matched: dict[str, Any] | None = None
+    # error anatomy (anatomy.Anatomy.to_dict: relative errors per layer and position bucket); None when off
+    anatomy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -20,7 +20,8 @@ from tabulate import tabulate
 
 from .errors import ReportDirError
 from .files import atomic_write
-from .plot import render_png
+from .plot import render_anatomy_png, render_png
+from .record import anatomy as _anatomy
 from .record import bits as _bits
 from .record import curves as _curves
 from .record import finite as _finite
@@ -34,6 +35,7 @@ from .record import super_weights_zeroed as _super_weights_zeroed
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
 REPORT_PNG = "kl_vs_context.png"
+ANATOMY_PNG = "kl_anatomy.png"  # written only when some method has an error anatomy
 DASH = "—"
 
 OUTCOME_MARK = {
@@ -607,6 +609,26 @@ def _run_table(record: Mapping[str, Any]) -> str:
     )
 
 
+def _anatomy_sections(record: Mapping[str, Any]) -> list[str]:
+    """The report's error-anatomy section, one subsection per method that has one (empty when none has)."""
+    from .anatomy import format_tables
+
+    found = [(m, a) for m, e in _methods(record).items() if (a := _anatomy(e)) is not None]
+    if not found:
+        return []
+    out = [
+        "",
+        "## Error anatomy",
+        "",
+        "Where the error sits: per decoder layer and log2 position bucket, the mean relative error "
+        "‖x_cmp − x_ref‖ / ‖x_ref‖ (per position, L2 over the hidden dimension) of the residual stream after "
+        f"the layer, and of its keys and values (`{ANATOMY_PNG}` shows the residual stream as a heatmap).",
+    ]
+    for mid, a in found:
+        out += ["", f"### `{mid}`", "", format_tables(a)]
+    return out
+
+
 def render_markdown(record: Mapping[str, Any]) -> str:
     """The full Markdown report of a run record."""
     run = record.get("run") or {}
@@ -634,6 +656,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     for title, body in sections:
         out += ["", f"## {title}", "", body]
     out += _matched_sections(record)
+    out += _anatomy_sections(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
     warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
     warns += [
@@ -753,23 +776,30 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write kl_report.json, kl_report.md and kl_vs_context.png into `out_dir` (created); return their paths.
+    """Write kl_report.json, kl_report.md and kl_vs_context.png into `out_dir` (created), and kl_anatomy.png when
+    some method has an error anatomy (else a stale one is removed); return their paths.
 
     The JSON is the record itself (sorted keys, indent 1). Raises ReportDirError (an OSError and a
     HarnessError) naming the directory when it cannot be written.
     """
     out = Path(out_dir)
     paths = [out / REPORT_JSON, out / REPORT_MD, out / REPORT_PNG]
-    renderers = (
+    anatomy_png = any(_anatomy(e) is not None for e in _methods(record).values())
+    renderers = [
         lambda: (
             json.dumps(_json_safe(record), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
             + "\n"
         ).encode(),
         lambda: render_markdown(record).encode(),
         lambda: render_png(record),  # last: if plotting fails, the JSON and Markdown are already there
-    )
+    ]
+    if anatomy_png:
+        paths.append(out / ANATOMY_PNG)
+        renderers.append(lambda: render_anatomy_png(record))
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if not anatomy_png:  # a previous run's picture would describe other results
+            (out / ANATOMY_PNG).unlink(missing_ok=True)
     except OSError as e:
         raise _not_writable(out, e) from e
     for path, render in zip(paths, renderers, strict=True):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .anatomy import Anatomy, Captured, ErrorTally, capture
 from .baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
 from .corpus import Sample, TokenizedCorpus, load_corpus
 from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError, first_line
@@ -90,6 +91,9 @@ class RunConfig:
     design: str = "window"
     # Matched design: T, the target tokens per sample (default: half the shortest length).
     target_tokens: int | None = None
+    # Error anatomy (anatomy.py) on the first `anatomy` samples at the longest length: per layer and log2
+    # position bucket, the relative error of the residual stream, keys and values. 0: off.
+    anatomy: int = 0
 
 
 def validate_lengths(
@@ -184,6 +188,7 @@ class MethodResult:
     info: dict[str, Any] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     matched: MatchedCurves | None = None
+    anatomy: Anatomy | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,13 +200,14 @@ class MethodResult:
             "timings": self.timings,
             **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
             **({"matched": self.matched.to_dict()} if self.matched is not None else {}),
+            **({"anatomy": self.anatomy.to_dict()} if self.anatomy is not None else {}),
             **self.info,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MethodResult:
         """The inverse of `to_dict` (a result another process computed; see share.RunStore)."""
-        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors", "matched"}
+        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors", "matched", "anatomy"}
         return cls(
             method=d["method"],
             model=d["model"],
@@ -212,6 +218,7 @@ class MethodResult:
             info={k: v for k, v in d.items() if k not in known},
             errors={int(L): e for L, e in (d.get("errors") or {}).items()},
             matched=MatchedCurves.from_dict(d["matched"]) if d.get("matched") else None,
+            anatomy=Anatomy.from_dict(d["anatomy"]) if d.get("anatomy") else None,
         )
 
 
@@ -234,6 +241,11 @@ class Harness:
                 f"--target-tokens {self.target} must lie in [1, {self.lengths[0]}] (the shortest length: every "
                 "length scores the same target tokens); lower it or drop the shorter lengths"
             )
+        if not 0 <= cfg.anatomy <= cfg.samples:
+            raise HarnessError(
+                f"--anatomy {cfg.anatomy} must lie in [0, {cfg.samples}] (the samples measured); lower it or "
+                "raise --samples"
+            )
         self.corpus = load_corpus(cfg.corpus, cfg.text_field)
         self.tokens = TokenizedCorpus(self.corpus, self.lm.tokenizer)
         self.samples = self.tokens.draw(cfg.samples, self.lengths[-1], cfg.seed)
@@ -246,6 +258,10 @@ class Harness:
         self._snapshot: Snapshot | None = None  # host copy of the model, for compressing in place
         self.head_note: str | None = None  # set when the model's own logits replace output_head
         self._own_logits = False
+        self._anatomy_refs: list[Captured] | None = None  # the reference's activations, per anatomy sample
+        self._anatomy_ref_s = 0.0
+        self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
+        self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
 
     @property
     def calibration(self) -> list[Sample]:
@@ -363,6 +379,8 @@ class Harness:
             return
         # everything computed from the reference model happens before the method changes it
         _ = self.reference if self.cfg.design != "matched" else self.matched_reference
+        if self.cfg.anatomy:
+            self.anatomy_reference()
         if self._snapshot is None:
             self.sentinel()
             self._snapshot = Snapshot(self.lm.model)
@@ -520,7 +538,12 @@ class Harness:
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
                 summ = ref.summaries[P][i].prefix(run_len)
-            h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
+            tally = self._tally
+            if tally is not None and i < len(tally.refs) and run_len == tally.length and not tally.done(i):
+                with tally.compare_to(model, i):  # the anatomy rides on this pass: no extra forward
+                    h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
+            else:
+                h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             if keep_first is not None and not keep_first and i == 0:
                 keep_first.append(h)
             if summary:
@@ -606,6 +629,61 @@ class Harness:
         dev = snap.head.weight.device
         return output_head(self.lm.model, (w.to(dev), None if b is None else b.to(dev)))
 
+    def anatomy_reference(self) -> list[Captured]:
+        """The reference model's residual stream, keys and values per layer on the first `anatomy` samples at the
+        longest length (anatomy.capture; CPU, the model's dtype), computed once per harness and before any method
+        changes the model in place. Memory: samples × layers × length × (hidden + 2 · K/V width) values."""
+        if self._anatomy_refs is None:
+            t0 = time.perf_counter()
+            refs = []
+            for s in self.samples[: self.cfg.anatomy]:
+                try:
+                    with capture(self.lm.model) as got:
+                        final_hidden(self.lm.model, s.ids[: self.lengths[-1]])
+                except TypeError as exc:  # anatomy.probes: no decoder layers it can find; measure without
+                    self.anatomy_note = f"no error anatomy: {exc}"
+                    warnings.warn(self.anatomy_note, stacklevel=2)
+                    refs = []
+                    break
+                refs.append(got)
+            self._anatomy_refs = refs
+            self._anatomy_ref_s = time.perf_counter() - t0
+        return self._anatomy_refs
+
+    @contextlib.contextmanager
+    def _anatomy_tally(self) -> Iterator[ErrorTally | None]:
+        """While active (the anatomy on), the window measurement's longest passes of the anatomy samples also
+        compare every layer with the reference (`_measure_pass`); None when the anatomy is off."""
+        refs = self.anatomy_reference() if self.cfg.anatomy else []
+        self._tally = ErrorTally(refs) if refs else None
+        try:
+            yield self._tally
+        finally:
+            self._tally = None
+
+    def _anatomy_rest(
+        self, model: torch.nn.Module, tally: ErrorTally | None
+    ) -> tuple[Anatomy | None, float, int]:
+        """The anatomy of `model`, the seconds spent on extra forwards and their number: one per anatomy sample
+        that the window measurement did not cover (a matched-only design, a longest pass out of memory)."""
+        if tally is None:
+            return None, 0.0, 0
+        t0 = time.perf_counter()
+        passes = 0
+        for i in range(len(tally.refs)):
+            if tally.done(i):
+                continue
+            passes += 1
+            try:
+                with tally.compare_to(model, i):
+                    final_hidden(model, self.samples[i].ids[: tally.length])
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                warnings.warn(oom_message("computing the error anatomy", tally.length, exc), stacklevel=2)
+                break
+        return tally.result(), time.perf_counter() - t0, passes
+
     def _short_reference(self) -> list[torch.Tensor]:
         """Separate passes of the reference model over each sample's first `lengths[0]` tokens (cached)."""
         if self._short_ref is None:
@@ -675,17 +753,20 @@ class Harness:
         mref = self.matched_reference if self.cfg.design != "window" else None
         if noise_probe and window:
             self._short_reference()  # from the reference model, before a method changes it in place
-        with self.compressed(m) as (model, ctx, t_compress):
+        if self.cfg.anatomy:
+            self.anatomy_reference()  # likewise
+        with self.compressed(m) as (model, ctx, t_compress), self._anatomy_tally() as tally:
             stats, errors, length_note, t_measure = (
                 self._measure_window(model, m.id) if window else ({}, {}, None, 0.0)
             )
             if noise_probe and window:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
             matched, t_matched = self._measure_matched_timed(model, m.id) if mref is not None else (None, 0.0)
+            anatomy = self._anatomy_rest(model, tally)
             del model
         self.check_reference_intact(m.id)
         return self._result(
-            m.id, stats, errors, length_note, matched, t_compress, t_measure, t_matched, ctx.info
+            m.id, stats, errors, length_note, matched, t_compress, t_measure, t_matched, ctx.info, anatomy
         )
 
     def _measure_window(
@@ -717,6 +798,7 @@ class Harness:
         t_measure: float,
         t_matched: float,
         method_info: dict[str, Any],
+        anatomy: tuple[Anatomy | None, float, int] = (None, 0.0, 0),
     ) -> MethodResult:
         """The MethodResult of a measured method or checkpoint (window curves, matched curves or both)."""
         window = self.cfg.design != "matched"
@@ -734,6 +816,12 @@ class Harness:
                 "matched_reference_cache_hit": mref.cache_hit,
                 "matched_measurement_s": t_matched,
             }
+        if anatomy[0] is not None:
+            timings |= {
+                "anatomy_reference_s": self._anatomy_ref_s,
+                "anatomy_extra_s": anatomy[1],
+                "anatomy_extra_passes": anatomy[2],
+            }
         mode = ("one-pass" if ref.one_pass and not length_note else "per-length") if window else "matched"
         return MethodResult(
             method=method_id,
@@ -749,6 +837,7 @@ class Harness:
             },
             errors=errors if self.cfg.design != "matched" else dict(matched.errors),
             matched=matched,
+            anatomy=anatomy[0],
         )
 
     def run_checkpoint(
@@ -762,15 +851,17 @@ class Harness:
         _ = self.matched_reference if self.cfg.design != "window" else None
         self.sentinel()
         model.eval()
-        stats, errors, length_note, t_measure = (
-            self._measure_window(model, name) if window else ({}, {}, None, 0.0)
-        )
-        matched, t_matched = (
-            self._measure_matched_timed(model, name) if self.cfg.design != "window" else (None, 0.0)
-        )
+        with self._anatomy_tally() as tally:
+            stats, errors, length_note, t_measure = (
+                self._measure_window(model, name) if window else ({}, {}, None, 0.0)
+            )
+            matched, t_matched = (
+                self._measure_matched_timed(model, name) if self.cfg.design != "window" else (None, 0.0)
+            )
+            anatomy = self._anatomy_rest(model, tally)
         self.check_reference_intact(name)
         return self._result(
-            name, stats, errors, length_note, matched, load_s, t_measure, t_matched, info or {}
+            name, stats, errors, length_note, matched, load_s, t_measure, t_matched, info or {}, anatomy
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -797,6 +888,8 @@ class Harness:
         notes = list(self._reference.notes) if self._reference is not None else []
         if self.head_note:
             notes.append(self.head_note)
+        if self.anatomy_note:
+            notes.append(self.anatomy_note)
         if notes:
             md["notes"] = notes
         return md

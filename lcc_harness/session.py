@@ -219,6 +219,7 @@ class LccSession:
         given = {o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"}
         return RunConfig(
             **{
+                "anatomy": min(self.profile.anatomy, self.samples),  # --lcc-anatomy overrides it
                 **run_fields(given),
                 "model": self.model,
                 "lengths": self.lengths,
@@ -593,6 +594,7 @@ class LccSession:
                 out.curves, out.timings, out.method_info = rd["curves"], rd["timings"], rd["method_info"]
                 out.mode, out.length_dependent = rd["mode"], rd.get("length_dependent")
                 out.matched = rd.get("matched")
+                out.anatomy = rd.get("anatomy")
             methods[mid] = out
         baselines = {}
         b = None
