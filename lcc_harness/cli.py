@@ -253,6 +253,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="lcc: %(message)s")
+    # torchao (an adapter library, also imported by transformers when installed) logs every CUDA-only extension
+    # it skips on a CPU machine
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except HarnessError as exc:
