@@ -329,3 +329,44 @@ def evaluate_claim(
     g = {r: growth(curves[roles[r]], lengths) for r in c.roles}
     holds, paper, measured, detail = c.judge(roles, curves, lengths, g)
     return Finding(name, c.title, paper, measured, holds, detail, [roles[r] for r in c.roles]).to_dict()
+
+
+# ---- paired contrasts of growth (informational) ---------------------------------------------------------------
+# (a role, b role, the question a > 0 answers): the paper's claims are comparative; these put each comparison on the
+# same samples. Not stored, not gated: the report shows them beside the verdicts.
+CONTRASTS: tuple[tuple[str, str, str], ...] = (
+    ("rtn3", "magnitude", "does 3-bit quantization's KL rise faster than magnitude pruning's?"),
+    ("rtn3", "wanda", "does 3-bit quantization's KL rise faster than Wanda pruning's?"),
+    ("rtn3", "rtn4", "does 3-bit rise faster than 4-bit?"),
+    ("rtn3", "mixed3", "does keeping 2 % of groups at 8 bits slow the rise of 3-bit KL?"),
+)
+
+
+def growth_contrasts(
+    roles: Mapping[str, str], curves: Mapping[str, Mapping[int, Sequence[float]]], lengths: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Paired contrasts (`slope_contrast`) of relative growth for CONTRASTS whose two methods both have complete
+    per-sample window KL in `curves` (method id → {length: values}); each with its reading: 'a rises faster' when
+    the CI is above 0, 'b rises faster' below, else 'no difference detected (|Δ| < MDD …)'."""
+    out: list[dict[str, Any]] = []
+    lengths = sorted(lengths)
+    if len(lengths) < 2:
+        return out
+    for ra, rb, question in CONTRASTS:
+        a, b = roles.get(ra), roles.get(rb)
+        if a not in curves or b not in curves or any(L not in curves[m] for m in (a, b) for L in lengths):
+            continue
+        try:
+            c = slope_contrast(curves[a], curves[b], lengths)
+        except (ValueError, ZeroDivisionError, FloatingPointError):
+            continue
+        if c.n < 2 or not all(np.isfinite([c.mean, c.lo, c.hi])):
+            continue
+        if c.lo > 0:
+            reading = f"{a} rises faster"
+        elif c.hi < 0:
+            reading = f"{b} rises faster"
+        else:
+            reading = f"no difference detected (smallest detectable: {c.mdd:.3f}/doubling)"
+        out.append({"a": a, "b": b, "question": question, "reading": reading, **c.to_dict()})
+    return out

@@ -108,6 +108,7 @@ def merge(
     check_writable(Path(report_dir))
     rec = RunRecord.merge(records)
     rec.findings, skipped = claims(rec)
+    rec.add_contrasts()
     ident = rec.identity
     path = baseline_path(
         Path(baseline_dir), ident["model"], ident["dtype"], ident["device_type"], ident["profile"]

@@ -540,6 +540,33 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
     return lines[:-1]
 
 
+def _contrasts_table(record: Mapping[str, Any]) -> str:
+    """findings.growth_contrasts: a − b of the per-sample relative slopes, on the same samples."""
+    rows = []
+    for c in record.get("contrasts") or []:
+        rows.append(
+            [
+                f"{_cell(c.get('a'))} − {_cell(c.get('b'))}",
+                _one_line(c.get("question", DASH)),
+                _fmt_signed(c.get("mean")),
+                f"[{_fmt_signed(c.get('lo'))}, {_fmt_signed(c.get('hi'))}]",
+                _fmt_signed(c.get("mdd")).lstrip("+"),
+                str(c.get("n", DASH)),
+                _one_line(c.get("reading", DASH)),
+            ]
+        )
+    headers = ["a − b", "question", "Δ rel. slope / doubling", "90 % CI", "MDD (80 % power)", "n", "reading"]
+    return (
+        tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+        + "\n\nPer sample, a's relative slope minus b's (paired: both methods on the same spans); Student-t interval "
+        "over samples; MDD = the smallest difference this sample count detects with 80 % power."
+    )
+
+
+def _fmt_signed(v: Any) -> str:
+    return f"{v:+.3f}" if _finite(v) else DASH
+
+
 def _timings_table(record: Mapping[str, Any]) -> str:
     rows = []
     for mid, e in _methods(record).items():
@@ -658,6 +685,8 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     out += _matched_sections(record)
     out += _anatomy_sections(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
+    if record.get("contrasts"):
+        out += ["", "### Paired growth contrasts (informational)", "", _contrasts_table(record)]
     warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
     warns += [
         f"- `{m}`: {_one_line(e['length_dependent'])}"

@@ -165,3 +165,36 @@ def test_paired_ratio_interval_covers_at_least_88_percent(n: int) -> None:
         _, lo, hi = fieller_ratio(a.tolist(), b.tolist())
         hits += lo <= 0.9 <= hi
     assert hits / 4000 >= 0.88, hits / 4000
+
+
+def test_growth_contrasts_read_the_paired_interval():
+    """a rising 10 %/doubling faster than b on every sample reads 'a rises faster'; equal curves detect nothing."""
+    from lcc_harness.findings import growth_contrasts
+
+    lengths = [256, 512, 1024, 2048]
+    rng = np.random.default_rng(0)
+    base = {L: list(1.0 + 0.01 * rng.standard_normal(8)) for L in lengths}
+    steep = {L: [v * (1 + 0.1 * k) for v in base[L]] for k, L in enumerate(lengths)}
+    roles = {"rtn3": "q3", "magnitude": "mag", "wanda": "wan", "rtn4": "q4", "mixed3": "mix"}
+    out = growth_contrasts(roles, {"q3": steep, "mag": base, "wan": base}, lengths)
+    assert [(c["a"], c["b"]) for c in out] == [("q3", "mag"), ("q3", "wan")]  # the others lack a method
+    assert all(c["lo"] > 0 and c["reading"] == "q3 rises faster" and c["n"] == 8 for c in out)
+    same = growth_contrasts(roles, {"q3": base, "mag": base}, lengths)
+    assert same[0]["mean"] == 0 and same[0]["reading"].startswith("no difference detected")
+    assert growth_contrasts(roles, {"q3": base, "mag": base}, [256]) == []
+
+
+def test_the_smoke_report_shows_the_paired_contrasts(project):
+    r = project.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--lcc-update-baselines")
+    r.assert_outcomes(passed=32)
+    import json
+
+    rec = json.loads((project.path / "reports" / "kl_report.json").read_text())
+    assert {(c["a"], c["b"]) for c in rec["contrasts"]} == {
+        ("rtn-w3-g32", "magnitude-s50"),
+        ("rtn-w3-g32", "wanda-s50"),
+        ("rtn-w3-g32", "rtn-w4-g32"),
+        ("rtn-w3-g32", "mixed-w3-g32-p2"),
+    }
+    md = (project.path / "reports" / "kl_report.md").read_text()
+    assert "### Paired growth contrasts (informational)" in md and "MDD (80 % power)" in md
