@@ -47,7 +47,6 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     matched-target curves, a second panel shows them (same colours; the only panel for a matched-only run)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     run = record.get("run") or {}
     seed = int(run.get("seed") or 0)
@@ -116,26 +115,7 @@ def render_png(record: Mapping[str, Any]) -> bytes:
                 zorder=2,
             )
 
-    ax.set_xscale("log", base=2)
-    if lengths:
-        ax.xaxis.set_major_locator(FixedLocator(lengths))
-        ax.set_xticklabels([str(L) for L in lengths])
-        pad = 2**0.25
-        ax.set_xlim(lengths[0] / pad, lengths[-1] * pad)
-    ax.xaxis.set_minor_locator(NullLocator())
-    if log_y:  # ticks at 1, 2, 5 × 10^k, written as plain numbers (0.2, 0.5, 1, 2, 5, 10)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_ylim(bottom=0)
-    ax.grid(True, which="major", alpha=0.35)
-    if log_y:
-        ax.grid(True, which="minor", axis="y", alpha=0.12)
-    ax.tick_params(labelsize=12)
-    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
-    ax.set_ylabel("window KL(P_ref ‖ P_cmp), nats" + ("  (log scale)" if log_y else ""), fontsize=13)
+    _context_axes(ax, lengths, log_y, "window KL(P_ref ‖ P_cmp), nats")
     ax.set_title(f"Window KL vs context length — {_run_title(run)}", fontsize=15, pad=26)
     n_samples = max((s[7] for s in series), default=0)
     notes = ["window = positions (L/2, L]"]
@@ -216,8 +196,6 @@ def _matched_panel(
 ) -> None:
     """Matched-target KL vs context length on `ax`: one line per method (colour and marker as in the window
     panel) with its CI band over samples; log y axis when the values span over a decade."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
-
     positive = [v for s in series for v in s[4] if v > 0]
     log_y = bool(positive) and max(positive) / min(positive) > 10
     lengths = sorted({L for s in series for L in s[3]})
@@ -230,23 +208,7 @@ def _matched_panel(
         if any(h > lo for lo, h in zip(los, his, strict=True)):
             lo_b = [max(v, min(positive) / 10) for v in los] if log_y else los
             ax.fill_between(xs, lo_b, his, color=color, alpha=0.18, linewidth=0, zorder=2)
-    ax.set_xscale("log", base=2)
-    if lengths:
-        ax.xaxis.set_major_locator(FixedLocator(lengths))
-        ax.set_xticklabels([str(L) for L in lengths])
-        ax.set_xlim(lengths[0] / 2**0.25, lengths[-1] * 2**0.25)
-    ax.xaxis.set_minor_locator(NullLocator())
-    if log_y:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.set_ylim(bottom=0)
-    ax.grid(True, which="major", alpha=0.35)
-    ax.tick_params(labelsize=12)
-    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
-    ax.set_ylabel("KL on the target tokens, nats" + ("  (log scale)" if log_y else ""), fontsize=13)
+    _context_axes(ax, lengths, log_y, "KL on the target tokens, nats")
     ax.set_title(f"Matched-target KL — {_run_title(run)}", fontsize=15, pad=26)
     targets = ", ".join(str(T) for T in sorted({s[2] for s in series if s[2] is not None})) or "?"
     n = max((s[7] for s in series), default=0)
@@ -257,6 +219,32 @@ def _matched_panel(
     ax.text(0.5, 1.015, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=10.5, color="0.3")
     if with_legend:
         ax.legend(loc="best", fontsize=11, frameon=False)
+
+
+def _context_axes(ax: Any, lengths: list[int], log_y: bool, ylabel: str) -> None:
+    """Both KL panels' axes: context length on a log2 x axis ticked at the run's lengths; y linear from 0, or log
+    with ticks at 1, 2, 5 × 10^k written as plain numbers (0.2, 0.5, 1, 2, 5, 10)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    if lengths:
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.set_xticklabels([str(L) for L in lengths])
+        pad = 2**0.25
+        ax.set_xlim(lengths[0] / pad, lengths[-1] * pad)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="minor", axis="y", alpha=0.12)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.tick_params(labelsize=12)
+    ax.set_xlabel("context length L (tokens, log2 scale)", fontsize=13)
+    ax.set_ylabel(ylabel + ("  (log scale)" if log_y else ""), fontsize=13)
 
 
 def render_anatomy_png(record: Mapping[str, Any]) -> bytes:

@@ -182,6 +182,11 @@ def _metric_table(record: Mapping[str, Any], key: str, fmt: Any, with_bits: bool
     headers = ["method"] + (["bits/weight"] if bits else []) + [str(L) for L in lengths]
     if not rows:
         return "_No methods ran._"
+    return _md_table(rows, headers)
+
+
+def _md_table(rows: list[list[str]], headers: list[str]) -> str:
+    """A GitHub table of preformatted cells: the first column left-aligned (method names), the rest right."""
     return tabulate(
         rows,
         headers=headers,
@@ -212,13 +217,7 @@ def _dp_table(record: Mapping[str, Any]) -> str:
     if not rows:
         return "_No Δp statistics in this record._"
     headers = ["method", "length"] + [h for _, h in DP_COLUMNS]
-    return tabulate(
-        rows,
-        headers=headers,
-        tablefmt="github",
-        disable_numparse=True,
-        colalign=("left",) + ("right",) * (len(headers) - 1),
-    )
+    return _md_table(rows, headers)
 
 
 def _growth_table(record: Mapping[str, Any]) -> str:
@@ -300,13 +299,7 @@ def _matched_metric_table(record: Mapping[str, Any], key: str, fmt: Any) -> str:
             + [_metric_cell(curves.get(L) or {}, key, fmt) if L in curves else DASH for L in lengths]
         )
     headers = ["method", "T"] + [str(L) for L in lengths]
-    return tabulate(
-        rows,
-        headers=headers,
-        tablefmt="github",
-        disable_numparse=True,
-        colalign=("left",) + ("right",) * (len(headers) - 1),
-    )
+    return _md_table(rows, headers)
 
 
 def _matched_growth_table(record: Mapping[str, Any]) -> str:
@@ -334,13 +327,7 @@ def _matched_growth_table(record: Mapping[str, Any]) -> str:
         "90 % CI",
         "× per doubling",
     ]
-    return tabulate(
-        rows,
-        headers=headers,
-        tablefmt="github",
-        disable_numparse=True,
-        colalign=("left",) + ("right",) * (len(headers) - 1),
-    )
+    return _md_table(rows, headers)
 
 
 def _matched_sections(record: Mapping[str, Any]) -> list[str]:
