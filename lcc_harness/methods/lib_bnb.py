@@ -45,7 +45,13 @@ def bnb_fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
     return (codes.float() * (row_absmax.float()[:, None] / 127)).to(w.dtype)
 
 
+@dataclass(frozen=True)
 class _BNB4(LibraryMethod):
+    """NF4 and FP4: the same fields, forms and Linear4bit path; the subclasses name the 4-bit type."""
+
+    blocksize: int = param(64, 64, 4096, hint="64, 128, …, 4096")
+    kernel: bool = False
+
     library = BNB
     quant_type = ""
 
@@ -86,9 +92,6 @@ class _BNB4(LibraryMethod):
 @register
 @dataclass(frozen=True)
 class BnbNF4(_BNB4):
-    blocksize: int = param(64, 64, 4096, hint="64, 128, …, 4096")
-    kernel: bool = False
-
     family, quant_type = "bnb-nf4", "nf4"
     forms = ("bnb-nf4[-b{blocksize}][-kernel]",)
     examples = ("bnb-nf4", "bnb-nf4-b128")
@@ -101,9 +104,6 @@ class BnbNF4(_BNB4):
 @register
 @dataclass(frozen=True)
 class BnbFP4(_BNB4):
-    blocksize: int = param(64, 64, 4096, hint="64, 128, …, 4096")
-    kernel: bool = False
-
     family, quant_type = "bnb-fp4", "fp4"
     forms = ("bnb-fp4[-b{blocksize}][-kernel]",)
     examples = ("bnb-fp4",)
