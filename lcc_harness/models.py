@@ -312,15 +312,21 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def plain_values(t: torch.Tensor) -> torch.Tensor:
+    """A parameter as plain values: a quantization library's tensor subclass (torchao's in a checkpoint or an
+    adapter's -kernel mode) dequantized; a plain tensor as it is."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize"):
+        return t.dequantize()
+    return t
+
+
 FINGERPRINT_BLOCK = 1 << 22  # elements per float64 block: 32 MiB, whatever the tensor's size
 
 
 def _sums(t: torch.Tensor) -> tuple[float, float]:
     """Σ t and Σ |t| accumulated in float64 over blocks of FINGERPRINT_BLOCK elements, on the tensor's device:
     never a float64 copy of the whole tensor (a 7B model's embedding would need 1 GB more)."""
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "dequantize"):
-        t = t.dequantize()  # a quantization library's tensor subclass (e.g. a torchao checkpoint): its values
-    flat = t.reshape(-1)
+    flat = plain_values(t).reshape(-1)
     total = absolute = 0.0
     for block in flat.split(FINGERPRINT_BLOCK):
         b = block.double()

@@ -50,26 +50,25 @@ class OptionError(ValueError):
         self.key = key
 
 
-def positive_int(key: str, text: Any) -> int:
-    """An integer ≥ 1, or OptionError naming `key` (as `--<key>`)."""
+def _int_at_least(key: str, text: Any, least: int, example: int) -> int:
+    """An integer ≥ `least`, or OptionError naming `key` (as `--<key>`) with `example` as the suggestion."""
     try:
         v = int(str(text).strip())
     except ValueError:
-        raise OptionError(key, f"--{key} '{text}' is not an integer; pass e.g. --{key} 4") from None
-    if v < 1:
-        raise OptionError(key, f"--{key} {v} must be at least 1; pass e.g. --{key} 4")
+        raise OptionError(key, f"--{key} '{text}' is not an integer; pass e.g. --{key} {example}") from None
+    if v < least:
+        raise OptionError(key, f"--{key} {v} must be at least {least}; pass e.g. --{key} {example}")
     return v
+
+
+def positive_int(key: str, text: Any) -> int:
+    """An integer ≥ 1, or OptionError naming `key` (as `--<key>`)."""
+    return _int_at_least(key, text, 1, 4)
 
 
 def nonneg_int(key: str, text: Any) -> int:
     """An integer ≥ 0, or OptionError naming `key` (as `--<key>`)."""
-    try:
-        v = int(str(text).strip())
-    except ValueError:
-        raise OptionError(key, f"--{key} '{text}' is not an integer; pass e.g. --{key} 1") from None
-    if v < 0:
-        raise OptionError(key, f"--{key} {v} must be at least 0; pass e.g. --{key} 1")
-    return v
+    return _int_at_least(key, text, 0, 1)
 
 
 def text(key: str, value: Any) -> str:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,15 +295,29 @@ def _shape_problem(
     hidden, summaries, _ = loaded
     if not hidden or max(hidden) != max(lengths):
         return f"passes {sorted(hidden)} do not end at {max(lengths)}"
-    for P, ts in hidden.items():
-        if len(ts) != len(samples):
-            return f"pass {P} holds {len(ts)} samples, not {len(samples)}"
+    return _rows_problem(hidden, summaries, len(samples), lm, "pass", lambda P: P)
+
+
+def _rows_problem(
+    hidden: dict[int, list[torch.Tensor]],
+    summaries: dict[int, list[Any]],
+    n_samples: int,
+    lm: LoadedModel,
+    word: str,
+    rows: Callable[[int], int],
+) -> str | None:
+    """The first entry (`word` k: a pass or a length) whose tensors are not one (rows(k), H) tensor per sample in
+    the model's dtype, or whose summaries do not have rows(k) positions; None when all fit."""
+    for k, ts in hidden.items():
+        n = rows(k)
+        if len(ts) != n_samples:
+            return f"{word} {k} holds {len(ts)} samples, not {n_samples}"
         for t in ts:
-            if t.dim() != 2 or t.shape[0] != P or t.dtype != lm.dtype:
-                return f"pass {P} holds a {tuple(t.shape)} {t.dtype} tensor, not ({P}, H) {lm.dtype}"
-        for sm in summaries.get(P, []):
-            if sm.lse.shape[0] != P:
-                return f"pass {P} has a summary of {sm.lse.shape[0]} positions"
+            if t.dim() != 2 or t.shape[0] != n or t.dtype != lm.dtype:
+                return f"{word} {k} holds a {tuple(t.shape)} {t.dtype} tensor, not ({n}, H) {lm.dtype}"
+        for sm in summaries.get(k, []):
+            if sm.lse.shape[0] != n:
+                return f"{word} {k} has a summary of {sm.lse.shape[0]} positions"
     return None
 
 
@@ -470,13 +484,4 @@ def _matched_problem(
     hidden, summaries, _ = loaded
     if sorted(hidden) != sorted(lengths):
         return f"lengths {sorted(hidden)}, not {sorted(lengths)}"
-    for L, ts in hidden.items():
-        if len(ts) != len(samples):
-            return f"length {L} holds {len(ts)} samples, not {len(samples)}"
-        for t in ts:
-            if t.dim() != 2 or t.shape[0] != target or t.dtype != lm.dtype:
-                return f"length {L} holds a {tuple(t.shape)} {t.dtype} tensor, not ({target}, H) {lm.dtype}"
-        for sm in summaries.get(L, []):
-            if sm.lse.shape[0] != target:
-                return f"length {L} has a summary of {sm.lse.shape[0]} positions"
-    return None
+    return _rows_problem(hidden, summaries, len(samples), lm, "length", lambda L: target)

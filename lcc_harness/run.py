@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from .measure import (
     summarize,
 )
 from .methods.registry import CompressContext, Method, parse_method
-from .models import LoadedModel, dtype_name, load_model
+from .models import LoadedModel, dtype_name, load_model, plain_values
 from .options import DESIGNS, parse_lengths  # parse_lengths re-exported: the CLI and tests use it here
 from .reference import (
     LENGTH_PROBE_TOL,
@@ -297,9 +297,10 @@ class Harness:
     @property
     def reference(self) -> Reference:
         if self._reference is None:
-            try:
-                self._check_head_once()
-                self._reference = build_reference(
+            self._check_head_once()
+            self._reference = self._or_oom(
+                "computing the reference",
+                lambda: build_reference(
                     self.lm,
                     self.samples,
                     self.lengths,
@@ -309,16 +310,21 @@ class Harness:
                     progress=self.cfg.progress,
                     summary_chunk=self.cfg.chunk_size if self.cfg.reference_summary else None,
                     own_logits=self._own_logits,
-                )
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                msg = oom_message("computing the reference", self.lengths[-1], exc)
-            else:
-                return self._reference
-            _release_memory()
-            raise OOMError(msg)
+                ),
+            )
         return self._reference
+
+    def _or_oom(self, what: str, build: Callable[[], Any]) -> Any:
+        """build(), with an out-of-memory error turned into OOMError naming `what` and the longest length (memory
+        released outside the except block, where the traceback no longer holds the activations)."""
+        try:
+            return build()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            msg = oom_message(what, self.lengths[-1], exc)
+        _release_memory()
+        raise OOMError(msg)
 
     def _check_head_once(self) -> None:
         """Check the model's head against its own logits (check_head) once per harness; sets head_note and
@@ -335,9 +341,10 @@ class Harness:
     def matched_reference(self) -> MatchedReference:
         """The matched-target reference (reference.build_matched_reference), computed or loaded once."""
         if self._matched_ref is None:
-            try:
-                self._check_head_once()
-                self._matched_ref = build_matched_reference(
+            self._check_head_once()
+            self._matched_ref = self._or_oom(
+                "computing the matched reference",
+                lambda: build_matched_reference(
                     self.lm,
                     self.samples,
                     self.lengths,
@@ -346,15 +353,8 @@ class Harness:
                     use_cache=self.cfg.use_cache,
                     summary_chunk=self.cfg.chunk_size if self.cfg.reference_summary else None,
                     own_logits=self._own_logits,
-                )
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                msg = oom_message("computing the matched reference", self.lengths[-1], exc)
-            else:
-                return self._matched_ref
-            _release_memory()
-            raise OOMError(msg)
+                ),
+            )
         return self._matched_ref
 
     def _base_head(self) -> Head:
@@ -421,9 +421,8 @@ class Harness:
             _release_memory()
             raise OOMError(msg)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if type(p) not in (torch.Tensor, torch.nn.Parameter) and hasattr(p, "dequantize"):
-                    p = p.dequantize()  # a quantization library's tensor subclass (an adapter's -kernel mode)
+            for name, param in model.named_parameters():
+                p = plain_values(param)  # an adapter's -kernel mode leaves a library's tensor subclass
                 if p.is_floating_point() and not bool(torch.isfinite(p).all()):
                     raise NonFiniteError(
                         f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "

@@ -13,6 +13,7 @@ import torch
 from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, families, parse_method
 from lcc_harness.methods.registry import unregister
+from lcc_harness.models import plain_values
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLES = [(fam, ex) for fam, cls in families().items() for ex in cls.examples]
@@ -63,16 +64,11 @@ def test_every_weight_changing_example_records_outliers(family, example, tiny):
     out = m.apply(copy.deepcopy(tiny), ctx)
     before = dict(CompressContext().linears(tiny))
     changed = any(
-        not torch.equal(_plain(lin.weight), before[n].weight) for n, lin in CompressContext().linears(out)
+        not torch.equal(plain_values(lin.weight), before[n].weight)
+        for n, lin in CompressContext().linears(out)
     )
     assert ("outliers" in ctx.info) == changed == (family not in ("none", "kv")), ctx.info.keys()
     assert ("super_weights_zeroed" in ctx.info) == changed
-
-
-def _plain(w: torch.Tensor) -> torch.Tensor:
-    """A weight as plain float values: a library's tensor subclass (torchao's, left in an nn.Linear by a
-    kernel-mode adapter) dequantized."""
-    return w.dequantize() if type(w) not in (torch.Tensor, torch.nn.Parameter) else w
 
 
 def _readme_block() -> str:
