@@ -30,7 +30,7 @@ def _method_lists(profile: str) -> dict[str, tuple[str, ...]]:
             r["rtn3"],
             r["magnitude"],
             r["wanda"],
-            r["random10"],
+            r["random10"][0],
             r["mixed3"],
             "w8a8",
             "smoothquant-w8a8-a0.5",

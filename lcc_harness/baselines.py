@@ -23,7 +23,7 @@ from typing import Any
 from .errors import BaselineError
 from .files import atomic_write
 
-SCHEMA = "lcc-baseline/2"
+SCHEMA = "lcc-baseline/3"  # 3: claims judged on matched-target curves, findings_basis
 IDENTITY_KEYS = ("model", "dtype", "device_type", "profile")
 SPEC_KEYS = ("lengths", "samples", "seed", "corpus_sha256", "samples_sha256")
 MAX_REL_NOISE = (
@@ -74,6 +74,11 @@ class BaselineFile:
     @property
     def findings(self) -> dict[str, str]:
         return self.data.setdefault("findings", {})
+
+    @property
+    def findings_basis(self) -> dict[str, Any] | None:
+        """The curves the stored verdicts were judged on ({'curves': 'matched', 'target_tokens': T}), or None."""
+        return self.data.get("findings_basis")
 
     @property
     def floor(self) -> float:
@@ -154,6 +159,8 @@ def schema_problem(data: Any) -> str | None:
         return "'methods' is not an object"
     if not isinstance(data.get("findings", {}), dict):
         return "'findings' is not an object"
+    if not isinstance(data.get("findings_basis", {}), dict):
+        return "'findings_basis' is not an object"
     spec = data.get("spec")
     if not isinstance(spec, dict) or not isinstance(spec.get("samples"), int) or spec["samples"] < 1:
         return "'spec.samples' is not a positive integer"
@@ -259,6 +266,7 @@ def update(
     entries: Mapping[str, dict[str, Any]],
     findings: Mapping[str, str],
     floor: Mapping[str, float] | None = None,
+    findings_basis: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Merge `entries` (method id → method_entry) and `findings` into the file; returns what changed.
 
@@ -315,6 +323,11 @@ def update(
             "methods": methods,
             "findings": stored_findings,
         }
+        basis = dict(findings_basis) if (findings and findings_basis) else data.get("findings_basis")
+        if basis is not None:
+            if data.get("findings_basis") not in (None, basis):
+                changes.append(f"findings basis {data.get('findings_basis')} → {basis}")
+            new["findings_basis"] = basis
         if new.get("floor") and data.get("floor") and new["floor"] != data["floor"]:
             changes.append(f"floor {data['floor'].get('kl')} → {new['floor'].get('kl')}")
         problem = schema_problem(new)
@@ -368,5 +381,8 @@ def update_from_record(baseline_dir: Path, rec: Any) -> None:
     ident, spec = rec.identity, rec.spec
     path = baseline_path(baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"])
     meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
-    changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor)
+    basis = None
+    if rec.staged_findings and rec.run.get("target_tokens") is not None:
+        basis = {"curves": "matched", "target_tokens": int(rec.run["target_tokens"])}
+    changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor, basis)
     rec.baseline_changes.extend(changes or [f"{path.name}: no change"])

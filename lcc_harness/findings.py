@@ -1,14 +1,13 @@
-"""Growth statistics and the paper's findings as verdicts.
+"""Growth statistics and the paper's claims as verdicts.
 
-Growth of a method = per sample, the slope of its window KL against log2(length) divided by its own mean window KL
-("relative slope": the fraction of its own level by which KL rises per doubling of context), averaged over samples.
-Its 90 % confidence interval is Student's t over the per-sample values (df = n − 1; stats.t_interval): the samples
-are disjoint spans drawn from the corpus, treated as independent, and the interval covers the mean relative slope
-over such spans. (The percentile bootstrap used before covered only ~74 % at n = 4; the t-interval's coverage is
-checked by simulation in tests/test_findings.py and stated in the README.) Verdicts:
-  rising        — CI lower bound > RISING (KL grows by more than 5 % of its mean per doubling, confidently);
-  flat          — CI inside (−FLAT, +FLAT) and not rising (|growth| < 10 % of the mean per doubling);
-  inconclusive  — anything else (too noisy, or falling).
+Two kinds of growth live here:
+- per method, on the window curves (`growth`): per sample, the slope of window KL against log2(length) divided by
+  that sample's mean window KL, averaged over samples, with a Student-t 90 % interval (df = n − 1). Stored in the
+  baseline beside each method and shown in the report; a method's verdict 'rising' (CI lower bound > RISING) /
+  'flat' (CI inside ±FLAT) / 'inconclusive' describes that method alone and judges no claim.
+- per claim, on the matched-target curves (the same target tokens at every length): paired per-sample contrasts
+  of the log-log growth exponent and of the KL level (see "the paper's claims as paired contrasts" below). These
+  are the verdicts the baseline stores and `pytest suites/` re-checks.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import Contrast, fieller_ratio, paired_contrast, t_interval
+from .stats import Contrast, Estimate, crossed_mean, fieller_ratio, one_sample, paired_contrast, t_interval
 
 RISING = 0.05
 FLAT = 0.10
@@ -101,17 +100,6 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     return ratio - 1, lo - 1, hi - 1
 
 
-def slope_contrast(
-    a: Mapping[int, Sequence[float]], b: Mapping[int, Sequence[float]], lengths: Sequence[int]
-) -> Contrast:
-    """Paired contrast of two methods' growth on the same samples: per sample, the relative slope of a minus
-    that of b (per-length window KL per sample, as for `growth`); mean, CI_LEVEL t-interval and the minimum
-    detectable difference at 80 % power for this n and the observed SD (stats.paired_contrast)."""
-    lengths = sorted(lengths)
-    ra, rb = (rel_slopes(_matrix(c, lengths), lengths).tolist() for c in (a, b))
-    return paired_contrast(ra, rb, CI_LEVEL, 0.80)
-
-
 def log_slopes(m: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """Per-sample log-log slopes (n,) from KL m (n, k) at `lengths` (k): each sample's least-squares slope of
     log2 KL against log2(length), the exponent b of KL ∝ L^b (KL multiplies by 2^b per doubling). Every value of
@@ -171,28 +159,161 @@ def log_slope_contrast(
     return paired_contrast(la, lb, CI_LEVEL, 0.80)
 
 
-def _lower(point: float, lo: float, hi: float) -> str:
-    """'yes' when a is confidently lower than b, 'no' when confidently not lower, else 'inconclusive'."""
-    if hi < 0:
-        return "yes"
-    if lo >= 0:
-        return "no"
-    return "inconclusive"
+# ---- the paper's claims as paired contrasts ---------------------------------------------------------------------
+# Every claim is judged on the matched-target curves (the same target tokens at every length, so context length is
+# not confounded with which text is scored), from per-sample statistics paired across methods: the samples are the
+# same spans for every method. Growth of one sample = the log-log slope b of KL_i(L) against L (KL ∝ L^b; KL
+# multiplies by 2^b per doubling). Every tested part is directional, as the paper's claims are; its threshold is 0:
+#   yes           — the 90 % interval lies wholly on the claimed side of 0 (a one-sided test at α = 5 %),
+#   no            — it lies wholly on the other side (the data contradict the claim confidently),
+#   inconclusive  — it contains 0.
+# 0 and not a margin, because the paper states directions, not sizes; what size the run could have seen is its
+# minimum detectable effect (MDD, 80 % power), reported with every part. A claim holds ('yes') when every judged
+# part does, is contradicted ('no') when any part is, and is inconclusive otherwise.
 
 
-def _combine(parts: Sequence[str]) -> str:
-    if parts and all(p == "yes" for p in parts):
+@dataclass(frozen=True)
+class Part:
+    """One tested statement of a claim: what is estimated (`quantity`, in `unit`), the estimate, its CI_LEVEL
+    interval, the MDD at 80 % power, n, df, the claimed direction ('>' or '<' 0) and the verdict. `judged` False:
+    reported beside the claim, not part of its verdict. `na` says why the part could not be estimated."""
+
+    statement: str
+    quantity: str
+    unit: str
+    estimate: float | None
+    lo: float | None
+    hi: float | None
+    mdd: float | None
+    n: int
+    df: float | None
+    direction: str
+    verdict: str
+    judged: bool = True
+    na: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _side(lo: float, hi: float, direction: str) -> str:
+    """'yes' when the interval lies wholly on the claimed side of 0, 'no' on the other, else 'inconclusive'."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "inconclusive"
+    above, below = lo > 0, hi < 0
+    if direction == ">":
+        return "yes" if above else "no" if below else "inconclusive"
+    return "yes" if below else "no" if above else "inconclusive"
+
+
+def _part(
+    statement: str,
+    quantity: str,
+    unit: str,
+    est: Estimate,
+    direction: str,
+    judged: bool = True,
+    transform: Callable[[float], float] | None = None,
+) -> Part:
+    f = transform or (lambda v: v)  # a monotone map of the estimate's scale (log ratio → ratio − 1)
+    return Part(
+        statement,
+        quantity,
+        unit,
+        f(est.mean),
+        f(est.lo),
+        f(est.hi),
+        f(est.mdd),
+        est.n,
+        est.df,
+        direction,
+        _side(est.lo, est.hi, direction),
+        judged,
+    )
+
+
+def _na(statement: str, quantity: str, unit: str, direction: str, why: str, judged: bool = True) -> Part:
+    return Part(statement, quantity, unit, None, None, None, None, 0, None, direction, "n/a", judged, why)
+
+
+def _positive(
+    curves: Mapping[str, Mapping[int, Sequence[float]]], mid: str, lengths: Sequence[int]
+) -> np.ndarray:
+    """log2 of the (n, k) per-sample KL of `mid`; ValueError naming the method when a value is not > 0."""
+    m = _matrix(curves[mid], lengths)
+    if not (np.isfinite(m).all() and (m > 0).all()):
+        raise ValueError(f"{mid} has a per-sample KL that is not > 0 (log undefined)")
+    return m
+
+
+def _slope_part(curves, lengths, mid: str, direction: str = ">", judged: bool = True) -> Part:
+    st = f"growth exponent of {mid} {direction} 0"
+    try:
+        b = log_slopes(_positive(curves, mid, lengths), lengths)
+        return _part(st, f"b({mid})", "exponent", one_sample(b.tolist(), CI_LEVEL), direction, judged)
+    except ValueError as exc:
+        return _na(st, f"b({mid})", "exponent", direction, str(exc), judged)
+
+
+def _slope_contrast_part(curves, lengths, a: str, b: str, direction: str) -> Part:
+    st = f"growth exponent of {a} {direction} that of {b}"
+    try:
+        d = log_slopes(_positive(curves, a, lengths), lengths) - log_slopes(
+            _positive(curves, b, lengths), lengths
+        )
+        return _part(st, f"b({a}) − b({b})", "exponent", one_sample(d.tolist(), CI_LEVEL), direction)
+    except ValueError as exc:
+        return _na(st, f"b({a}) − b({b})", "exponent", direction, str(exc))
+
+
+def _level_part(curves, lengths, a: str, b: str, L: int) -> Part:
+    """KL of a below KL of b at length L: per sample log(KL_a / KL_b), paired; shown as a ratio − 1 (geometric
+    mean over samples), so −0.10 reads '10 % lower'."""
+    st = f"KL of {a} < KL of {b} at {L}"
+    q = f"KL({a}) / KL({b}) − 1 at {L}"
+    try:
+        la, lb = (_positive(curves, m, [L])[:, 0] for m in (a, b))
+        est = one_sample(np.log(la / lb).tolist(), CI_LEVEL)
+        return _part(st, q, "relative", est, "<", transform=lambda v: float(np.expm1(v)))
+    except ValueError as exc:
+        return _na(st, q, "relative", "<", str(exc))
+
+
+def _random_slope_part(curves, lengths, mids: Sequence[str]) -> Part:
+    st = f"growth exponent of random pruning > 0 over {len(mids)} mask seeds"
+    q = f"mean b over {len(mids)} seeds ({_seed_span(mids)})"
+    if len(mids) < 2:
+        return _slope_part(curves, lengths, mids[0]) if mids else _na(st, q, "exponent", ">", "no seeds")
+    try:
+        rows = [log_slopes(_positive(curves, m, lengths), lengths).tolist() for m in mids]
+        return _part(st, q, "exponent", crossed_mean(rows, CI_LEVEL), ">")
+    except ValueError as exc:
+        return _na(st, q, "exponent", ">", str(exc))
+
+
+def _seed_span(mids: Sequence[str]) -> str:
+    """'random-s10-seed0…4' for consecutive seed ids, else the ids joined."""
+    stems = {m.rsplit("-seed", 1)[0] for m in mids}
+    if len(stems) == 1 and all("-seed" in m for m in mids):
+        seeds = [m.rsplit("-seed", 1)[1] for m in mids]
+        return f"{next(iter(stems))}-seed{seeds[0]}…{seeds[-1]}"
+    return ", ".join(mids)
+
+
+def combine(parts: Sequence[Part]) -> str:
+    """'yes' when every judged part is yes, 'no' when any is no, else 'inconclusive'."""
+    v = [p.verdict for p in parts if p.judged]
+    if v and all(x == "yes" for x in v):
         return "yes"
-    if any(p == "yes" for p in parts):
-        return "partly"
-    if any(p == "no" for p in parts):
+    if any(x == "no" for x in v):
         return "no"
     return "inconclusive"
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim evaluated on one run: `holds` is yes / partly / no / inconclusive."""
+    """One claim evaluated on one run: `holds` is yes / no / inconclusive; `parts` the tested statements;
+    `curves` which curves it read ('matched', target tokens `target_tokens`)."""
 
     claim: str
     title: str
@@ -201,6 +322,8 @@ class Finding:
     holds: str
     detail: str
     methods: list[str]
+    parts: list[dict[str, Any]]
+    curves: str = "matched"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,12 +332,13 @@ class Finding:
 @dataclass(frozen=True)
 class Claim:
     """A claim of the paper: the roles (profile method slots) it compares and how it is judged.
-    `judge(roles, curves, lengths, growth)` returns (holds, paper, measured, detail)."""
+    `judge(ids, curves, lengths)` → (paper, parts): ids maps each role to its method ids (a tuple: one id, or one
+    per mask seed)."""
 
     name: str
     title: str
     roles: tuple[str, ...]
-    judge: Callable[..., tuple[str, str, str, str]]
+    judge: Callable[..., tuple[str, list[Part]]]
 
 
 CLAIMS: dict[str, Claim] = {}
@@ -223,7 +347,7 @@ CLAIMS: dict[str, Claim] = {}
 def claim(name: str, title: str, roles: tuple[str, ...]) -> Callable:
     """Decorator registering a claim's judge under `name` (a duplicate name is a ValueError)."""
 
-    def deco(fn: Callable[..., tuple[str, str, str, str]]) -> Callable:
+    def deco(fn: Callable[..., tuple[str, list[Part]]]) -> Callable:
         if name in CLAIMS:
             raise ValueError(f"claim '{name}' is registered twice")
         CLAIMS[name] = Claim(name, title, roles, fn)
@@ -232,141 +356,104 @@ def claim(name: str, title: str, roles: tuple[str, ...]) -> Callable:
     return deco
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
+def role_ids(roles: Mapping[str, str | Sequence[str]], role: str) -> tuple[str, ...]:
+    """The method ids of one role: a profile maps a role to one id, or to several (one per mask seed)."""
+    v = roles[role]
+    return (v,) if isinstance(v, str) else tuple(v)
 
 
-def _desc(method: str, x: Growth) -> str:
-    if x.ratio is None:
-        return f"{method}: n/a (KL ~0 at the shortest length)"
-    if x.rel_slope is None or None in x.ci:
-        slope = "n/a" if x.rel_slope is None else f"{x.rel_slope:+.3f}/doubling"
-        return f"{method}: {x.verdict} (rel. slope {slope}, no CI with one sample, growth ×{x.ratio:.3g})"
-    return (
-        f"{method}: {x.verdict} (rel. slope {x.rel_slope:+.3f}/doubling, 90 % CI "
-        f"[{x.ci[0]:+.3f}, {x.ci[1]:+.3f}], growth ×{x.ratio:.3g})"
-    )
-
-
-def _rises(v: str) -> str:
-    return "yes" if v == "rising" else "no" if v == "flat" else "inconclusive"
+def claim_methods(name: str, roles: Mapping[str, str | Sequence[str]]) -> list[str]:
+    """Every method id the claim `name` reads, in role order."""
+    return [m for r in CLAIMS[name].roles for m in role_ids(roles, r)]
 
 
 @claim(
-    "pruning-flat", "Pruning (magnitude, Wanda) stays roughly flat as context grows", ("magnitude", "wanda")
+    "quant-rises-more-than-pruning",
+    "3-bit quantization's KL rises faster with context than magnitude's and Wanda's (same targets, paired)",
+    ("rtn3", "magnitude", "wanda"),
 )
-def _pruning_flat(roles, curves, lengths, g):
-    rs = ("magnitude", "wanda")
-    parts = [
-        "yes" if g[r].verdict == "flat" else "no" if g[r].verdict == "rising" else "inconclusive" for r in rs
-    ]
-    measured = "; ".join(f"{roles[r]}: {g[r].verdict}" for r in rs)
-    return _combine(parts), "flat", measured, "; ".join(_desc(roles[r], g[r]) for r in rs)
+def _quant_vs_pruning(ids, curves, lengths):
+    q = ids["rtn3"][0]
+    parts = [_slope_contrast_part(curves, lengths, q, ids[r][0], ">") for r in ("magnitude", "wanda")]
+    return "quantization rises, pruning stays flat", parts
 
 
 @claim(
     "lowbit-rises",
-    "Low-bit weight quantization rises with context (3-bit clearly; 4-bit reported)",
+    "Low-bit weight quantization's KL rises with context, 3-bit more than 4-bit (4-bit reported)",
     ("rtn3", "rtn4"),
 )
-def _lowbit_rises(roles, curves, lengths, g):
-    measured = f"{roles['rtn3']}: {g['rtn3'].verdict}; {roles['rtn4']}: {g['rtn4'].verdict}"
-    detail = f"{_desc(roles['rtn3'], g['rtn3'])}; {_desc(roles['rtn4'], g['rtn4'])}"
-    return _rises(g["rtn3"].verdict), "rising", measured, detail
+def _lowbit_rises(ids, curves, lengths):
+    q3, q4 = ids["rtn3"][0], ids["rtn4"][0]
+    parts = [
+        _slope_part(curves, lengths, q3),
+        _slope_contrast_part(curves, lengths, q3, q4, ">"),
+        _slope_part(curves, lengths, q4, judged=False),
+    ]
+    return "rises, clearly at 3 bits", parts
 
 
 @claim(
     "remedy-mitigates",
-    "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL "
-    "and its growth vs plain 3-bit, and beats random selection at equal budget",
+    "Keeping ~2 % of groups (largest magnitude) at 8 bits lowers long-context KL and its growth vs plain "
+    "3-bit, and beats a random choice of groups at equal budget",
     ("rtn3", "mixed3", "mixed3_random"),
 )
-def _remedy_mitigates(roles, curves, lengths, g):
-    Lmax = max(lengths)
-    w_m, w_r, w_c = (curves[roles[r]][Lmax] for r in ("mixed3", "rtn3", "mixed3_random"))
-    kl = paired_difference(w_m, w_r)
-    ctrl = paired_difference(w_m, w_c)
-    m3, r3 = g["mixed3"], g["rtn3"]
-    slope_lower = (
-        "inconclusive"
-        if None in (*m3.ci, *r3.ci)
-        else "yes"
-        if m3.ci[1] < r3.ci[0]
-        else "no"
-        if m3.ci[0] >= r3.ci[1]
-        else "inconclusive"
-    )
-    parts = [_lower(*kl), slope_lower, _lower(*ctrl)]
-    measured = (
-        f"KL@{Lmax} vs {roles['rtn3']}: {kl[0]:+.1%} ({parts[0]}); growth lower: {parts[1]}; "
-        f"vs random control: {ctrl[0]:+.1%} ({parts[2]})"
-    )
-    detail = (
-        f"window KL at {Lmax}: {roles['mixed3']} {_fmt(np.mean(w_m))}, {roles['rtn3']} "
-        f"{_fmt(np.mean(w_r))} ({kl[0]:+.1%}, 90 % CI [{kl[1]:+.1%}, {kl[2]:+.1%}]), "
-        f"{roles['mixed3_random']} {_fmt(np.mean(w_c))} ({ctrl[0]:+.1%}, CI [{ctrl[1]:+.1%}, "
-        f"{ctrl[2]:+.1%}]); {_desc(roles['mixed3'], m3)}; {_desc(roles['rtn3'], r3)}"
-    )
-    return _combine(parts), "lower KL, lower growth, beats random", measured, detail
+def _remedy_mitigates(ids, curves, lengths):
+    m3, r3, c3 = ids["mixed3"][0], ids["rtn3"][0], ids["mixed3_random"][0]
+    L = max(lengths)
+    parts = [
+        _level_part(curves, lengths, m3, r3, L),
+        _slope_contrast_part(curves, lengths, m3, r3, "<"),
+        _level_part(curves, lengths, m3, c3, L),
+    ]
+    return "lower KL at long context, lower growth, better than random groups", parts
 
 
-@claim("random-prune-rises", "Randomly pruning 10 % of weights gives a rising KL", ("random10",))
-def _random_prune_rises(roles, curves, lengths, g):
-    v = g["random10"].verdict
-    return _rises(v), "rising", f"{roles['random10']}: {v}", _desc(roles["random10"], g["random10"])
+@claim(
+    "random-prune-rises",
+    "Randomly pruning 10 % of weights gives a KL that rises with context (over several mask seeds)",
+    ("random10",),
+)
+def _random_prune_rises(ids, curves, lengths):
+    return "rises almost linearly", [_random_slope_part(curves, lengths, ids["random10"])]
+
+
+def _fmt_part(p: Part) -> str:
+    if p.estimate is None:
+        return f"{p.quantity}: n/a ({p.na})"
+    pct = p.unit == "relative"
+    f = (lambda v: f"{v:+.1%}") if pct else (lambda v: f"{v:+.3f}")
+    return f"{p.quantity} = {f(p.estimate)} [{f(p.lo)}, {f(p.hi)}] → {p.verdict}"
 
 
 def evaluate_claim(
     name: str,
-    roles: Mapping[str, str],
+    roles: Mapping[str, str | Sequence[str]],
     curves: Mapping[str, Mapping[int, Sequence[float]]],
     lengths: Sequence[int],
 ) -> dict[str, Any]:
-    """One finding as a dict (Finding.to_dict). curves: method id → {length: per-sample window KL}; every
-    method of the claim's roles must be present."""
+    """One finding as a dict (Finding.to_dict). curves: method id → {length: per-sample matched KL_i(L)} for every
+    method of the claim (claim_methods), on the same samples."""
     c = CLAIMS[name]
     lengths = sorted(lengths)
-    g = {r: growth(curves[roles[r]], lengths) for r in c.roles}
-    holds, paper, measured, detail = c.judge(roles, curves, lengths, g)
-    return Finding(name, c.title, paper, measured, holds, detail, [roles[r] for r in c.roles]).to_dict()
-
-
-# ---- paired contrasts of growth (informational) ---------------------------------------------------------------
-# (a role, b role, the question a > 0 answers): the paper's claims are comparative; these put each comparison on the
-# same samples. Not stored, not gated: the report shows them beside the verdicts.
-CONTRASTS: tuple[tuple[str, str, str], ...] = (
-    ("rtn3", "magnitude", "does 3-bit quantization's KL rise faster than magnitude pruning's?"),
-    ("rtn3", "wanda", "does 3-bit quantization's KL rise faster than Wanda pruning's?"),
-    ("rtn3", "rtn4", "does 3-bit rise faster than 4-bit?"),
-    ("rtn3", "mixed3", "does keeping 2 % of groups at 8 bits slow the rise of 3-bit KL?"),
-)
-
-
-def growth_contrasts(
-    roles: Mapping[str, str], curves: Mapping[str, Mapping[int, Sequence[float]]], lengths: Sequence[int]
-) -> list[dict[str, Any]]:
-    """Paired contrasts (`slope_contrast`) of relative growth for CONTRASTS whose two methods both have complete
-    per-sample window KL in `curves` (method id → {length: values}); each with its reading: 'a rises faster' when
-    the CI is above 0, 'b rises faster' below, else 'no difference detected (|Δ| < MDD …)'."""
-    out: list[dict[str, Any]] = []
-    lengths = sorted(lengths)
-    if len(lengths) < 2:
-        return out
-    for ra, rb, question in CONTRASTS:
-        a, b = roles.get(ra), roles.get(rb)
-        if a not in curves or b not in curves or any(L not in curves[m] for m in (a, b) for L in lengths):
-            continue
-        try:
-            c = slope_contrast(curves[a], curves[b], lengths)
-        except (ValueError, ZeroDivisionError, FloatingPointError):
-            continue
-        if c.n < 2 or not all(np.isfinite([c.mean, c.lo, c.hi])):
-            continue
-        if c.lo > 0:
-            reading = f"{a} rises faster"
-        elif c.hi < 0:
-            reading = f"{b} rises faster"
-        else:
-            reading = f"no difference detected (smallest detectable: {c.mdd:.3f}/doubling)"
-        out.append({"a": a, "b": b, "question": question, "reading": reading, **c.to_dict()})
-    return out
+    ids = {r: role_ids(roles, r) for r in c.roles}
+    paper, parts = c.judge(ids, curves, lengths)
+    holds = combine(parts)
+    measured = "; ".join(_fmt_part(p) for p in parts if p.judged)
+    extra = [_fmt_part(p) for p in parts if not p.judged]
+    detail = (
+        f"90 % t-intervals over {parts[0].n} paired values; MDD (80 % power): "
+        + ", ".join(f"{p.quantity} {p.mdd:.3g}" for p in parts if p.mdd is not None)
+        + (f"; reported: {'; '.join(extra)}" if extra else "")
+    )
+    return Finding(
+        name,
+        c.title,
+        paper,
+        measured,
+        holds,
+        detail,
+        claim_methods(name, roles),
+        [p.to_dict() for p in parts],
+    ).to_dict()

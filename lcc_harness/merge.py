@@ -61,27 +61,32 @@ def check_compatible(records: Sequence[RunRecord], paths: Sequence[str | Path]) 
 
 
 def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every claim of the record's profile whose methods all have complete curves: Finding dicts; and a line for
-    each claim left out."""
-    from .findings import CLAIMS, evaluate_claim
+    """Every claim of the record's profile whose methods all have complete matched-target curves: Finding dicts;
+    and a line for each claim left out."""
+    from .findings import CLAIMS, claim_methods, evaluate_claim
     from .profiles import get_profile
 
     roles = get_profile(rec.identity["profile"]).roles
     lengths = [int(L) for L in rec.spec["lengths"]]
     out, skipped = [], []
-    for name, claim in CLAIMS.items():
-        needed = [roles[r] for r in claim.roles]
+    for name in CLAIMS:
+        needed = claim_methods(name, roles)
         curves = {}
         for m in needed:
             o = rec.methods.get(m)
-            per = None if o is None or o.status != "ok" else _per_sample(o.curves or {}, lengths)
+            matched = None if o is None or o.status != "ok" else (o.matched or {}).get("curves")
+            per = None if matched is None else _per_sample(matched, lengths)
             if per is None:
                 break
             curves[m] = per
         if len(curves) < len(needed) or len(lengths) < 2:
-            skipped.append(f"claim {name}: not evaluated (needs complete results of {', '.join(needed)})")
+            skipped.append(
+                f"claim {name}: not evaluated (needs complete matched-target curves of {', '.join(needed)})"
+            )
             continue
-        out.append(evaluate_claim(name, roles, curves, lengths))
+        f = evaluate_claim(name, roles, curves, lengths)
+        f["target_tokens"] = rec.run.get("target_tokens")
+        out.append(f)
     return out, skipped
 
 
@@ -108,7 +113,6 @@ def merge(
     check_writable(Path(report_dir))
     rec = RunRecord.merge(records)
     rec.findings, skipped = claims(rec)
-    rec.add_contrasts()
     ident = rec.identity
     path = baseline_path(
         Path(baseline_dir), ident["model"], ident["dtype"], ident["device_type"], ident["profile"]

@@ -217,10 +217,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     )
     if s.store is not None and not interrupted:  # stopped runs leave methods unfinished on purpose
         rec.add_unfinished(s.store.unfinished())
-    try:
-        rec.add_contrasts()
-    except Exception as exc:  # informational: never lose the report over it
-        log.warning("lcc: paired contrasts not computed: %s", exc)
     if s.update and not interrupted:
         try:
             write_baselines(s, rec)

@@ -20,11 +20,16 @@ class Profile:
     calib_length: int = 512
     slow: bool = False
     anatomy: int = 0  # error-anatomy samples (RunConfig.anatomy); --lcc-anatomy overrides it
+    # which curves the run measures (RunConfig.design): the claims read the matched-target curves, the gate the
+    # window curves, so the profiles measure both; --lcc-design overrides it
+    design: str = "both"
+    # random pruning runs with this many mask seeds (random-s10-seed0 …); its claim pools them
+    mask_seeds: int = 5
     description: str = ""
 
     @property
-    def roles(self) -> dict[str, str]:
-        """Role in the findings → method id."""
+    def roles(self) -> dict[str, str | tuple[str, ...]]:
+        """Role in the findings → method id (random10: one id per mask seed, findings.role_ids)."""
         g = self.group
         return {
             "magnitude": "magnitude-s50",
@@ -33,7 +38,7 @@ class Profile:
             "rtn4": f"rtn-w4-g{g}",
             "mixed3": f"mixed-w3-g{g}-p2",
             "mixed3_random": f"mixed-random-w3-g{g}-p2",
-            "random10": "random-s10",
+            "random10": tuple(f"random-s10-seed{k}" for k in range(self.mask_seeds)),
         }
 
     @property
@@ -42,7 +47,7 @@ class Profile:
         return (
             r["magnitude"],
             r["wanda"],
-            r["random10"],
+            *r["random10"],
             r["rtn4"],
             r["rtn3"],
             r["mixed3"],
@@ -67,7 +72,7 @@ PROFILES: dict[str, Profile] = {
             "default",
             "smollm2-135m",
             (256, 512, 1024, 2048),
-            4,
+            8,
             group=64,
             anatomy=1,
             description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores",
@@ -76,7 +81,7 @@ PROFILES: dict[str, Profile] = {
             "paper",
             "smollm2-135m",
             (256, 512, 1024, 2048, 4096, 8192),
-            4,
+            16,
             group=64,
             anatomy=1,
             slow=True,

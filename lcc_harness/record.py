@@ -132,7 +132,6 @@ class RunRecord:
     growth: dict[str, dict[str, Any]] = field(default_factory=dict)
     baselines: dict[str, Any] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
-    contrasts: list[dict[str, Any]] = field(default_factory=list)  # findings.growth_contrasts (informational)
     baseline_changes: list[str] = field(default_factory=list)
     entries: dict[str, Any] = field(default_factory=dict)
     staged_findings: dict[str, str] = field(default_factory=dict)
@@ -164,24 +163,6 @@ class RunRecord:
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         kw["methods"] = {m: MethodOutcome.from_dict(o) for m, o in (d.get("methods") or {}).items()}
         return cls(**kw)
-
-    def add_contrasts(self) -> None:
-        """The paired growth contrasts of the profile's roles (findings.growth_contrasts), from the merged curves."""
-        from .findings import growth_contrasts
-        from .profiles import PROFILES
-
-        profile = PROFILES.get(str(self.run.get("profile")))
-        lengths = [int(L) for L in self.run.get("lengths") or []]
-        if profile is None:
-            return
-        per: dict[str, dict[int, list[float]]] = {}
-        for mid, o in self.methods.items():
-            if o.status == "ok" and o.curves:
-                try:
-                    per[mid] = {L: list(o.curves[str(L)]["per_sample"]["window_kl"]) for L in lengths}
-                except (KeyError, TypeError):
-                    continue
-        self.contrasts = growth_contrasts(profile.roles, per, lengths)
 
     def add_unfinished(self, unfinished: Mapping[str, str]) -> None:
         """Methods whose computing process died (share.RunStore.unfinished): an error outcome naming it."""

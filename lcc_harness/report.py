@@ -513,8 +513,20 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **Holds on {model}: {HOLDS_MARK.get(holds, '')} {holds}**".replace("  ", " "))
         lines.append(f"- Paper: {_one_line(f.get('paper', DASH))}")
         lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
-        if f.get("detail"):
+        if f.get("detail") and not f.get("parts"):
             lines.append(f"- {_one_line(f['detail'])}")
+        if f.get("parts"):
+            tt = f.get("target_tokens")
+            lines += [
+                "",
+                f"On the matched-target curves (the same last {tt if tt else 'T'} tokens of each sample at every "
+                "length), per sample and paired across methods; b = log-log growth exponent (KL ∝ L^b); a part "
+                "is 'yes' when its 90 % interval lies wholly on the claimed side of 0, 'no' when wholly on the "
+                "other:",
+                "",
+                _parts_table(f["parts"]),
+                "",
+            ]
         if f.get("stored") is not None or f.get("reproduced") is not None:
             rep = {True: "yes", False: "**no**", None: DASH}.get(
                 f.get("reproduced"), str(f.get("reproduced"))
@@ -527,27 +539,27 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
     return lines[:-1]
 
 
-def _contrasts_table(record: Mapping[str, Any]) -> str:
-    """findings.growth_contrasts: a − b of the per-sample relative slopes, on the same samples."""
+def _parts_table(parts: Sequence[Mapping[str, Any]]) -> str:
+    """A claim's tested statements (findings.Part dicts): estimate, 90 % CI, MDD, n, verdict."""
     rows = []
-    for c in record.get("contrasts") or []:
+    for p in parts:
+        rel = p.get("unit") == "relative"
+        f = (lambda v: f"{v:+.1%}" if _finite(v) else DASH) if rel else _fmt_signed
+        verdict = str(p.get("verdict", DASH)) + ("" if p.get("judged", True) else " (reported)")
+        ci = DASH if p.get("lo") is None else f"[{f(p.get('lo'))}, {f(p.get('hi'))}]"
         rows.append(
             [
-                f"{_cell(c.get('a'))} − {_cell(c.get('b'))}",
-                _one_line(c.get("question", DASH)),
-                _fmt_signed(c.get("mean")),
-                f"[{_fmt_signed(c.get('lo'))}, {_fmt_signed(c.get('hi'))}]",
-                _fmt_signed(c.get("mdd")).lstrip("+"),
-                str(c.get("n", DASH)),
-                _one_line(c.get("reading", DASH)),
+                _one_line(p.get("statement", DASH)),
+                _one_line(p.get("quantity", DASH)),
+                f(p.get("estimate")) if p.get("na") is None else f"n/a: {_one_line(p['na'])}",
+                ci,
+                f(p.get("mdd")).lstrip("+"),
+                str(p.get("n", DASH)),
+                f"{HOLDS_MARK.get(str(p.get('verdict')), '')} {verdict}".strip(),
             ]
         )
-    headers = ["a − b", "question", "Δ rel. slope / doubling", "90 % CI", "MDD (80 % power)", "n", "reading"]
-    return (
-        tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-        + "\n\nPer sample, a's relative slope minus b's (paired: both methods on the same spans); Student-t interval "
-        "over samples; MDD = the smallest difference this sample count detects with 80 % power."
-    )
+    headers = ["statement", "quantity", "estimate", "90 % CI", "MDD (80 % power)", "n", "verdict"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _fmt_signed(v: Any) -> str:
@@ -672,8 +684,6 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     out += _matched_sections(record)
     out += _anatomy_sections(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
-    if record.get("contrasts"):
-        out += ["", "### Paired growth contrasts (informational)", "", _contrasts_table(record)]
     warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
     warns += [
         f"- `{m}`: {_one_line(e['length_dependent'])}"

@@ -261,6 +261,8 @@ class Harness:
         self._anatomy_refs: list[Captured] | None = None  # the reference's activations, per anatomy sample
         self._anatomy_ref_s = 0.0
         self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
+        # design both: sample index → (ids, last T hidden states) of the window measurement's longest pass
+        self._tails: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
 
     @property
@@ -545,6 +547,8 @@ class Harness:
                 h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             if keep_first is not None and not keep_first and i == 0:
                 keep_first.append(h)
+            if self._tails is not None and run_len == self.lengths[-1]:
+                self._tails[i] = (s.ids[:run_len], h[-self.target :].clone())  # ids (run_len,), (T, H)
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len], lin)
             else:
@@ -575,6 +579,7 @@ class Harness:
         lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
+        tails, self._tails = self._tails or {}, None  # from the window measurement just before (design both)
         for L in mref.lengths:
             if errors:
                 errors[L] = (
@@ -585,7 +590,11 @@ class Harness:
                 sts = []
                 for i, s in enumerate(mref.samples):
                     x = matched_ids(s.ids, L)  # (L,): the target is its last T tokens
-                    h = final_hidden(model, x)[-T:]  # (T, H)
+                    kept = tails.get(i) if mref.lengths[-1] == L else None
+                    if kept is not None and torch.equal(kept[0], x):  # the same forward: reuse it
+                        h = kept[1]
+                    else:
+                        h = final_hidden(model, x)[-T:]  # (T, H)
                     if summary:
                         st = compare_summary(mref.summaries[L][i], head, mref.hidden[L][i], h, x[-T:], lin)
                     else:
@@ -773,6 +782,8 @@ class Harness:
     ) -> tuple[dict[int, LengthStats], dict[int, str], str | None, float]:
         """measure_lengths and its seconds; OOMError when not even the shortest length fits."""
         t0 = time.perf_counter()
+        # with both designs, the longest pass's last T hidden states are the matched curve's longest pass too
+        self._tails = {} if self.cfg.design == "both" else None
         stats, errors, length_note = self.measure_lengths(model, method_id)
         if not stats:  # not even the shortest length fits
             raise OOMError(errors[min(errors)])

@@ -220,6 +220,7 @@ class LccSession:
         return RunConfig(
             **{
                 "anatomy": min(self.profile.anatomy, self.samples),  # --lcc-anatomy overrides it
+                "design": self.profile.design,  # --lcc-design overrides it
                 **run_fields(given),
                 "model": self.model,
                 "lengths": self.lengths,
@@ -512,11 +513,12 @@ class LccSession:
             )
 
     def check_finding(self, claim: str) -> dict[str, Any]:
-        """Evaluate one of the paper's claims and assert it reproduces the verdict stored in the baseline."""
-        from .findings import CLAIMS, evaluate_claim
+        """Evaluate one of the paper's claims on the matched-target curves and assert it reproduces the verdict
+        stored in the baseline (and was judged on the same target tokens)."""
+        from .findings import claim_methods, evaluate_claim
 
         roles = self.profile.roles
-        needed = [roles[r] for r in CLAIMS[claim].roles]
+        needed = claim_methods(claim, roles)
         missing = [m for m in needed if m not in self.method_ids]
         if missing and self.shard is not None:
             pytest.skip(
@@ -526,16 +528,29 @@ class LccSession:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
         if len(self.lengths) < 2:
             pytest.skip(f"claim {claim} needs at least two context lengths")
-        self._require_window(f"claim {claim}")
+        cfg = self.run_config()
+        if cfg.design == "window":
+            pytest.skip(
+                f"claim {claim} reads the matched-target curves, and --lcc-design window measures none; "
+                "pass --lcc-design both (the profiles' default)"
+            )
         curves = {}
         for m in needed:
             res = self.complete_result(m, f"claim {claim}")
-            curves[m] = {L: res.stats[L].per_sample["window_kl"] for L in self.lengths}
+            if res.matched is None or any(L not in res.matched.stats for L in self.lengths):
+                pytest.fail(
+                    f"claim {claim}: {m} has no matched-target KL at every length "
+                    f"({sorted(res.matched.errors.items()) if res.matched else 'none measured'})",
+                    pytrace=False,
+                )
+            curves[m] = {L: res.matched.stats[L].per_sample["window_kl"] for L in self.lengths}
         f = evaluate_claim(claim, roles, curves, self.lengths)
+        basis = {"curves": "matched", "target_tokens": self._harness.target}
         baseline = None if self.update else self.stored()
         stored = None if baseline is None else baseline.findings.get(claim)
         f["stored"] = stored
         f["reproduced"] = None if stored is None else stored == f["holds"]
+        f["target_tokens"] = basis["target_tokens"]
         self.findings.append(f)
         if self.update:
             return f
@@ -543,6 +558,13 @@ class LccSession:
             pytest.fail(
                 f"no stored verdict for claim {claim} in {self.baseline_path}; create it with: "
                 f"{self.update_command(needed)}",
+                pytrace=False,
+            )
+        then = baseline.findings_basis
+        if then is not None and then != basis:
+            pytest.fail(
+                f"claim {claim}: the stored verdict was judged on {then}, this run on {basis}; run with "
+                f"--lcc-target-tokens {then.get('target_tokens')} or re-create it with {self.update_command(needed)}",
                 pytrace=False,
             )
         if stored != f["holds"]:

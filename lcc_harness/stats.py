@@ -169,3 +169,70 @@ def paired_contrast(
     sd = _mean_sd(d)[1]
     mdd = (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
     return Contrast(mean, lo, hi, sd, n, level, power, mdd)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its `level` t-interval, the degrees of freedom behind it, n (samples; × seeds for a crossed
+    mean) and the minimum detectable effect (two-sided test at 1 − level, given power)."""
+
+    mean: float
+    lo: float
+    hi: float
+    df: float
+    n: int
+    level: float
+    power: float
+    mdd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def one_sample(values: Sequence[float], level: float = 0.90, power: float = 0.80) -> Estimate:
+    """Mean of `values` (independent samples, ≥ 2), its Student-t `level` interval (df = n − 1) and the MDD of a
+    two-sided t-test of 'mean = 0' at α = 1 − level with the given power (as in `paired_contrast`)."""
+    x = [float(v) for v in values]
+    if len(x) < 2:
+        raise ValueError(f"one_sample needs at least 2 values, got {len(x)}")
+    mean, lo, hi = t_interval(x, level)
+    se = _mean_sd(x)[1] / math.sqrt(len(x))
+    df = len(x) - 1
+    mdd = (t_quantile(0.5 + level / 2, df) + t_quantile(power, df)) * se
+    return Estimate(mean, lo, hi, float(df), len(x), level, power, mdd)
+
+
+def crossed_mean(rows: Sequence[Sequence[float]], level: float = 0.90, power: float = 0.80) -> Estimate:
+    """Grand mean of a seeds × samples table (S ≥ 2 rows, n ≥ 2 columns; every seed measured on the same samples)
+    with both factors random: y_is = μ + a_s + b_i + e_is. Its variance is σ_a²/S + σ_b²/n + σ_e²/(S·n), estimated
+    without bias by (MS_seed + MS_sample − MS_resid)/(S·n) from the two-way ANOVA (floored at the larger of
+    MS_seed, MS_sample over S·n, each of which alone misses one component); degrees of freedom by Satterthwaite.
+    Averaging over seeds alone (df = S − 1) would ignore that every seed shares the same samples, and averaging
+    over samples alone would ignore the seed-to-seed spread; this covers both (coverage checked by simulation in
+    tests/test_findings.py)."""
+    y = [[float(v) for v in r] for r in rows]
+    s, n = len(y), len(y[0]) if y else 0
+    if s < 2 or n < 2 or any(len(r) != n for r in y):
+        raise ValueError(
+            f"crossed_mean needs a full table of >= 2 seeds x >= 2 samples, got {[len(r) for r in y]}"
+        )
+    grand = math.fsum(v for r in y for v in r) / (s * n)
+    row_m = [math.fsum(r) / n for r in y]
+    col_m = [math.fsum(y[k][i] for k in range(s)) / s for i in range(n)]
+    ms_seed = n * math.fsum((m - grand) ** 2 for m in row_m) / (s - 1)
+    ms_samp = s * math.fsum((m - grand) ** 2 for m in col_m) / (n - 1)
+    ms_res = math.fsum((y[k][i] - row_m[k] - col_m[i] + grand) ** 2 for k in range(s) for i in range(n)) / (
+        (s - 1) * (n - 1)
+    )
+    parts = [(ms_seed, s - 1), (ms_samp, n - 1), (-ms_res, (s - 1) * (n - 1))]
+    v = sum(c for c, _ in parts)
+    if v < max(ms_seed, ms_samp):  # the unbiased combination went below what one component alone shows
+        v = max(ms_seed, ms_samp)
+        df = float(s - 1 if ms_seed >= ms_samp else n - 1)
+    else:
+        den = math.fsum(c * c / d for c, d in parts)
+        df = v * v / den if den > 0 else float((s - 1) * (n - 1))
+    se = math.sqrt(v / (s * n))
+    tq = t_quantile(0.5 + level / 2, df)
+    mdd = (tq + t_quantile(power, df)) * se
+    return Estimate(grand, grand - tq * se, grand + tq * se, df, s * n, level, power, mdd)

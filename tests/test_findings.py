@@ -13,7 +13,6 @@ from lcc_harness.findings import (
     growth,
     paired_difference,
     rel_slopes,
-    slope_contrast,
     verdict,
 )
 from lcc_harness.stats import betainc, fieller_ratio, paired_contrast, t_cdf, t_interval, t_quantile
@@ -103,15 +102,6 @@ def test_mdd_has_about_the_stated_power() -> None:
         assert 0.72 < power < 0.84, (n, power)
 
 
-def test_slope_contrast_pairs_per_sample_relative_slopes() -> None:
-    x = np.log2(LENGTHS) - np.log2(LENGTHS).mean()
-    ra, rb = np.array([0.05, 0.07, 0.02, 0.06]), np.array([0.01, 0.05, 0.02, 0.02])
-    level = np.array([1.0, 3.0, 0.5, 2.0])  # per-sample levels differ; the contrast is per sample
-    curves = [{L: (level * (1 + r * x[j])).tolist() for j, L in enumerate(LENGTHS)} for r in (ra, rb)]
-    c = slope_contrast(*curves, LENGTHS)
-    assert c.mean == pytest.approx(float((ra - rb).mean())) and c.n == 4
-
-
 def test_growth_mean_of_per_sample_relative_slopes_and_t_interval() -> None:
     x = np.log2(LENGTHS) - np.log2(LENGTHS).mean()
     r, level = np.array([0.02, 0.04, 0.03, 0.09]), np.array([1.0, 2.0, 0.7, 1.4])
@@ -167,34 +157,126 @@ def test_paired_ratio_interval_covers_at_least_88_percent(n: int) -> None:
     assert hits / 4000 >= 0.88, hits / 4000
 
 
-def test_growth_contrasts_read_the_paired_interval():
-    """a rising 10 %/doubling faster than b on every sample reads 'a rises faster'; equal curves detect nothing."""
-    from lcc_harness.findings import growth_contrasts
+# ---- the claims: paired contrasts on matched curves ------------------------------------------------------------
+MLENGTHS = [256, 512, 1024, 2048]
 
-    lengths = [256, 512, 1024, 2048]
+
+def power_curves(b: np.ndarray, level: np.ndarray) -> dict[int, list[float]]:
+    """Per-sample matched KL_i(L) = level_i · (L/256)^b_i."""
+    return {L: (level * (L / 256) ** b).tolist() for L in MLENGTHS}
+
+
+ROLES = {
+    "rtn3": "q3",
+    "rtn4": "q4",
+    "magnitude": "mag",
+    "wanda": "wan",
+    "mixed3": "mix",
+    "mixed3_random": "mixr",
+    "random10": ("r0", "r1", "r2", "r3", "r4"),
+}
+
+
+def claim_curves(rng: np.random.Generator, n: int, **b: float) -> dict[str, dict[int, list[float]]]:
+    """Every role's method with exponents b[role] (+ per-sample noise 0.01) on shared per-sample levels."""
+    level = rng.lognormal(0.0, 0.5, n)
+    out = {}
+    for role, mids in ROLES.items():
+        for mid in (mids,) if isinstance(mids, str) else mids:
+            scale = {"mix": 0.8, "mixr": 1.0}.get(mid, 1.0)
+            out[mid] = power_curves(b.get(role, 0.0) + 0.01 * rng.standard_normal(n), level * scale)
+    return out
+
+
+def test_claim_verdicts_follow_the_paired_intervals() -> None:
+    """yes when the interval lies on the claimed side of 0, no when on the other, inconclusive when it holds 0."""
+    from lcc_harness.findings import evaluate_claim
+
     rng = np.random.default_rng(0)
-    base = {L: list(1.0 + 0.01 * rng.standard_normal(8)) for L in lengths}
-    steep = {L: [v * (1 + 0.1 * k) for v in base[L]] for k, L in enumerate(lengths)}
-    roles = {"rtn3": "q3", "magnitude": "mag", "wanda": "wan", "rtn4": "q4", "mixed3": "mix"}
-    out = growth_contrasts(roles, {"q3": steep, "mag": base, "wan": base}, lengths)
-    assert [(c["a"], c["b"]) for c in out] == [("q3", "mag"), ("q3", "wan")]  # the others lack a method
-    assert all(c["lo"] > 0 and c["reading"] == "q3 rises faster" and c["n"] == 8 for c in out)
-    same = growth_contrasts(roles, {"q3": base, "mag": base}, lengths)
-    assert same[0]["mean"] == 0 and same[0]["reading"].startswith("no difference detected")
-    assert growth_contrasts(roles, {"q3": base, "mag": base}, [256]) == []
+    c = claim_curves(rng, 8, rtn3=0.2, rtn4=0.1, random10=0.3, mixed3=0.2, mixed3_random=0.2)
+    assert evaluate_claim("quant-rises-more-than-pruning", ROLES, c, MLENGTHS)["holds"] == "yes"
+    assert evaluate_claim("lowbit-rises", ROLES, c, MLENGTHS)["holds"] == "yes"
+    f = evaluate_claim("random-prune-rises", ROLES, c, MLENGTHS)
+    assert f["holds"] == "yes" and f["parts"][0]["n"] == 40 and "random-s10" not in f["measured"]
+    rev = claim_curves(rng, 8, magnitude=0.2, wanda=0.2, rtn3=0.0, random10=-0.2)
+    assert evaluate_claim("quant-rises-more-than-pruning", ROLES, rev, MLENGTHS)["holds"] == "no"
+    assert evaluate_claim("random-prune-rises", ROLES, rev, MLENGTHS)["holds"] == "no"
+    # mixed3 sits 20 % below both controls on every sample, with the same growth: two parts yes, one inconclusive
+    same = {**c, "mix": {L: [0.8 * v for v in c["q3"][L]] for L in MLENGTHS}, "mixr": c["q3"]}
+    r = evaluate_claim("remedy-mitigates", ROLES, same, MLENGTHS)
+    assert [p["verdict"] for p in r["parts"]] == ["yes", "inconclusive", "yes"] and r[
+        "holds"
+    ] == "inconclusive"
+    assert r["parts"][0]["estimate"] == pytest.approx(-0.2) and r["parts"][1]["estimate"] == pytest.approx(0)
+    # the 4-bit exponent is reported, not judged
+    low = evaluate_claim("lowbit-rises", ROLES, c, MLENGTHS)
+    assert [p["judged"] for p in low["parts"]] == [True, True, False]
 
 
-def test_the_smoke_report_shows_the_paired_contrasts(project):
+def test_a_claim_with_a_nonpositive_kl_is_inconclusive_not_a_pass() -> None:
+    from lcc_harness.findings import evaluate_claim
+
+    c = claim_curves(np.random.default_rng(1), 4, rtn3=0.3)
+    c["mag"][512][0] = 0.0
+    f = evaluate_claim("quant-rises-more-than-pruning", ROLES, c, MLENGTHS)
+    assert f["holds"] == "inconclusive" and f["parts"][0]["verdict"] == "n/a" and "mag" in f["parts"][0]["na"]
+    c["q3"][256][1] = float("nan")
+    assert evaluate_claim("lowbit-rises", ROLES, c, MLENGTHS)["holds"] == "inconclusive"
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_crossed_seed_interval_covers_at_least_88_percent(n: int) -> None:
+    """5 mask seeds × n samples, both random: y = μ + seed_s + sample_i + e. Nominal 90 %, coverage of μ over 4000
+    runs for three variance mixes (seed-dominated, sample-dominated, balanced) is ≥ 0.88; averaging over seeds
+    with df = S − 1 (ignoring that the seeds share samples) covers far less when samples dominate."""
+    from lcc_harness.stats import crossed_mean
+
+    rng = np.random.default_rng(7)
+    for sd_seed, sd_sample, sd_e in ((0.3, 0.05, 0.05), (0.02, 0.3, 0.05), (0.1, 0.1, 0.1)):
+        hit = naive = 0
+        for _ in range(4000):
+            y = (
+                rng.normal(0, sd_seed, (5, 1))
+                + rng.normal(0, sd_sample, (1, n))
+                + rng.normal(0, sd_e, (5, n))
+            )
+            e = crossed_mean(y.tolist())
+            hit += e.lo <= 0 <= e.hi
+            _, lo, hi = t_interval(y.mean(1).tolist(), CI_LEVEL)
+            naive += lo <= 0 <= hi
+        assert hit / 4000 >= 0.88, (n, sd_seed, sd_sample, hit / 4000)
+        if sd_sample > sd_seed:
+            assert naive / 4000 < 0.6, naive / 4000
+
+
+def test_crossed_mean_is_the_grand_mean_and_rejects_ragged_tables() -> None:
+    from lcc_harness.stats import crossed_mean
+
+    y = [[1.0, 2.0, 3.0], [2.0, 3.0, 4.5]]
+    e = crossed_mean(y)
+    assert e.mean == pytest.approx(np.mean(y)) and e.lo < e.mean < e.hi and e.n == 6 and e.mdd > 0
+    with pytest.raises(ValueError):
+        crossed_mean([[1.0, 2.0], [1.0]])
+    with pytest.raises(ValueError):
+        crossed_mean([[1.0, 2.0]])
+
+
+def test_the_smoke_report_shows_each_claims_tested_parts(project):
     r = project.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--lcc-update-baselines")
-    r.assert_outcomes(passed=32)
+    r.assert_outcomes(passed=48)
     import json
 
     rec = json.loads((project.path / "reports" / "kl_report.json").read_text())
-    assert {(c["a"], c["b"]) for c in rec["contrasts"]} == {
-        ("rtn-w3-g32", "magnitude-s50"),
-        ("rtn-w3-g32", "wanda-s50"),
-        ("rtn-w3-g32", "rtn-w4-g32"),
-        ("rtn-w3-g32", "mixed-w3-g32-p2"),
-    }
+    parts = {f["claim"]: [p["quantity"] for p in f["parts"]] for f in rec["findings"]}
+    assert parts["quant-rises-more-than-pruning"] == [
+        "b(rtn-w3-g32) − b(magnitude-s50)",
+        "b(rtn-w3-g32) − b(wanda-s50)",
+    ]
+    assert all(
+        f["target_tokens"] == 32 and f["holds"] in ("yes", "no", "inconclusive") for f in rec["findings"]
+    )
     md = (project.path / "reports" / "kl_report.md").read_text()
-    assert "### Paired growth contrasts (informational)" in md and "MDD (80 % power)" in md
+    assert "MDD (80 % power)" in md and "mean b over 5 seeds (random-s10-seed0…4)" in md
+    stored = json.loads(next((project.path / "baselines").glob("*.json")).read_text())
+    assert stored["findings_basis"] == {"curves": "matched", "target_tokens": 32}
+    assert set(stored["findings"]) == {f["claim"] for f in rec["findings"]}

@@ -54,6 +54,26 @@ def test_matched_equals_direct_per_length_computation(tiny, summary):
     assert worst_rel <= 1e-6 and worst_abs <= 2e-7, (worst_rel, worst_abs)
 
 
+def test_both_designs_reuse_the_longest_window_pass_exactly(tiny, monkeypatch):
+    """With design both, the matched curve's longest length reuses the window measurement's last pass (the same
+    ids through the same model): one forward fewer per sample, and the numbers of a matched-only run (whose
+    reference is built by another path: equal to float rounding, ~1e-8 relative)."""
+    import lcc_harness.run as run_mod
+
+    only = Harness(tiny_config(design="matched"), lm=tiny).run("rtn-w3-g32").matched
+    both_h = Harness(tiny_config(design="both"), lm=tiny)
+    _ = both_h.reference, both_h.matched_reference
+    calls = []
+    real = run_mod.final_hidden
+    monkeypatch.setattr(run_mod, "final_hidden", lambda m, x: calls.append(x.shape[-1]) or real(m, x))
+    both = both_h.run("rtn-w3-g32").matched
+    Lmax, n = TINY_LENGTHS[-1], len(both_h.samples)
+    assert calls.count(Lmax) == n  # the window pass only; the matched pass at Lmax was not repeated
+    for L in TINY_LENGTHS:
+        got, want = both.stats[L].per_sample["window_kl"], only.stats[L].per_sample["window_kl"]
+        assert got == pytest.approx(want, rel=1e-6), L
+
+
 def test_matched_targets_are_the_same_tokens(harness):
     """Every length scores the sample's last T tokens: the input at L ends where the sample ends."""
     from lcc_harness.measure import matched_ids
