@@ -506,27 +506,28 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
         return ["_No findings were evaluated in this run._"]
     model = (record.get("run") or {}).get("model", "this model")
     lines: list[str] = []
+    if any(f.get("parts") for f in findings):
+        tt = next((f.get("target_tokens") for f in findings if f.get("target_tokens")), None)
+        lines += [
+            f"Judged on the matched-target curves (the same last {tt or 'T'} tokens of each sample at every length), "
+            "per sample and paired across methods; b = log-log growth exponent (KL ∝ L^b). A part is 'yes' when its "
+            "90 % interval lies wholly on the claimed side of 0, 'no' when wholly on the other side, else "
+            "'inconclusive'; MDD = the smallest effect this sample count detects with 80 % power. A claim holds when "
+            "every judged part does.",
+            "",
+        ]
     for f in findings:
         holds = str(f.get("holds"))
         lines.append(f"### {f.get('claim')} — {_one_line(f.get('title', ''))}")
         lines.append("")
         lines.append(f"- **Holds on {model}: {HOLDS_MARK.get(holds, '')} {holds}**".replace("  ", " "))
         lines.append(f"- Paper: {_one_line(f.get('paper', DASH))}")
-        lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
+        if not f.get("parts"):
+            lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
         if f.get("detail") and not f.get("parts"):
             lines.append(f"- {_one_line(f['detail'])}")
         if f.get("parts"):
-            tt = f.get("target_tokens")
-            lines += [
-                "",
-                f"On the matched-target curves (the same last {tt if tt else 'T'} tokens of each sample at every "
-                "length), per sample and paired across methods; b = log-log growth exponent (KL ∝ L^b); a part "
-                "is 'yes' when its 90 % interval lies wholly on the claimed side of 0, 'no' when wholly on the "
-                "other:",
-                "",
-                _parts_table(f["parts"]),
-                "",
-            ]
+            lines += ["", _parts_table(f["parts"]), ""]
         if f.get("stored") is not None or f.get("reproduced") is not None:
             rep = {True: "yes", False: "**no**", None: DASH}.get(
                 f.get("reproduced"), str(f.get("reproduced"))

@@ -134,44 +134,6 @@ def fieller_ratio(a: Sequence[float], b: Sequence[float], level: float = 0.90) -
 
 
 @dataclass(frozen=True)
-class Contrast:
-    """A paired contrast a − b over samples: mean difference, its `level` t-interval, the SD of the per-sample
-    differences, n, and the minimum detectable difference (two-sided test at 1 − level, given power)."""
-
-    mean: float
-    lo: float
-    hi: float
-    sd: float
-    n: int
-    level: float
-    power: float
-    mdd: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def paired_contrast(
-    a: Sequence[float], b: Sequence[float], level: float = 0.90, power: float = 0.80
-) -> Contrast:
-    """Per-sample differences a_i − b_i (e.g. two methods' relative slopes on the same spans): their mean, its
-    Student-t `level` interval, and the smallest true mean difference a two-sided t-test at α = 1 − level
-    detects with probability `power` at this n and the observed SD: MDD = (t_{1−α/2} + t_{power}) · sd/√n,
-    both quantiles of df = n − 1 (the usual approximation of the noncentral t; slightly optimistic for tiny n)."""
-    av, bv = [float(v) for v in a], [float(v) for v in b]
-    if len(av) != len(bv) or len(av) < 2:
-        raise ValueError(
-            f"paired_contrast needs two paired samples of length >= 2, got {len(av)} and {len(bv)}"
-        )
-    d = [x - y for x, y in zip(av, bv, strict=True)]
-    n = len(d)
-    mean, lo, hi = t_interval(d, level)
-    sd = _mean_sd(d)[1]
-    mdd = (t_quantile(0.5 + level / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
-    return Contrast(mean, lo, hi, sd, n, level, power, mdd)
-
-
-@dataclass(frozen=True)
 class Estimate:
     """A mean with its `level` t-interval, the degrees of freedom behind it, n (samples; × seeds for a crossed
     mean) and the minimum detectable effect (two-sided test at 1 − level, given power)."""
@@ -190,8 +152,10 @@ class Estimate:
 
 
 def one_sample(values: Sequence[float], level: float = 0.90, power: float = 0.80) -> Estimate:
-    """Mean of `values` (independent samples, ≥ 2), its Student-t `level` interval (df = n − 1) and the MDD of a
-    two-sided t-test of 'mean = 0' at α = 1 − level with the given power (as in `paired_contrast`)."""
+    """Mean of `values` (independent samples, ≥ 2), its Student-t `level` interval (df = n − 1) and the smallest
+    true mean a two-sided t-test of 'mean = 0' at α = 1 − level detects with probability `power` at this n and the
+    observed SD: MDD = (t_{1−α/2} + t_{power}) · sd/√n, both quantiles of df = n − 1 (the usual approximation of
+    the noncentral t; slightly optimistic for tiny n)."""
     x = [float(v) for v in values]
     if len(x) < 2:
         raise ValueError(f"one_sample needs at least 2 values, got {len(x)}")
@@ -236,3 +200,25 @@ def crossed_mean(rows: Sequence[Sequence[float]], level: float = 0.90, power: fl
     tq = t_quantile(0.5 + level / 2, df)
     mdd = (tq + t_quantile(power, df)) * se
     return Estimate(grand, grand - tq * se, grand + tq * se, df, s * n, level, power, mdd)
+
+
+@dataclass(frozen=True)
+class Contrast(Estimate):
+    """A paired contrast a − b over samples: an Estimate of the mean per-sample difference, plus the SD of the
+    differences."""
+
+    sd: float
+
+
+def paired_contrast(
+    a: Sequence[float], b: Sequence[float], level: float = 0.90, power: float = 0.80
+) -> Contrast:
+    """Per-sample differences a_i − b_i (e.g. two methods' slopes on the same spans): their mean, its Student-t
+    `level` interval and MDD (`one_sample`), and their SD."""
+    av, bv = [float(v) for v in a], [float(v) for v in b]
+    if len(av) != len(bv) or len(av) < 2:
+        raise ValueError(
+            f"paired_contrast needs two paired samples of length >= 2, got {len(av)} and {len(bv)}"
+        )
+    d = [x - y for x, y in zip(av, bv, strict=True)]
+    return Contrast(**asdict(one_sample(d, level, power)), sd=_mean_sd(d)[1])
