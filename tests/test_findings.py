@@ -280,3 +280,21 @@ def test_the_smoke_report_shows_each_claims_tested_parts(project):
     stored = json.loads(next((project.path / "baselines").glob("*.json")).read_text())
     assert stored["findings_basis"] == {"curves": "matched", "target_tokens": 32}
     assert set(stored["findings"]) == {f["claim"] for f in rec["findings"]}
+
+
+def test_stored_verdicts_are_rechecked_on_the_same_targets_only(project):
+    """A verdict judged on T = 32 target tokens is not compared with one judged on T = 16: the claim fails naming
+    both and the way out; with --lcc-design window (no matched curves) the claims skip with the reason."""
+    project.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--lcc-update-baselines").assert_outcomes(
+        passed=48
+    )
+    r = project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-q", "test_paper_findings.py", "--lcc-target-tokens", "16"
+    )
+    r.assert_outcomes(failed=4)
+    r.stdout.fnmatch_lines(["*judged on {'curves': 'matched', 'target_tokens': 32}, this run on*16*"])
+    r = project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-q", "-rs", "test_paper_findings.py", "--lcc-design", "window"
+    )
+    r.assert_outcomes(skipped=4)
+    r.stdout.fnmatch_lines(["*reads the matched-target curves, and --lcc-design window measures none*"])
