@@ -637,6 +637,18 @@ def test_shards_merged_equal_one_unsharded_run(project):
     assert m.returncode == 0, m.stdout + m.stderr
     report = json.loads((project.path / "c-merged" / "kl_report.json").read_text())
     assert [f["reproduced"] for f in report["findings"]] == [True] * 4
+    # verdicts stored for other target tokens are not compared: the merge says so and exits 1
+    other = project.path / "b-merged" / BASELINE.name
+    data = json.loads(other.read_text())
+    data["findings_basis"]["target_tokens"] = 16
+    other.write_text(json.dumps(data))
+    m = _lcc("merge", "c-1", "c-2", "--baseline-dir", "b-merged", "--report-dir", "c-other", cwd=project.path)
+    assert m.returncode == 1, m.stdout + m.stderr
+    report = json.loads((project.path / "c-other" / "kl_report.json").read_text())
+    assert [f["stored"] for f in report["findings"]] == [None] * 4
+    assert any(
+        "judged on {'curves': 'matched', 'target_tokens': 16}" in c for c in report["baseline_changes"]
+    )
 
 
 def test_merge_refuses_records_of_another_spec_and_overlapping_shards(project):
