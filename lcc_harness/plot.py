@@ -45,6 +45,7 @@ def mean_band(
 def render_png(record: Mapping[str, Any]) -> bytes:
     """Window KL vs context length (log2 x axis), one line per completed method, as PNG bytes; when the record has
     matched-target curves, a second panel shows them (same colours; the only panel for a matched-only run)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -81,7 +82,8 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     two = bool(matched) and bool(series)
     fig = Figure(figsize=(18 if two else 11, 6.0 + 0.28 * n_rows_legend), dpi=110, layout="constrained")
     ax = fig.add_subplot(1, 2 if two else 1, 1)
-    colors = [f"C{i}" for i in range(10)]  # default cycle = tab10
+    # tab10 (the default cycle); past 10 methods, tab20's lighter shades follow, so no two methods share a colour
+    colors = [f"C{i}" for i in range(10)] + [colormaps["tab20"](2 * k + 1) for k in range(10)]
     markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
     order = {mid: i for i, mid in enumerate(dict.fromkeys([s[0] for s in series] + [m[0] for m in matched]))}
     if matched and not series:  # matched curves only: they are the one panel
@@ -94,7 +96,7 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     hidden = []
     for mid, bits, xs, ms, los, his, bl, _n in series:
         i = order[mid]
-        color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
+        color, marker = colors[i % len(colors)], markers[(i + i // 10) % len(markers)]
         label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
         if log_y and all(m <= 0 for m in ms):
             hidden.append(mid)
@@ -201,7 +203,7 @@ def _matched_panel(
     lengths = sorted({L for s in series for L in s[3]})
     for mid, bits, _T, xs, ms, los, his, _n in series:
         i = order[mid]
-        color, marker = colors[i % 10], markers[(i + i // 10) % len(markers)]
+        color, marker = colors[i % len(colors)], markers[(i + i // 10) % len(markers)]
         label = mid + (f"  ({bits:.2f} b/w)" if _finite(bits) else "")
         ys = [m if (m > 0 or not log_y) else np.nan for m in ms]
         ax.plot(xs, ys, color=color, marker=marker, markersize=7, linewidth=2, label=label, zorder=3)
