@@ -33,6 +33,11 @@ MAX_FLOOR = 0.01  # nats; a larger floor would hide real regressions of good qua
 NEG_SLACK = 1e-6  # KL is ≥ 0; float rounding may leave a stored mean this far below zero
 
 
+def findings_basis(target_tokens: int | None) -> dict[str, Any]:
+    """What stored claim verdicts were judged on: the matched-target curves of `target_tokens` target tokens."""
+    return {"curves": "matched", "target_tokens": target_tokens}
+
+
 def round_sig(x: float, sig: int = 5) -> float:
     if x is None or not math.isfinite(x) or x == 0:
         return x
@@ -383,6 +388,6 @@ def update_from_record(baseline_dir: Path, rec: Any) -> None:
     meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
     basis = None
     if rec.staged_findings and rec.run.get("target_tokens") is not None:
-        basis = {"curves": "matched", "target_tokens": int(rec.run["target_tokens"])}
+        basis = findings_basis(int(rec.run["target_tokens"]))
     changes = update(path, ident, spec, meta, rec.entries, rec.staged_findings, rec.floor, basis)
     rec.baseline_changes.extend(changes or [f"{path.name}: no change"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import Contrast, Estimate, crossed_mean, fieller_ratio, one_sample, paired_contrast, t_interval
+from .stats import Contrast, Estimate, crossed_mean, one_sample, paired_contrast, t_interval
 
 RISING = 0.05
 FLAT = 0.10
@@ -91,13 +91,6 @@ def verdict(lo: float, hi: float) -> str:
     if lo > -FLAT and hi < FLAT:
         return "flat"
     return "inconclusive"
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Relative difference mean(a)/mean(b) − 1 and its CI_LEVEL interval, paired over samples (Fieller's
-    interval for the ratio of means, t with df = n − 1; ±inf when mean(b) is not clearly above 0)."""
-    ratio, lo, hi = fieller_ratio(a, b, CI_LEVEL)
-    return ratio - 1, lo - 1, hi - 1
 
 
 def log_slopes(m: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
@@ -239,7 +232,8 @@ def _na(statement: str, quantity: str, unit: str, direction: str, why: str, judg
 def _positive(
     curves: Mapping[str, Mapping[int, Sequence[float]]], mid: str, lengths: Sequence[int]
 ) -> np.ndarray:
-    """log2 of the (n, k) per-sample KL of `mid`; ValueError naming the method when a value is not > 0."""
+    """The (n, k) per-sample KL of `mid`; ValueError naming the method when a value is not > 0 (its log, which
+    every part takes, would be undefined)."""
     m = _matrix(curves[mid], lengths)
     if not (np.isfinite(m).all() and (m > 0).all()):
         raise ValueError(f"{mid} has a per-sample KL that is not > 0 (log undefined)")
@@ -258,10 +252,10 @@ def _slope_part(curves, lengths, mid: str, direction: str = ">", judged: bool = 
 def _slope_contrast_part(curves, lengths, a: str, b: str, direction: str) -> Part:
     st = f"growth exponent of {a} {direction} that of {b}"
     try:
-        d = log_slopes(_positive(curves, a, lengths), lengths) - log_slopes(
-            _positive(curves, b, lengths), lengths
-        )
-        return _part(st, f"b({a}) − b({b})", "exponent", one_sample(d.tolist(), CI_LEVEL), direction)
+        for m in (a, b):
+            _positive(curves, m, lengths)  # raises naming the method with a KL ≤ 0
+        est = log_slope_contrast(curves[a], curves[b], lengths)
+        return _part(st, f"b({a}) − b({b})", "exponent", est, direction)
     except ValueError as exc:
         return _na(st, f"b({a}) − b({b})", "exponent", direction, str(exc))
 
@@ -312,8 +306,8 @@ def combine(parts: Sequence[Part]) -> str:
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim evaluated on one run: `holds` is yes / no / inconclusive; `parts` the tested statements;
-    `curves` which curves it read ('matched', target tokens `target_tokens`)."""
+    """One claim evaluated on one run: `holds` is yes / no / inconclusive; `parts` the tested statements, judged
+    on matched-target curves of `target_tokens` target tokens."""
 
     claim: str
     title: str
@@ -323,7 +317,7 @@ class Finding:
     detail: str
     methods: list[str]
     parts: list[dict[str, Any]]
-    curves: str = "matched"
+    target_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -432,9 +426,10 @@ def evaluate_claim(
     roles: Mapping[str, str | Sequence[str]],
     curves: Mapping[str, Mapping[int, Sequence[float]]],
     lengths: Sequence[int],
+    target_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One finding as a dict (Finding.to_dict). curves: method id → {length: per-sample matched KL_i(L)} for every
-    method of the claim (claim_methods), on the same samples."""
+    method of the claim (claim_methods), on the same samples, scored on `target_tokens` target tokens."""
     c = CLAIMS[name]
     lengths = sorted(lengths)
     ids = {r: role_ids(roles, r) for r in c.roles}
@@ -456,4 +451,5 @@ def evaluate_claim(
         detail,
         claim_methods(name, roles),
         [p.to_dict() for p in parts],
+        target_tokens,
     ).to_dict()

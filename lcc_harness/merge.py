@@ -84,9 +84,7 @@ def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
                 f"claim {name}: not evaluated (needs complete matched-target curves of {', '.join(needed)})"
             )
             continue
-        f = evaluate_claim(name, roles, curves, lengths)
-        f["target_tokens"] = rec.run.get("target_tokens")
-        out.append(f)
+        out.append(evaluate_claim(name, roles, curves, lengths, rec.run.get("target_tokens")))
     return out, skipped
 
 
@@ -105,7 +103,7 @@ def merge(
 ) -> tuple[RunRecord, int]:
     """Join the records, evaluate the claims, write the reports (and with `update` the baselines); returns the
     merged record and the exit status: 1 when a record has a failed check or a claim's verdict changed."""
-    from .baselines import BaselineError, BaselineFile, baseline_path, update_from_record
+    from .baselines import BaselineError, BaselineFile, baseline_path, findings_basis, update_from_record
     from .report import check_writable, write_reports
 
     records = load_records(paths)
@@ -126,7 +124,7 @@ def merge(
             stored = BaselineFile.load(path, ident, rec.spec) if path.exists() else None
         except BaselineError as exc:
             raise HarnessError(str(exc)) from None
-        basis = {"curves": "matched", "target_tokens": rec.run.get("target_tokens")}
+        basis = findings_basis(rec.run.get("target_tokens"))
         then = None if stored is None else stored.findings_basis
         if rec.findings and then is not None and then != basis:
             status = 1

@@ -522,12 +522,12 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
         lines.append("")
         lines.append(f"- **Holds on {model}: {HOLDS_MARK.get(holds, '')} {holds}**".replace("  ", " "))
         lines.append(f"- Paper: {_one_line(f.get('paper', DASH))}")
-        if not f.get("parts"):
-            lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
-        if f.get("detail") and not f.get("parts"):
-            lines.append(f"- {_one_line(f['detail'])}")
-        if f.get("parts"):
+        if f.get("parts"):  # the table says what `measured` and `detail` say
             lines += ["", _parts_table(f["parts"]), ""]
+        else:
+            lines.append(f"- Measured: {_one_line(f.get('measured', DASH))}")
+            if f.get("detail"):
+                lines.append(f"- {_one_line(f['detail'])}")
         if f.get("stored") is not None or f.get("reproduced") is not None:
             rep = {True: "yes", False: "**no**", None: DASH}.get(
                 f.get("reproduced"), str(f.get("reproduced"))

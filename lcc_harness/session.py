@@ -515,6 +515,7 @@ class LccSession:
     def check_finding(self, claim: str) -> dict[str, Any]:
         """Evaluate one of the paper's claims on the matched-target curves and assert it reproduces the verdict
         stored in the baseline (and was judged on the same target tokens)."""
+        from .baselines import findings_basis
         from .findings import claim_methods, evaluate_claim
 
         roles = self.profile.roles
@@ -544,13 +545,12 @@ class LccSession:
                     pytrace=False,
                 )
             curves[m] = {L: res.matched.stats[L].per_sample["window_kl"] for L in self.lengths}
-        f = evaluate_claim(claim, roles, curves, self.lengths)
-        basis = {"curves": "matched", "target_tokens": self._harness.target}
+        f = evaluate_claim(claim, roles, curves, self.lengths, self._harness.target)
+        basis = findings_basis(self._harness.target)
         baseline = None if self.update else self.stored()
         stored = None if baseline is None else baseline.findings.get(claim)
         f["stored"] = stored
         f["reproduced"] = None if stored is None else stored == f["holds"]
-        f["target_tokens"] = basis["target_tokens"]
         self.findings.append(f)
         if self.update:
             return f

@@ -11,7 +11,6 @@ import pytest
 from lcc_harness.findings import (
     CI_LEVEL,
     growth,
-    paired_difference,
     rel_slopes,
     verdict,
 )
@@ -72,10 +71,10 @@ def test_fieller_reduces_to_a_t_interval_when_b_is_constant() -> None:
     assert fieller_ratio([1.0, -1.0, 2.0, -2.0], [0.1, -0.1, 0.2, -0.3])[1:] == (-math.inf, math.inf)
 
 
-def test_paired_difference_is_relative_and_paired() -> None:
+def test_fieller_ratio_is_paired() -> None:
     b = [1.0, 2.0, 4.0, 8.0]  # samples differ 8×, the pairs by exactly −10 %: the interval is tight
-    d, lo, hi = paired_difference([0.9 * v for v in b], b)
-    assert d == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)
+    r, lo, hi = fieller_ratio([0.9 * v for v in b], b)
+    assert r - 1 == pytest.approx(-0.1) and lo - 1 == pytest.approx(-0.1) and hi - 1 == pytest.approx(-0.1)
 
 
 def test_paired_contrast_mean_interval_and_mdd() -> None:
