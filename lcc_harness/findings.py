@@ -23,7 +23,6 @@ from .stats import Contrast, Estimate, crossed_mean, one_sample, paired_contrast
 RISING = 0.05
 FLAT = 0.10
 CI_LEVEL = 0.90
-N_BOOT = 2000  # resamples of the plot's band (plot.mean_band); the findings use t-intervals
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .findings import CI_LEVEL, N_BOOT
+from .findings import CI_LEVEL
 from .record import anatomy as _anatomy
 from .record import baseline_kl as _baseline_kl
 from .record import bits as _bits
@@ -21,25 +20,17 @@ from .record import lengths as _lengths
 from .record import matched as _matched
 from .record import methods as _methods
 from .record import run_title as _run_title
+from .stats import t_interval
 
 
-def mean_band(
-    values: Sequence[float], rng: np.random.Generator, level: float = CI_LEVEL, n_boot: int = N_BOOT
-) -> tuple[float, float, float]:
-    """(mean, lo, hi) of per-sample values: bootstrap CI of the mean for n ≥ 3, mean ± SE for n = 2."""
-    x = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
-    if x.size == 0:
+def mean_band(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(mean, lo, hi) of per-sample values: the `level` Student-t interval of the mean (stats.t_interval, the
+    interval the findings use), lo = hi = mean with one value, NaN without a finite one."""
+    x = [float(v) for v in values if _finite(v)]
+    if not x:
         return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    if x.size < 3:
-        se = float(x.std(ddof=1) / math.sqrt(x.size))
-        return (mean, mean - se, mean + se)
-    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)  # (n_boot,)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return (mean, float(lo), float(hi))
+    mean, lo, hi = t_interval(x, level)
+    return (mean, mean, mean) if len(x) == 1 else (mean, lo, hi)
 
 
 def render_png(record: Mapping[str, Any]) -> bytes:
@@ -50,19 +41,17 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     from matplotlib.lines import Line2D
 
     run = record.get("run") or {}
-    seed = int(run.get("seed") or 0)
     lengths = _lengths(record)
     series = []  # (method, xs, means, los, his, baseline xs, baseline ys, n samples)
     for mid, entry in _methods(record).items():
         curves = _curves(entry)
         if not curves:
             continue
-        rng = np.random.default_rng([seed, zlib.crc32(mid.encode())])
         xs, ms, los, his, ns = [], [], [], [], []
         for L in sorted(curves):
             c = curves[L]
             per = (c.get("per_sample") or {}).get("window_kl") or []
-            m, lo, hi = mean_band(per, rng) if per else (c.get("window_kl"), None, None)
+            m, lo, hi = mean_band(per) if per else (c.get("window_kl"), None, None)
             if not _finite(m):
                 continue
             xs.append(L)
@@ -74,7 +63,7 @@ def render_png(record: Mapping[str, Any]) -> bytes:
         bl = [(L, v) for L, v in bl if v is not None]
         series.append((mid, _bits(entry), xs, ms, los, his, bl, max(ns, default=0)))
 
-    matched = _matched_series(record, seed)
+    matched = _matched_series(record)
     positive = [v for s in series for v in s[3] + [b for _, b in s[6]] if v > 0]
     log_y = bool(positive) and max(positive) / min(positive) > 10  # over a decade: log axis
 
@@ -123,10 +112,8 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     notes = ["window = positions (L/2, L]"]
     if series:
         notes.append(
-            f"band = 90 % bootstrap CI of the mean over {n_samples} samples"
-            if n_samples >= 3
-            else f"band = mean ± SE over {n_samples} samples"
-            if n_samples == 2
+            f"band = 90 % t-interval of the mean over {n_samples} samples"
+            if n_samples >= 2
             else "one sample: no band"
         )
     if any(s[6] for s in series):
@@ -164,18 +151,17 @@ def render_png(record: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _matched_series(record: Mapping[str, Any], seed: int) -> list[tuple]:
+def _matched_series(record: Mapping[str, Any]) -> list[tuple]:
     """(method, bits, T, xs, means, los, his, n samples) of each method's matched-target curves."""
     out = []
     for mid, entry in _methods(record).items():
         T, curves, _ = _matched(entry)
         if not curves:
             continue
-        rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), 1])
         xs, ms, los, his, ns = [], [], [], [], []
         for L in sorted(curves):
             per = (curves[L].get("per_sample") or {}).get("window_kl") or []
-            m, lo, hi = mean_band(per, rng) if per else (curves[L].get("window_kl"), None, None)
+            m, lo, hi = mean_band(per) if per else (curves[L].get("window_kl"), None, None)
             if not _finite(m):
                 continue
             xs.append(L)
@@ -214,7 +200,7 @@ def _matched_panel(
     ax.set_title(f"Matched-target KL — {_run_title(run)}", fontsize=15, pad=26)
     targets = ", ".join(str(T) for T in sorted({s[2] for s in series if s[2] is not None})) or "?"
     n = max((s[7] for s in series), default=0)
-    band = "90 % bootstrap CI" if n >= 3 else "mean ± SE" if n == 2 else "no band (one sample)"
+    band = "90 % t-interval of the mean" if n >= 2 else "no band (one sample)"
     note = (
         f"target = each sample's last {targets} tokens, the same at every L; band = {band} over {n} samples"
     )

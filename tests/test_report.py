@@ -255,17 +255,16 @@ def test_fmt_signed():
     assert fmt_signed(float("nan")) == "nan"
 
 
-def test_mean_band_bootstrap_and_se():
+def test_mean_band_is_the_findings_t_interval():
     vals = [0.10, 0.12, 0.08, 0.11, 0.09, 0.13]
-    m, lo, hi = mean_band(vals, np.random.default_rng(0))
-    assert m == pytest.approx(np.mean(vals))
-    assert min(vals) < lo < m < hi < max(vals)
-    assert (m, lo, hi) == mean_band(vals, np.random.default_rng(0))  # seeded → reproducible
-    m2, lo2, hi2 = mean_band([0.1, 0.2], np.random.default_rng(0))
+    m, lo, hi = mean_band(vals)
+    half = 2.015048 * np.std(vals, ddof=1) / math.sqrt(len(vals))  # t(0.95, df 5)
+    assert (m, lo, hi) == pytest.approx((np.mean(vals), np.mean(vals) - half, np.mean(vals) + half), rel=1e-5)
+    m2, lo2, hi2 = mean_band([0.1, 0.2, float("nan")])  # NaN dropped; n = 2 → t(0.95, df 1) = 6.3138
     se = np.std([0.1, 0.2], ddof=1) / math.sqrt(2)
-    assert (lo2, hi2) == pytest.approx((m2 - se, m2 + se))
-    assert mean_band([0.3], np.random.default_rng(0)) == (0.3, 0.3, 0.3)
-    assert all(math.isnan(v) for v in mean_band([float("nan")], np.random.default_rng(0)))
+    assert (lo2, hi2) == pytest.approx((m2 - 6.313752 * se, m2 + 6.313752 * se), rel=1e-5)
+    assert mean_band([0.3]) == (0.3, 0.3, 0.3)
+    assert all(math.isnan(v) for v in mean_band([float("nan")]))
 
 
 def test_markdown_does_not_crash_on_missing_lengths(record):
