@@ -412,11 +412,18 @@ def _random_prune_rises(ids, curves, lengths):
     return "rises almost linearly", [_random_slope_part(curves, lengths, ids["random10"])]
 
 
+def fmt_part_value(v: Any, unit: str | None, missing: str = "n/a") -> str:
+    """One Part number as text: a signed percentage for `relative` parts, else signed to 3 decimals; `missing`
+    for None or a non-finite value. Shared by the finding's one-line summary and the report's parts table."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not np.isfinite(v):
+        return missing
+    return f"{v:+.1%}" if unit == "relative" else f"{v:+.3f}"
+
+
 def _fmt_part(p: Part) -> str:
     if p.estimate is None:
         return f"{p.quantity}: n/a ({p.na})"
-    pct = p.unit == "relative"
-    f = (lambda v: f"{v:+.1%}") if pct else (lambda v: f"{v:+.3f}")
+    f = lambda v: fmt_part_value(v, p.unit)  # noqa: E731
     return f"{p.quantity} = {f(p.estimate)} [{f(p.lo)}, {f(p.hi)}] → {p.verdict}"
 
 

@@ -20,6 +20,7 @@ from tabulate import tabulate
 
 from .errors import ReportDirError
 from .files import atomic_write
+from .findings import fmt_part_value
 from .plot import render_anatomy_png, render_png
 from .record import anatomy as _anatomy
 from .record import bits as _bits
@@ -544,8 +545,8 @@ def _parts_table(parts: Sequence[Mapping[str, Any]]) -> str:
     """A claim's tested statements (findings.Part dicts): estimate, 90 % CI, MDD, n, verdict."""
     rows = []
     for p in parts:
-        rel = p.get("unit") == "relative"
-        f = (lambda v: f"{v:+.1%}" if _finite(v) else DASH) if rel else _fmt_signed
+        unit = p.get("unit")
+        f = lambda v, unit=unit: fmt_part_value(v, unit, DASH)  # noqa: E731
         verdict = str(p.get("verdict", DASH)) + ("" if p.get("judged", True) else " (reported)")
         ci = DASH if p.get("lo") is None else f"[{f(p.get('lo'))}, {f(p.get('hi'))}]"
         rows.append(
@@ -561,10 +562,6 @@ def _parts_table(parts: Sequence[Mapping[str, Any]]) -> str:
         )
     headers = ["statement", "quantity", "estimate", "90 % CI", "MDD (80 % power)", "n", "verdict"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
-
-
-def _fmt_signed(v: Any) -> str:
-    return f"{v:+.3f}" if _finite(v) else DASH
 
 
 def _timings_table(record: Mapping[str, Any]) -> str:
