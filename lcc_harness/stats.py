@@ -1,5 +1,5 @@
 """Small exact statistics the findings need, without scipy: Student's t distribution, t-intervals over samples,
-Fieller's interval for a ratio of paired means, and a paired contrast with its minimum detectable difference.
+a paired contrast with its minimum detectable difference, and the seeds × samples crossed mean.
 
 Every interval here treats the evaluation samples (disjoint token spans drawn with the run's seed) as independent
 draws from the corpus and covers a mean over such spans; values of one sample under two methods are paired.
@@ -104,33 +104,6 @@ def t_interval(values: Sequence[float], level: float = 0.90) -> tuple[float, flo
         return mean, math.nan, math.nan
     half = t_quantile(0.5 + level / 2, len(x) - 1) * sd / math.sqrt(len(x))
     return mean, mean - half, mean + half
-
-
-def fieller_ratio(a: Sequence[float], b: Sequence[float], level: float = 0.90) -> tuple[float, float, float]:
-    """(mean(a)/mean(b), lo, hi): Fieller's `level` interval for the ratio of the means of paired samples a, b
-    (the θ with |mean(a − θ·b)| ≤ t · sd(a − θ·b)/√n, t of df = n − 1; exact for normal pairs). (−inf, inf)
-    when mean(b) is not clearly away from 0; NaN bounds with fewer than 2 pairs."""
-    av, bv = [float(v) for v in a], [float(v) for v in b]
-    if len(av) != len(bv) or not av:
-        raise ValueError(
-            f"fieller_ratio needs paired samples of equal, nonzero length, got {len(av)} and {len(bv)}"
-        )
-    n = len(av)
-    ma, mb = math.fsum(av) / n, math.fsum(bv) / n
-    ratio = ma / mb if mb != 0 else math.nan
-    if n < 2:
-        return ratio, math.nan, math.nan
-    saa = math.fsum((x - ma) ** 2 for x in av) / (n - 1) / n  # variances of the means
-    sbb = math.fsum((y - mb) ** 2 for y in bv) / (n - 1) / n
-    sab = math.fsum((x - ma) * (y - mb) for x, y in zip(av, bv, strict=True)) / (n - 1) / n
-    t2 = t_quantile(0.5 + level / 2, n - 1) ** 2
-    # (mb² − t²·sbb) θ² − 2 (ma·mb − t²·sab) θ + (ma² − t²·saa) ≤ 0
-    qa, qb, qc = mb * mb - t2 * sbb, ma * mb - t2 * sab, ma * ma - t2 * saa
-    if qa <= 0:  # mean(b) not clearly away from 0: the set is unbounded
-        return ratio, -math.inf, math.inf
-    # with qa > 0 the quadratic is ≤ 0 at θ = ratio, so the discriminant is ≥ 0 up to rounding
-    root = math.sqrt(max(qb * qb - qa * qc, 0.0))
-    return ratio, (qb - root) / qa, (qb + root) / qa
 
 
 @dataclass(frozen=True)
