@@ -27,7 +27,7 @@ from ..errors import MethodError
 from ._calib import InputStats, layer_stats
 from ._quant import effective_bits, fake_quant_groups, resolve_group
 from .basic import group_token
-from .registry import CompressContext, WeightMethod, param, register
+from .registry import MAX_MASK_SEED, CompressContext, WeightMethod, param, register
 
 HIGH_BITS = 8  # precision of the kept groups
 DEFAULT_PCT = 2.0
@@ -151,7 +151,7 @@ class MixedRandom(_Mixed):
     """Control: k groups per layer chosen uniformly at random by an explicit generator seeded from the mask seed
     (`-seed{S}`; without it, the run's seed) and the layer name."""
 
-    mask_seed: int | None = param(None, 0, 2**62, label="mask seed", hint="S >= 0")
+    mask_seed: int | None = param(None, 0, MAX_MASK_SEED, label="mask seed", hint="S >= 0")
 
     family, selection = "mixed-random", "random"
     form_suffix = "[-seed{mask_seed}]"

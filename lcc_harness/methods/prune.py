@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import MethodError
 from ._calib import layer_stats
-from .registry import CompressContext, WeightMethod, check_range, register
+from .registry import MAX_MASK_SEED, CompressContext, WeightMethod, check_range, register
 
 _NUM = r"-?\d+(?:\.\d+)?"
 
@@ -73,9 +73,11 @@ class _Prune(WeightMethod):
     def __post_init__(self) -> None:
         fam = self.family
         seed = getattr(self, "mask_seed", None)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_MASK_SEED
+        ):
             raise MethodError(
-                f"method '{fam}': mask seed {seed!r} must be a whole number >= 0; write it as "
+                f"method '{fam}': mask seed {seed!r} must be a whole number in [0, 2**62]; write it as "
                 f"{fam}-s{{P}}-seed{{S}}, e.g. {fam}-s10-seed3"
             )
         if self.m or self.n:

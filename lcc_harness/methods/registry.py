@@ -66,6 +66,9 @@ class CompressContext:
         return seeded_generator(self.seed if seed is None else seed, salt)
 
 
+MAX_MASK_SEED = 2**62  # seeds 0…2**62 map to distinct generator seeds below (1_000_003 is prime to 2**63 − 1)
+
+
 def seeded_generator(seed: int, salt: str = "") -> torch.Generator:
     """An explicit CPU torch.Generator seeded from `seed` and `salt` only (no global state)."""
     g = torch.Generator(device="cpu")

@@ -79,6 +79,7 @@ def test_needs_calibration_only_for_wanda() -> None:
         ("random-5:4", "0 < N < M"),
         ("wanda-0:4", "0 < N < M"),
         ("random-s10-seed1.5", "whole number"),
+        ("random-s10-seed4611686018427387905", r"\[0, 2\*\*62\]"),  # beyond: two seeds would share a mask
     ],
 )
 def test_bad_ids_raise_helpful_error(bad: str, hint: str) -> None:
