@@ -70,6 +70,7 @@ class LccSession:
         self.samples = _positive_int(config, "samples", p.samples)
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
+        self.run_config()  # parses every run option now: a bad value is one usage error, not an error per test
         self._expected: tuple[str, str] | None = None
         if _opt(config, "lcc_device") or _opt(config, "lcc_dtype"):  # asked for: refuse what cannot run here
             self._check_device()
