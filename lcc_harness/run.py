@@ -52,6 +52,9 @@ from .reference import (
 from .snapshot import Snapshot
 from .targets import DEFAULT_INCLUDE, linearize_conv1d
 
+# sample index → (its ids over the longest length (Lmax,), the last T hidden states of that pass (T, H)): the window
+# measurement's longest pass handed to the matched one under design both, which scores the same targets on it
+Tails = dict[int, tuple[torch.Tensor, torch.Tensor]]
 SENTINEL_TOKENS = 64  # tokens of the probe that re-checks the reference model after each method
 
 
@@ -262,7 +265,6 @@ class Harness:
         self._anatomy_ref_s = 0.0
         self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
         # design both: sample index → (ids, last T hidden states) of the window measurement's longest pass
-        self._tails: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
 
     @property
@@ -443,10 +445,12 @@ class Harness:
         return stats
 
     def measure_lengths(
-        self, model: torch.nn.Module, method_id: str
+        self, model: torch.nn.Module, method_id: str, tails: Tails | None = None
     ) -> tuple[dict[int, LengthStats], dict[int, str], str | None]:
         """Per-length statistics, length → message for lengths that ran out of memory, and a note when the
         compressed model's outputs depend on the total length (it was then measured one pass per length).
+        With `tails` (a dict, filled here), each sample's pass over the longest length leaves its ids and last
+        T hidden states there: the matched curve's longest pass is the same forward (`measure_matched`).
 
         A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
         the lengths that fit are still measured; once a length fails, longer ones are not tried."""
@@ -479,7 +483,7 @@ class Harness:
                 return
             try:
                 sts = self._measure_pass(
-                    model, head, ref, P, run_len, lens, method_id, summary, first, ref_head
+                    model, head, ref, P, run_len, lens, method_id, summary, first, ref_head, tails
                 )
             except Exception as exc:
                 if not is_oom(exc):
@@ -529,6 +533,7 @@ class Harness:
         summary: bool = False,
         keep_first: list[torch.Tensor] | None = None,
         ref_head: Any = None,
+        tails: Tails | None = None,
     ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
@@ -547,8 +552,8 @@ class Harness:
                 h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             if keep_first is not None and not keep_first and i == 0:
                 keep_first.append(h)
-            if self._tails is not None and run_len == self.lengths[-1]:
-                self._tails[i] = (s.ids[:run_len], h[-self.target :].clone())  # ids (run_len,), (T, H)
+            if tails is not None and run_len == self.lengths[-1]:
+                tails[i] = (s.ids[:run_len], h[-self.target :].clone())  # ids (run_len,), (T, H)
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len], lin)
             else:
@@ -558,11 +563,14 @@ class Harness:
             out.append(st)
         return out
 
-    def measure_matched(self, model: torch.nn.Module, method_id: str) -> MatchedCurves:
+    def measure_matched(
+        self, model: torch.nn.Module, method_id: str, tails: Tails | None = None
+    ) -> MatchedCurves:
         """The matched-target curves of `model`: for each length L (shortest first) and sample, one pass over
         the sample's last L tokens, compared on its last T positions with the matched reference (its RefSummary
         when both heads are the same linear map, else both heads: `compare`). A length that runs out of memory
-        is recorded in `errors`, and longer lengths are not tried."""
+        is recorded in `errors`, and longer lengths are not tried. `tails`: what `measure_lengths` kept of the
+        same model's longest pass; a sample whose kept ids equal its longest matched input reuses it."""
         from .findings import matched_growth
         from .gate import FLOOR_MIN, GROWTH_MIN_FLOORS
 
@@ -579,7 +587,7 @@ class Harness:
         lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
-        tails, self._tails = self._tails or {}, None  # from the window measurement just before (design both)
+        tails = tails or {}
         for L in mref.lengths:
             if errors:
                 errors[L] = (
@@ -764,12 +772,14 @@ class Harness:
         if self.cfg.anatomy:
             self.anatomy_reference()  # likewise
         with self.compressed(m) as (model, ctx, t_compress), self._anatomy_tally() as tally:
-            stats, errors, length_note, t_measure = (
-                self._measure_window(model, m.id) if window else ({}, {}, None, 0.0)
+            stats, errors, length_note, t_measure, tails = (
+                self._measure_window(model, m.id) if window else ({}, {}, None, 0.0, None)
             )
             if noise_probe and window:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
-            matched, t_matched = self._measure_matched_timed(model, m.id) if mref is not None else (None, 0.0)
+            matched, t_matched = (
+                self._measure_matched_timed(model, m.id, tails) if mref is not None else (None, 0.0)
+            )
             anatomy = self._anatomy_rest(model, tally)
             del model
         self.check_reference_intact(m.id)
@@ -779,20 +789,22 @@ class Harness:
 
     def _measure_window(
         self, model: torch.nn.Module, method_id: str
-    ) -> tuple[dict[int, LengthStats], dict[int, str], str | None, float]:
-        """measure_lengths and its seconds; OOMError when not even the shortest length fits."""
+    ) -> tuple[dict[int, LengthStats], dict[int, str], str | None, float, Tails | None]:
+        """measure_lengths, its seconds, and (design both) the longest pass's tails for measure_matched;
+        OOMError when not even the shortest length fits."""
         t0 = time.perf_counter()
-        # with both designs, the longest pass's last T hidden states are the matched curve's longest pass too
-        self._tails = {} if self.cfg.design == "both" else None
-        stats, errors, length_note = self.measure_lengths(model, method_id)
+        tails: Tails | None = {} if self.cfg.design == "both" else None
+        stats, errors, length_note = self.measure_lengths(model, method_id, tails)
         if not stats:  # not even the shortest length fits
             raise OOMError(errors[min(errors)])
-        return stats, errors, length_note, time.perf_counter() - t0
+        return stats, errors, length_note, time.perf_counter() - t0, tails
 
-    def _measure_matched_timed(self, model: torch.nn.Module, method_id: str) -> tuple[MatchedCurves, float]:
+    def _measure_matched_timed(
+        self, model: torch.nn.Module, method_id: str, tails: Tails | None
+    ) -> tuple[MatchedCurves, float]:
         """measure_matched and its seconds; OOMError when the design is matched only and no length fits."""
         t0 = time.perf_counter()
-        matched = self.measure_matched(model, method_id)
+        matched = self.measure_matched(model, method_id, tails)
         if not matched.stats and self.cfg.design == "matched":
             raise OOMError(matched.errors[min(matched.errors)])
         return matched, time.perf_counter() - t0
@@ -862,11 +874,13 @@ class Harness:
         self.sentinel()
         model.eval()
         with self._anatomy_tally() as tally:
-            stats, errors, length_note, t_measure = (
-                self._measure_window(model, name) if window else ({}, {}, None, 0.0)
+            stats, errors, length_note, t_measure, tails = (
+                self._measure_window(model, name) if window else ({}, {}, None, 0.0, None)
             )
             matched, t_matched = (
-                self._measure_matched_timed(model, name) if self.cfg.design != "window" else (None, 0.0)
+                self._measure_matched_timed(model, name, tails)
+                if self.cfg.design != "window"
+                else (None, 0.0)
             )
             anatomy = self._anatomy_rest(model, tally)
         self.check_reference_intact(name)
