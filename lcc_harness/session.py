@@ -70,7 +70,7 @@ class LccSession:
         self.samples = _positive_int(config, "samples", p.samples)
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
-        self.run_config()  # parses every run option now: a bad value is one usage error, not an error per test
+        self._run_options()  # parsed now: a bad value is one usage error, not an error per test
         self._expected: tuple[str, str] | None = None
         if _opt(config, "lcc_device") or _opt(config, "lcc_dtype"):  # asked for: refuse what cannot run here
             self._check_device()
@@ -213,16 +213,21 @@ class LccSession:
             )
         return out
 
-    def run_config(self):
+    def _run_options(self) -> dict[str, Any]:
+        """The run options given (--lcc-<key> or ini), converted and checked (options.run_fields; light: no
+        torch, so a plain pytest run stays light)."""
         from .options import OPTIONS, run_fields
+
+        return run_fields({o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"})
+
+    def run_config(self):
         from .run import RunConfig
 
-        given = {o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"}
         return RunConfig(
             **{
                 "anatomy": min(self.profile.anatomy, self.samples),  # --lcc-anatomy overrides it
                 "design": self.profile.design,  # --lcc-design overrides it
-                **run_fields(given),
+                **self._run_options(),
                 "model": self.model,
                 "lengths": self.lengths,
                 "samples": self.samples,
