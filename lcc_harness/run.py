@@ -264,7 +264,6 @@ class Harness:
         self._anatomy_refs: list[Captured] | None = None  # the reference's activations, per anatomy sample
         self._anatomy_ref_s = 0.0
         self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
-        # design both: sample index → (ids, last T hidden states) of the window measurement's longest pass
         self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
 
     @property

@@ -70,7 +70,7 @@ class LccSession:
         self.samples = _positive_int(config, "samples", p.samples)
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
-        self._run_options()  # parsed now: a bad value is one usage error, not an error per test
+        self.run_options = self._run_options()  # parsed once, now: one usage error for a bad value
         self._expected: tuple[str, str] | None = None
         if _opt(config, "lcc_device") or _opt(config, "lcc_dtype"):  # asked for: refuse what cannot run here
             self._check_device()
@@ -227,7 +227,7 @@ class LccSession:
             **{
                 "anatomy": min(self.profile.anatomy, self.samples),  # --lcc-anatomy overrides it
                 "design": self.profile.design,  # --lcc-design overrides it
-                **self._run_options(),
+                **self.run_options,
                 "model": self.model,
                 "lengths": self.lengths,
                 "samples": self.samples,
