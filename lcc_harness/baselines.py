@@ -24,7 +24,8 @@ from .errors import BaselineError
 from .files import atomic_write
 
 SCHEMA = "lcc-baseline/3"  # 3: claims judged on matched-target curves, findings_basis
-IDENTITY_KEYS = ("model", "dtype", "device_type", "profile")
+# engine: absent for torch (every file before the llama.cpp engine), "llama.cpp" for that engine's baselines
+IDENTITY_KEYS = ("model", "dtype", "device_type", "profile", "engine")
 SPEC_KEYS = ("lengths", "samples", "seed", "corpus_sha256", "samples_sha256")
 MAX_REL_NOISE = (
     0.1  # a stored float noise above 10 % of the value is not float noise: it would blunt the gate
@@ -58,10 +59,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
-def baseline_path(root: Path, model: str, dtype: str, device_type: str, profile: str) -> Path:
+def baseline_path(
+    root: Path, model: str, dtype: str, device_type: str, profile: str, engine: str = "torch"
+) -> Path:
+    """<model>.<dtype>.<device>.<profile>.json for the torch engine; <model>.<dtype>.<device>.llama.cpp.<profile>.json
+    for llama.cpp (a torch baseline never gates a llama.cpp run, and the reverse)."""
+    where = device_type if engine == "torch" else f"{device_type}.{engine}"
     return (
-        Path(root)
-        / f"{slug(Path(model).name if os.sep in model else model)}.{dtype}.{device_type}.{profile}.json"
+        Path(root) / f"{slug(Path(model).name if os.sep in model else model)}.{dtype}.{where}.{profile}.json"
     )
 
 
@@ -321,7 +326,7 @@ def update(
             stored_findings[claim] = holds
         new = {
             "schema": SCHEMA,
-            **{k: identity[k] for k in IDENTITY_KEYS},
+            **{k: identity[k] for k in IDENTITY_KEYS if identity.get(k) is not None},
             "spec": dict(spec),
             "meta": dict(meta) if (changes or not data) else data.get("meta", dict(meta)),
             "floor": dict(floor) if floor else data.get("floor"),

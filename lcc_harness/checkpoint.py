@@ -165,6 +165,14 @@ def measure_checkpoint(harness: Harness, path: str, name: str) -> MethodResult:
     t0 = time.perf_counter()
     if not Path(path).exists():
         raise HarnessError(f"compressed checkpoint '{path}' does not exist; check the path")
+    if getattr(harness, "engine", "torch") == "llama.cpp":  # a GGUF run by llama.cpp itself
+        if Path(path).is_dir():
+            raise HarnessError(
+                f"compressed checkpoint '{path}' is a folder; the llama.cpp engine measures GGUF files — pass a .gguf"
+            )
+        res = harness.run_checkpoint_file(path, name)
+        res.info["method_info"]["compressed_sha256"] = file_sha256(path)
+        return res
     lm = load_compressed(path, harness.lm)
     info = {
         "compressed": lm.source,

@@ -23,12 +23,26 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
     rows = []
     for fam, cls in sorted(families().items()):
-        rows.append([fam, " | ".join(cls.forms), ", ".join(cls.examples), cls.description])
+        rows.append(
+            [fam, " | ".join(cls.forms), ", ".join(cls.engines), ", ".join(cls.examples), cls.description]
+        )
     for fam, cls in sorted(unavailable().items()):
         lib = cls.library
         why = f"UNAVAILABLE: {lib.missing()}; install: {lib.install}"
-        rows.append([fam, " | ".join(cls.forms), ", ".join(cls.examples), f"{why}. {cls.description}"])
-    print(tabulate(rows, headers=["family", "id forms", "examples", "description"], tablefmt="github"))
+        rows.append(
+            [
+                fam,
+                " | ".join(cls.forms),
+                ", ".join(cls.engines),
+                ", ".join(cls.examples),
+                f"{why}. {cls.description}",
+            ]
+        )
+    headers = ["family", "id forms", "engines", "examples", "description"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(
+        "\nllama.cpp methods compose with '+': a GGUF weight type and a KV-cache type, e.g. gguf-q4_k_m+kv-q8_0"
+    )
     return 0
 
 
@@ -107,7 +121,7 @@ def format_matched(matched, fmt: str = "github") -> str:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .run import Harness, RunConfig, parse_lengths, write_json_atomic
+    from .run import RunConfig, parse_lengths, write_json_atomic
 
     values = {o.key: getattr(args, o.dest) for o in OPTIONS if o.where != "pytest"}
     cfg = RunConfig(
@@ -115,24 +129,89 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         progress=not args.quiet,
     )
+    if args.kld_base is not None:
+        from .kld_base import cmd_kld
+
+        return cmd_kld(args, cfg)
     from .methods.registry import parse_method
 
-    method = parse_method(args.method) if args.method else None  # a bad id fails before anything loads
+    # every id checked before anything loads: a bad one fails at once
+    methods = [parse_method(t) for t in args.method.split(",")] if args.method else []
+    if args.method is not None and not methods:
+        raise HarnessError(
+            "--method '' names no method; pass ids like rtn-w4-g64,kv-q8_0 (see `lcc methods`)"
+        )
     if args.name is not None and not args.compressed:
         raise HarnessError("--name names a --compressed checkpoint; a method's name is its id")
     if args.quiet:  # transformers' own "Loading weights" bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    harness = Harness(cfg)
-    result = harness.run(method) if method is not None else _run_compressed(harness, args)
+    from .engines import make_harness
+
+    harness = make_harness(cfg)
+    results, failed = [], []
+    for m in methods or [None]:
+        try:
+            result = harness.run(m) if m is not None else _run_compressed(harness, args)
+        except HarnessError as exc:
+            if len(methods) < 2:
+                raise
+            print(f"lcc: error: {' '.join(str(exc).split())}", file=sys.stderr)  # the others still run
+            failed.append(m.id)
+            continue
+        _print_result(cfg, result)
+        results.append(result)
+    if cfg.engine == "llama.cpp" and results:
+        print(format_engine_floor(harness.engine_floor()))
+    if args.json and results:
+        obj = results[0].to_dict() if len(results) == 1 else {"methods": [r.to_dict() for r in results]}
+        if cfg.engine == "llama.cpp":
+            for r in [obj] if len(results) == 1 else obj["methods"]:
+                r["engine_floor"] = harness.engine_floor()
+        try:
+            write_json_atomic(args.json, obj)
+        except OSError as exc:
+            raise HarnessError(
+                f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"
+            ) from exc
+        print(f"wrote {args.json}")
+    errors = [msg for r in results for msg in r.errors.values()]
+    for msg in errors:  # lengths that ran out of memory: the others are in the tables above
+        print(f"lcc: error: {msg}", file=sys.stderr)
+    return 2 if errors or failed else 0
+
+
+def format_engine_floor(floor: dict) -> str:
+    """The llama.cpp engine floor (LlamaCppHarness.engine_floor) as a table: lengths × variants, window KL."""
+    keys = list(floor)
+    lengths = sorted({int(L) for per in floor.values() for L in per})
+    rows = [[L] + [f"{floor[k][str(L)]['window_kl']:.3g}" for k in keys] for L in lengths]
+    names = {"flash_off": "flash attention off"}
+    head = [names.get(k, k.replace("ubatch_", "micro-batch ")) for k in keys]
+    table = tabulate(rows, headers=["length", *head], tablefmt="github", disable_numparse=True)
+    return (
+        "engine floor: the reference against itself with one setting changed (window KL, nats; no compression)\n"
+        + table
+    )
+
+
+def _print_result(cfg, result: MethodResult) -> None:
+    """One method's curves, statistics block, notes and timings, as `lcc measure` prints them."""
+    from .report import stats_block_tables
+
     t = result.timings
+    engine = f", engine {cfg.engine}" if cfg.engine != "torch" else ""
     print(
-        f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}), method {result.method}, "
+        f"model {cfg.model} ({result.info['dtype']}, {result.info['device_type']}{engine}), method {result.method}, "
         f"{cfg.samples} sample(s), {result.mode}; KL(P_ref || P_cmp) in nats"
     )
     if result.stats:
         print(format_curve_table(result.stats))
+        block = stats_block_tables([(result.method, L, s.stats) for L, s in sorted(result.stats.items())])
+        if block:
+            print()
+            print(block)
     if result.matched is not None:
         print(format_matched(result.matched))
     if result.anatomy is not None:
@@ -157,19 +236,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             else ""
         )
     )
-    if args.json:
-        try:
-            write_json_atomic(args.json, result.to_dict())
-        except OSError as exc:
-            raise HarnessError(
-                f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"
-            ) from exc
-        print(f"wrote {args.json}")
-    if result.errors:  # lengths that ran out of memory: the others are in the table above
-        for msg in result.errors.values():
-            print(f"lcc: error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+    print()
 
 
 def _run_compressed(harness: Harness, args: argparse.Namespace) -> MethodResult:
@@ -189,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list registered compression methods").set_defaults(func=_cmd_methods)
     m = sub.add_parser("measure", help="measure one method's KL curve against the uncompressed model")
     what = m.add_mutually_exclusive_group(required=True)
-    what.add_argument("--method", help="method id, e.g. rtn-w3-g128 (see `lcc methods`)")
+    what.add_argument(
+        "--method",
+        help="method id(s), comma-separated, e.g. rtn-w3-g64 or kv-q8_0,gguf-q4_k_m (see `lcc methods`)",
+    )
     what.add_argument(
         "--compressed",
         metavar="PATH",
@@ -214,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
             "calib-length": 512,
             "chunk-size": DEFAULT_CHUNK,
         },
+    )
+    m.add_argument(
+        "--kld-base",
+        metavar="FILE",
+        default=None,
+        help="llama.cpp engine: a llama-perplexity --kl-divergence-base file as the reference (its tokens and "
+        "log-probabilities); measure the --compressed GGUF against it",
     )
     m.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
     m.add_argument("--json", default=None, help="write the full result as JSON to this file")

@@ -77,9 +77,74 @@ class LengthStats:
     dp_p50: float | None = None
     dp_p95: float | None = None
     dp_p99: float | None = None
+    # llama.cpp's statistics block (`statistics_block`) over the same window, pooled; informational
+    stats: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+# the percentiles of llama-perplexity's KL-divergence block: key → fraction (linear interpolation between order
+# statistics, as its `percentile`; the median is the same interpolation at 0.5)
+BLOCK_QUANTILES = (
+    ("p99.9", 0.999),
+    ("p99", 0.99),
+    ("p95", 0.95),
+    ("p90", 0.90),
+    ("median", 0.5),
+    ("p10", 0.10),
+    ("p5", 0.05),
+    ("p1", 0.01),
+    ("p0.1", 0.001),
+)
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error) as llama-perplexity computes them: sqrt((E[x²] − E[x]²) / (n − 1)), 0 for n ≤ 10.
+    It treats positions as independent (they are not: neighbours share context), so it understates the spread
+    between texts; the per-sample values (LengthStats.per_sample) show that spread."""
+    x = x.double()
+    n = x.numel()
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(x.mean())
+    var = float(x.square().mean()) - mean * mean
+    return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0
+
+
+def _spread(x: torch.Tensor) -> dict[str, float]:
+    """mean ± SE, max, the BLOCK_QUANTILES and min of x (pooled values)."""
+    x = x.double()
+    mean, se = _mean_se(x)
+    qs = torch.quantile(x, torch.tensor([q for _, q in BLOCK_QUANTILES], dtype=torch.float64)).tolist()
+    return {
+        "mean": mean,
+        "se": se,
+        "max": float(x.max()),
+        **{k: v for (k, _), v in zip(BLOCK_QUANTILES, qs, strict=True)},
+        "min": float(x.min()),
+    }
+
+
+def statistics_block(
+    kl: torch.Tensor, top1: torch.Tensor, dp: torch.Tensor, dnll: torch.Tensor
+) -> dict[str, Any] | None:
+    """llama-perplexity's `--kl-divergence` statistics from pooled per-position values: kl (n,) nats, top1 (n,)
+    bool, dp (m,) = p_cmp − p_ref of the next token, dnll (m,) = NLL_cmp − NLL_ref. Keys: kld {mean, se, max,
+    p99.9 … p0.1, median, min}; delta_p {the same, rms, rms_se}; same_top_p {mean, se}; ppl_ratio =
+    exp(mean ΔNLL) = PPL(cmp)/PPL(ref). None when no position has a next token."""
+    if kl.numel() == 0 or dp.numel() == 0:
+        return None
+    p = float(top1.double().mean())
+    n = top1.numel()
+    sq_mean, sq_se = _mean_se(dp.double().square())
+    rms = math.sqrt(sq_mean)
+    return {
+        "kld": _spread(kl),
+        "delta_p": {**_spread(dp), "rms": rms, "rms_se": 0.5 / rms * sq_se if rms > 0 else 0.0},
+        "same_top_p": {"mean": p, "se": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0},
+        "ppl_ratio": math.exp(float(dnll.double().mean())),
+    }
 
 
 def head_transform(model: nn.Module) -> tuple[float, float | None]:
@@ -237,18 +302,23 @@ def compare(
 ) -> PositionStats:
     """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,).
 
+    ids may also hold T + 1 tokens: then the last position's next token is known too (a block of a longer
+    sequence: the llama.cpp engine compares logits one micro-batch at a time, with `identity_head`), and ΔNLL
+    and Δp have T entries instead of T − 1.
+
     At most `chunk` positions are in flight at once; on CPU also at most about BLOCK_BYTES per (rows, V)
     float32 block, which the allocator can then reuse instead of mapping fresh pages for every block."""
     T = h_ref.shape[0]
-    if h_cmp.shape[0] != T or ids.shape[0] != T:
+    if h_cmp.shape[0] != T or ids.shape[0] not in (T, T + 1):
         raise ValueError(
             f"shape mismatch: ref {tuple(h_ref.shape)}, cmp {tuple(h_cmp.shape)}, ids {tuple(ids.shape)}"
         )
+    n_next = min(T, ids.shape[0] - 1) if T else 0  # positions whose next token is known
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
-    dnll = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    dnll = torch.empty(max(n_next, 0), dtype=torch.float32)
     rkl = torch.empty(T, dtype=torch.float32)
-    dp = torch.empty(max(T - 1, 0), dtype=torch.float32)
+    dp = torch.empty(max(n_next, 0), dtype=torch.float32)
     bufs: tuple[torch.Tensor, ...] | None = None
     s, rows = 0, min(chunk, 8)  # a small first block tells the vocabulary size
     while s < T:
@@ -264,7 +334,7 @@ def compare(
         lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1, out=bufs[1][: e - s])  # (c, V)
         del z_ref, z_cmp
         top1[s:e] = (lp_ref.max(dim=-1).indices == lp_cmp.max(dim=-1).indices).cpu()  # first max, = argmax
-        te = min(e, T - 1)  # positions with a next token inside the sequence
+        te = min(e, n_next)  # positions with a next token inside the sequence
         if te > s:
             tgt = ids[s + 1 : te + 1].to(lp_ref.device).view(-1, 1)  # (c', 1)
             nll_ref = -lp_ref[: te - s].gather(1, tgt).squeeze(1)
@@ -278,6 +348,22 @@ def compare(
         kl[s:e] = diff.mul_(lp_ref.exp_()).sum(dim=-1).cpu()
         s = e
     return PositionStats(kl, top1, dnll, rkl, dp)
+
+
+def identity_head(z: torch.Tensor) -> torch.Tensor:
+    """The head of an engine that returns logits itself (llama.cpp): `compare` then reads logits as given."""
+    return z
+
+
+def cat_stats(blocks: Sequence[PositionStats]) -> PositionStats:
+    """One sequence's PositionStats from its consecutive blocks (each compared with its next token known, as
+    `compare` does for ids of T + 1 tokens; the last block may lack it)."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(b, name) for b in blocks]
+        return None if any(x is None for x in parts) else torch.cat(parts)
+
+    return PositionStats(cat("kl"), cat("top1"), cat("dnll"), cat("rkl"), cat("dp"))
 
 
 @dataclass
@@ -473,6 +559,7 @@ def summarize(length: int, stats: Sequence[PositionStats], lo: int | None = None
             qs = torch.quantile(dp, torch.tensor(DP_QUANTILES, dtype=torch.float64)).tolist()
             extra |= {"dp_mean": float(dp.mean()), "dp_rms": float(dp.square().mean().sqrt())}
             extra |= {f"dp_p{round(100 * a):02d}": v for a, v in zip(DP_QUANTILES, qs, strict=True)}
+            extra["stats"] = statistics_block(pooled, torch.cat(win_top1) > 0.5, dp, all_dnll)
     return LengthStats(
         length=length,
         window_kl=float(pooled.mean()),

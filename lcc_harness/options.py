@@ -114,9 +114,39 @@ class Option:
         return f"--lcc-{self.key}"
 
 
+def engine(key: str, value: Any) -> str:
+    """An engine name (engines.engine_name; light: no torch)."""
+    v = str(value).strip().lower()
+    aliases = {"torch": "torch", "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}
+    if v not in aliases:
+        raise OptionError(
+            key, f"--{key} '{value}' is not one of torch, llama.cpp; pass e.g. --{key} llama.cpp"
+        )
+    return aliases[v]
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "model", "model spec: smollm2-135m, tiny-llama, a local HF folder, a .gguf, a cached hub id", "model"
+    ),
+    Option(
+        "engine",
+        "torch (default): transformers models, every method; llama.cpp: GGUF files through llama.cpp's kernels, "
+        "GGUF weight types (gguf-q4_k_m) and KV-cache types (kv-q8_0) as methods",
+        "engine",
+        engine,
+    ),
+    Option("threads", "llama.cpp engine: CPU threads (default: the physical cores)", "threads", positive_int),
+    Option(
+        "gpu-layers",
+        "llama.cpp engine: layers offloaded to the GPU (default: all with a CUDA build, else 0)",
+        "gpu_layers",
+        nonneg_int,
+    ),
+    Option(
+        "imatrix",
+        "llama.cpp engine: importance matrix (llama-imatrix output) for GGUF weight types",
+        "imatrix",
     ),
     Option("lengths", "comma-separated context lengths", "lengths"),
     Option("samples", "evaluation spans", "samples", positive_int),

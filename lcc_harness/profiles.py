@@ -26,6 +26,10 @@ class Profile:
     # random pruning runs with this many mask seeds (random-s10-seed0 …); its claim pools them
     mask_seeds: int = 5
     description: str = ""
+    # which engine runs it (RunConfig.engine; --lcc-engine overrides it), and for a profile that plays no roles
+    # in the paper's findings, its own method ids
+    engine: str = "torch"
+    method_ids: tuple[str, ...] = ()
 
     @property
     def roles(self) -> dict[str, str | tuple[str, ...]]:
@@ -43,6 +47,8 @@ class Profile:
 
     @property
     def methods(self) -> tuple[str, ...]:
+        if self.method_ids:
+            return self.method_ids
         r = self.roles
         return (
             r["magnitude"],
@@ -86,6 +92,17 @@ PROFILES: dict[str, Profile] = {
             anatomy=1,
             slow=True,
             description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)",
+        ),
+        Profile(
+            "llamacpp",
+            "smollm2-135m",
+            (256, 512, 1024),
+            4,
+            group=64,
+            design="window",
+            engine="llama.cpp",
+            method_ids=("kv-q8_0", "kv-q4_0", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m", "gguf-q2_k"),
+            description="SmolLM2-135M through llama.cpp's kernels: KV-cache and GGUF weight types, 256…1024 tokens",
         ),
     )
 }

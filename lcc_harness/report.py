@@ -130,6 +130,88 @@ DP_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# llama-perplexity's KL-divergence block (measure.statistics_block): (key, header) of the spread columns
+SPREAD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("max", "max"),
+    ("p99.9", "99.9 %"),
+    ("p99", "99 %"),
+    ("p95", "95 %"),
+    ("p90", "90 %"),
+    ("median", "median"),
+    ("p10", "10 %"),
+    ("p5", "5 %"),
+    ("p1", "1 %"),
+    ("p0.1", "0.1 %"),
+    ("min", "min"),
+)
+
+
+def _mean_se(d: Mapping[str, Any], scale: float = 1.0, digits: int = 6) -> str:
+    m, se = d.get("mean"), d.get("se")
+    if not _finite(m):
+        return DASH
+    return f"{scale * m:.{digits}f} ± {scale * se:.{digits}f}" if _finite(se) else f"{scale * m:.{digits}f}"
+
+
+def stats_block_tables(rows: Sequence[tuple[str, int, Mapping[str, Any] | None]], fmt: str = "github") -> str:
+    """llama-perplexity's statistics per (label, length, LengthStats.stats): the KLD table (nats) and the Δp table
+    (percentage points), with same-top-p and the PPL ratio; '' when no row has the block."""
+    have = [(lab, L, s) for lab, L, s in rows if s]
+    if not have:
+        return ""
+    kld = [
+        [lab, str(L), _mean_se(s["kld"])] + [f"{s['kld'][k]:.6f}" for k, _ in SPREAD_COLUMNS]
+        for lab, L, s in have
+    ]
+    dp = [
+        [
+            lab,
+            str(L),
+            _mean_se(s["delta_p"], 100, 3),
+            f"{100 * s['delta_p']['rms']:.3f} ± {100 * s['delta_p']['rms_se']:.3f}",
+        ]
+        + [f"{100 * s['delta_p'][k]:+.3f}" for k, _ in SPREAD_COLUMNS]
+        + [_mean_se(s["same_top_p"], 100, 3), f"{s['ppl_ratio']:.6f}"]
+        for lab, L, s in have
+    ]
+    spread = [h for _, h in SPREAD_COLUMNS]
+    t1 = tabulate(
+        kld,
+        headers=["", "length", "mean KLD ± SE", *spread],
+        tablefmt=fmt,
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(spread) + 2),
+    )
+    t2 = tabulate(
+        dp,
+        headers=[
+            "",
+            "length",
+            "mean Δp ± SE (%)",
+            "RMS Δp ± SE (%)",
+            *spread,
+            "same top p ± SE (%)",
+            "PPL ratio",
+        ],
+        tablefmt=fmt,
+        disable_numparse=True,
+        colalign=("left",) + ("right",) * (len(spread) + 5),
+    )
+    return (
+        "KL divergence, nats (llama-perplexity's block; SE treats positions as independent):\n"
+        f"{t1}\n\nΔp = p_cmp − p_ref of the actual next token, percentage points:\n{t2}"
+    )
+
+
+def _stats_section(record: Mapping[str, Any]) -> str:
+    rows = [
+        (f"`{mid}`", L, c.get("stats"))
+        for mid, entry in _methods(record).items()
+        for L, c in sorted(_curves(entry).items())
+    ]
+    return stats_block_tables(rows) or "_No statistics block in this record._"
+
+
 def _fmt_ratio(x: Any) -> str:
     return f"{x:.3g}×" if _finite(x) else fmt_kl(x)
 
@@ -604,6 +686,7 @@ def _run_table(record: Mapping[str, Any]) -> str:
     versions = run.get("versions") or {}
     rows = [
         ("model", run.get("model")),
+        ("engine", run.get("engine", "torch")),
         ("dtype", run.get("dtype")),
         ("device", run.get("device_type")),
         ("profile", run.get("profile")),
@@ -673,6 +756,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
             "Δp of the actual next token at the longest length (p_cmp − p_ref, informational)",
             _dp_table(record),
         ),
+        ("llama.cpp's statistics per length (pooled over the window, informational)", _stats_section(record)),
         ("Growth with context", _growth_table(record)),
         ("Baseline checks", _checks_table(record)),
         ("Outlier weights changed", _outlier_table(record)),
@@ -752,6 +836,15 @@ def terminal_summary(record: Mapping[str, Any]) -> str:
         disable_numparse=True,
     )
     lines = [head, table.replace("—", "-")] + notes
+    for mid, entry in _methods(record).items():
+        c = _curves(entry).get(hi) or {}
+        s = c.get("stats")
+        if s:
+            lines.append(
+                f"  {mid} @{hi}: KLD {s['kld']['mean']:.6f} +/- {s['kld']['se']:.6f}, 99.9% {s['kld']['p99.9']:.4f}, "
+                f"same top p {100 * s['same_top_p']['mean']:.2f}%, RMS dp {100 * s['delta_p']['rms']:.3f}%, "
+                f"PPL ratio {s['ppl_ratio']:.4f}"
+            )
     findings = record.get("findings") or []
     if findings:
         lines.append("paper claims: " + "; ".join(f"{f.get('claim')} {f.get('holds')}" for f in findings))

@@ -20,7 +20,15 @@ from . import __version__
 from .anatomy import Anatomy, Captured, ErrorTally, capture
 from .baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
 from .corpus import Sample, TokenizedCorpus, load_corpus
-from .errors import HarnessError, LengthError, MethodRunError, NonFiniteError, OOMError, first_line
+from .errors import (
+    HarnessError,
+    LengthError,
+    MethodError,
+    MethodRunError,
+    NonFiniteError,
+    OOMError,
+    first_line,
+)
 from .measure import (
     DEFAULT_CHUNK,
     Head,
@@ -97,6 +105,14 @@ class RunConfig:
     # Error anatomy (anatomy.py) on the first `anatomy` samples at the longest length: per layer and log2
     # position bucket, the relative error of the residual stream, keys and values. 0: off.
     anatomy: int = 0
+    # Which engine runs the forward passes (engines/): 'torch' (this Harness) or 'llama.cpp' (GGUF files through
+    # llama.cpp's kernels, engines.llamacpp.LlamaCppHarness). The llama.cpp engine's own settings: CPU threads
+    # (0: the physical cores), layers offloaded to a GPU (None: all when the build has a GPU backend and the
+    # device allows it, else 0), and an importance matrix for its quantizer.
+    engine: str = "torch"
+    threads: int = 0
+    gpu_layers: int | None = None
+    imatrix: str | None = None
 
 
 def validate_lengths(
@@ -227,6 +243,8 @@ class MethodResult:
 
 class Harness:
     """Loads the model and corpus once, builds the reference once, and measures methods against it."""
+
+    engine = "torch"
 
     def __init__(self, cfg: RunConfig, lm: LoadedModel | None = None) -> None:
         self.cfg = cfg
@@ -763,6 +781,10 @@ class Harness:
     def run(self, method: Method | str, noise_probe: bool = False) -> MethodResult:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
+        if "torch" not in m.engines:
+            from .methods.llamacpp import engine_only
+
+            raise MethodError(engine_only(m.id, "llama.cpp"))
         window = self.cfg.design != "matched"
         _ = self.reference if window else None  # built (or loaded) before compressing
         mref = self.matched_reference if self.cfg.design != "window" else None

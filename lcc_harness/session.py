@@ -71,6 +71,7 @@ class LccSession:
         self.chunk_size = _positive_int(config, "chunk-size", DEFAULT_CHUNK)
         self.policy = _policy(config)
         self.run_options = self._run_options()  # parsed once, now: one usage error for a bad value
+        self.engine = self.run_options.get("engine", p.engine)
         self._expected: tuple[str, str] | None = None
         if _opt(config, "lcc_device") or _opt(config, "lcc_dtype"):  # asked for: refuse what cannot run here
             self._check_device()
@@ -168,6 +169,15 @@ class LccSession:
         from .options import for_pytest
 
         try:
+            if self.engine != "torch":
+                from .engines import expected_identity
+
+                self._expected = expected_identity(
+                    _opt(self.config, "lcc_device"),
+                    _opt(self.config, "lcc_dtype"),
+                    self.run_options.get("gpu_layers"),
+                )
+                return
             dev = resolve_device(_opt(self.config, "lcc_device") or "auto")
             self._expected = (dtype_name(resolve_dtype(_opt(self.config, "lcc_dtype"), dev)), dev.type)
         except HarnessError as exc:
@@ -225,9 +235,12 @@ class LccSession:
 
         return RunConfig(
             **{
-                "anatomy": min(self.profile.anatomy, self.samples),  # --lcc-anatomy overrides it
-                "design": self.profile.design,  # --lcc-design overrides it
+                "anatomy": min(self.profile.anatomy, self.samples) if self.engine == "torch" else 0,
+                "design": self.profile.design
+                if self.engine == "torch"
+                else "window",  # --lcc-design overrides
                 **self.run_options,
+                "engine": self.engine,
                 "model": self.model,
                 "lengths": self.lengths,
                 "samples": self.samples,
@@ -265,9 +278,9 @@ class LccSession:
     @property
     def harness(self):
         if self._harness is None:
-            from .run import Harness
+            from .engines import make_harness
 
-            self._harness = Harness(self.run_config())
+            self._harness = make_harness(self.run_config())
             self.used = True
         return self._harness
 
@@ -281,6 +294,7 @@ class LccSession:
             "dtype": dtype_name(h.lm.dtype),
             "device_type": h.lm.device_type,
             "profile": self.profile.name,
+            **({"engine": self.engine} if self.engine != "torch" else {}),
         }
 
     def spec(self) -> dict[str, Any]:
@@ -306,7 +320,7 @@ class LccSession:
 
         if self._expected is None:
             self._check_device()
-        return baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name)
+        return baseline_path(self.baseline_dir, self.model, *self._expected, self.profile.name, self.engine)
 
     def stored(self) -> Any:
         """The baseline file (None if missing); a corrupt or foreign file fails the calling test, naming it."""
@@ -535,6 +549,10 @@ class LccSession:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
         if len(self.lengths) < 2:
             pytest.skip(f"claim {claim} needs at least two context lengths")
+        if self.engine != "torch":
+            pytest.skip(
+                f"claim {claim} reads matched-target curves, which the {self.engine} engine does not measure"
+            )
         cfg = self.run_config()
         if cfg.design == "window":
             pytest.skip(
@@ -612,6 +630,10 @@ class LccSession:
             if h.cfg.design != "window":
                 run["target_tokens"] = h.target
             run["baseline_file"] = _rel(self.baseline_path, Path(self.config.rootpath))
+            run["engine"] = self.engine
+            for k in ("engine_floor", "threads", "micro_batch", "reference_kv_cache", "llama_cpp_python"):
+                if k in md:
+                    run[k] = md[k]
             run["sample_spans"] = md["samples"]
             run["notes"] = md.get("notes", [])
         methods = {}

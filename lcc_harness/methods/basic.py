@@ -7,19 +7,23 @@ from dataclasses import dataclass
 from torch import nn
 
 from ._quant import GroupGrid, effective_bits, fake_quant_groups, resolve_group
-from .registry import CompressContext, Method, WeightMethod, register
+from .registry import CompressContext, EngineSpec, Method, WeightMethod, register
 
 
 @register
 @dataclass(frozen=True)
 class Identity(Method):
     family = "none"
+    engines = ("torch", "llama.cpp")
     forms = ("none",)
     examples = ("none",)
     description = "identity: the uncompressed model (KL must be ~0; checks the harness itself)"
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         return model
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec()
 
 
 def group_token(group: int) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
-from .registry import CompressContext, WeightMethod, param, register
+from .registry import CompressContext, EngineSpec, WeightMethod, param, register
 
 # (bits, variant) → GGML type name; variant 0 = symmetric (scale only), 1 = scale and minimum.
 GGML_TYPES: dict[tuple[int, int], str] = {
@@ -68,6 +68,7 @@ class GGUFQuant(WeightMethod):
     variant: int = param(0, 0, 1, hint="0 or 1")
 
     family = "gguf"
+    engines = ("torch", "llama.cpp")  # simulated by gguf-py in torch; llama.cpp's quantizer and kernels there
     forms = ("gguf-q{bits}_{variant}",)
     examples = ("gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0")
     description = (
@@ -87,6 +88,10 @@ class GGUFQuant(WeightMethod):
     def type_name(self) -> str:
         """The GGML type name, e.g. 'Q4_0'."""
         return GGML_TYPES[(self.bits, self.variant)]
+
+    def engine_spec(self) -> EngineSpec:
+        """Under llama.cpp: the reference GGUF quantized to this type by llama.cpp itself."""
+        return EngineSpec(weight_type=self.type_name.lower())
 
     def transform(self, name: str, lin: nn.Linear, ctx: CompressContext, state: None) -> float:
         block, _ = ggml_block(self.type_name)

@@ -212,6 +212,33 @@ def _try_import(module: str) -> str | None:
     return None
 
 
+ENGINES = ("torch", "llama.cpp")  # the engines a method may run on (Method.engines)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a method asks of an engine that compresses by configuration instead of rewriting torch weights
+    (llama.cpp): the GGUF weight type to quantize the reference to (None: the reference's weights) and the KV
+    cache types (None: the reference's)."""
+
+    weight_type: str | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+
+    def merged(self, other: EngineSpec) -> EngineSpec:
+        """Both specs in one (a composite method); a part set twice is a MethodError."""
+        out = {}
+        for name in ("weight_type", "type_k", "type_v"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a is not None and b is not None:
+                raise MethodError(
+                    f"a composite method sets the {name.replace('_', ' ')} twice ({a}, {b}); combine one "
+                    "weight type with one KV-cache type, e.g. gguf-q4_k_m+kv-q8_0"
+                )
+            out[name] = a if a is not None else b
+        return EngineSpec(**out)
+
+
 @dataclass(frozen=True)
 class Method:
     """Base class: a method is data. A family declares its parameters as dataclass fields (`param` for a
@@ -228,6 +255,11 @@ class Method:
     description: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     library: ClassVar[Library | None] = None  # an optional third-party library the family needs (adapters)
+    engines: ClassVar[tuple[str, ...]] = ("torch",)  # the engines that run it (ENGINES); see engine_spec
+
+    def engine_spec(self) -> EngineSpec:
+        """What the llama.cpp engine must do for this method; only methods whose `engines` name it have one."""
+        raise MethodError(f"method '{self.id}' has no llama.cpp form")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -469,11 +501,48 @@ def examples() -> list[str]:
     return [e for cls in families().values() for e in cls.examples]
 
 
+@dataclass(frozen=True)
+class Composite(Method):
+    """Methods applied together, written with '+': a GGUF weight type and a KV-cache type on llama.cpp
+    (gguf-q4_k_m+kv-q8_0). Its engines are those every part runs on."""
+
+    parts: tuple[Method, ...] = ()
+
+    family = "composite"
+
+    @property
+    def id(self) -> str:
+        return "+".join(p.id for p in self.parts)
+
+    @property
+    def engines(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(e for e in ENGINES if all(e in p.engines for p in self.parts))
+
+    def validate(self) -> None:
+        if "llama.cpp" not in self.engines:
+            raise MethodError(
+                f"method '{self.id}': only llama.cpp methods compose with '+' (a GGUF weight type and a KV-cache "
+                "type, e.g. gguf-q4_k_m+kv-q8_0)"
+            )
+        self.engine_spec()  # a part set twice is refused here
+
+    def engine_spec(self) -> EngineSpec:
+        spec = EngineSpec()
+        for p in self.parts:
+            spec = spec.merged(p.engine_spec())
+        return spec
+
+
 def parse_method(method_id: str) -> Method:
     """Build the Method for an id; unknown ids raise MethodError listing close matches and valid forms, and an id
-    that two families match raises MethodError naming both."""
+    that two families match raises MethodError naming both. 'a+b' composes llama.cpp methods (Composite)."""
     _load_all()
     text = method_id.strip()
+    if "+" in text:
+        parts = [t.strip() for t in text.split("+")]
+        if any(not t for t in parts):
+            raise MethodError(f"method id '{text}' has an empty part; write e.g. gguf-q4_k_m+kv-q8_0")
+        return Composite(tuple(parse_method(t) for t in parts))
     hits = [(cls, m) for cls in _FAMILIES.values() if (m := cls.pattern.fullmatch(text))]
     if len(hits) > 1:
         names = " and ".join(f"'{c.family}' ({_qual(c)})" for c, _ in hits)

@@ -17,6 +17,9 @@ from lcc_harness.models import plain_values
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLES = [(fam, ex) for fam, cls in families().items() for ex in cls.examples]
+# the torch engine's contract: every example of a family it runs changes the tiny model (or is `none`)
+TORCH_EXAMPLES = [(fam, ex) for fam, ex in EXAMPLES if "torch" in families()[fam].engines]
+LLAMA_ONLY = [(fam, ex) for fam, ex in EXAMPLES if "torch" not in families()[fam].engines]
 
 
 def test_every_family_has_examples_forms_and_a_description():
@@ -40,7 +43,16 @@ def _on_tiny(m, tiny_model):
     return m.apply(copy.deepcopy(tiny_model), CompressContext(calibration=calib, seed=0))
 
 
-@pytest.mark.parametrize("family,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
+@pytest.mark.parametrize("family,example", LLAMA_ONLY, ids=[e for _, e in LLAMA_ONLY])
+def test_llama_cpp_only_methods_refuse_torch_in_one_line(family, example, tiny):
+    m = parse_method(example)
+    assert "llama.cpp" in m.engines and m.engine_spec() is not None
+    with pytest.raises(MethodError, match=r"llama\.cpp engine only.*--engine llama\.cpp") as exc:
+        m.apply(copy.deepcopy(tiny), CompressContext())
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("family,example", TORCH_EXAMPLES, ids=[e for _, e in TORCH_EXAMPLES])
 def test_every_example_applies_to_the_tiny_model(family, example, tiny, device):
     m = parse_method(example)
     ref = copy.deepcopy(tiny).to(device)
@@ -52,7 +64,7 @@ def test_every_example_applies_to_the_tiny_model(family, example, tiny, device):
     assert torch.equal(a, b) == (family == "none")
 
 
-@pytest.mark.parametrize("family,example", EXAMPLES, ids=[e for _, e in EXAMPLES])
+@pytest.mark.parametrize("family,example", TORCH_EXAMPLES, ids=[e for _, e in TORCH_EXAMPLES])
 def test_every_weight_changing_example_records_outliers(family, example, tiny):
     """A method that rewrites target weights records the outlier weights it changed (outliers.py); one that
     changes none (`none`, KV-cache quantization) records nothing."""

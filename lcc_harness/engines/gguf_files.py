@@ -1,0 +1,297 @@
+"""GGUF files the llama.cpp engine makes and reads: the reference written at F32/F16/BF16 from a source GGUF
+(gguf-py, llama.cpp's tensor names kept), quantized copies made by llama.cpp itself (`llama_model_quantize`),
+importance matrices, and the checks that a file is a GGUF at all. Everything made is cached on disk under
+`<cache>/llama.cpp/`, keyed by the source file's content hash, and written atomically (files.atomic_write).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, HarnessError, ModelLoadError
+from ..files import atomic_write
+
+# --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
+# cache type the reference runs with (the uncompressed model keeps its activations at its own precision)
+REFERENCE_TYPES: dict[str, tuple[str, int, str]] = {
+    "float32": ("F32", 0, "f32"),
+    "float16": ("F16", 1, "f16"),
+    "bfloat16": ("BF16", 32, "bf16"),
+}
+
+
+class EngineError(HarnessError):
+    """llama.cpp (or its binding) cannot do what was asked; the message names the fix."""
+
+
+def check_gguf_file(path: Path, what: str) -> None:
+    """One-line HarnessError unless `path` is a readable regular file that starts with the GGUF magic (never
+    opens a FIFO, socket or device, which could block)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{what} '{path}' cannot be read ({exc.strerror or exc}); check the path"
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelLoadError(f"{what} '{path}' is a directory; pass a .gguf file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(
+            f"{what} '{path}' is not a regular file (a FIFO, socket or device); pass a .gguf file"
+        )
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{what} '{path}' cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{what} '{path}' is not a GGUF file (bad magic {magic!r}); pass a valid .gguf file"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reader(path: Path, what: str) -> Any:
+    from gguf import GGUFReader
+
+    check_gguf_file(path, what)
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises ValueError, struct errors, IndexError … for a damaged file
+        raise ModelLoadError(
+            f"{what} '{path}' could not be read as GGUF ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+            "the file is truncated or corrupt — re-download or re-export it"
+        ) from None
+
+
+def gguf_identity(path: Path, what: str) -> dict[str, Any]:
+    """{'architecture', 'n_vocab', 'tensors'} of a GGUF file, read from its header (gguf-py)."""
+    r = _reader(path, what)
+    arch = r.fields.get("general.architecture")
+    toks = r.fields.get("tokenizer.ggml.tokens")
+    return {
+        "architecture": str(arch.contents()) if arch is not None else None,
+        "n_vocab": len(toks.data) if toks is not None else None,
+        "tensors": len(r.tensors),
+    }
+
+
+def check_same_model(ref: Path, cmp: Path) -> None:
+    """CheckpointError unless `cmp` has the reference's architecture and vocabulary (one line naming both)."""
+    a, b = gguf_identity(ref, "reference GGUF"), gguf_identity(cmp, "compressed GGUF")
+    for key, what in (("architecture", "architecture"), ("n_vocab", "vocabulary size")):
+        if a[key] != b[key]:
+            raise CheckpointError(
+                f"compressed GGUF '{cmp}' has {what} {b[key]!r} but the reference has {a[key]!r}; it must be a "
+                "quantization of the same model — pass the matching --model or file"
+            )
+
+
+def reference_gguf(source: Path, dtype: str, cache_dir: Path) -> Path:
+    """The reference weights of `source` (a GGUF, possibly quantized) as a GGUF of the run's dtype: every
+    quantized tensor dequantized by gguf-py — the same values transformers loads for the torch engine — and
+    2-D tensors stored in F16/BF16 for those dtypes; metadata copied, file type set. Cached by content hash."""
+    if dtype not in REFERENCE_TYPES:
+        raise EngineError(
+            f"dtype '{dtype}' has no GGUF reference type; use one of {', '.join(REFERENCE_TYPES)}"
+        )
+    type_name, ftype, _ = REFERENCE_TYPES[dtype]
+    check_gguf_file(source, "model GGUF")
+    digest = file_sha256(source)[:16]
+    out = Path(cache_dir) / "llama.cpp" / f"{source.stem}-{digest}.{type_name}.gguf"
+    if out.is_file():
+        return out
+    r = _reader(source, "model GGUF")
+    atomic_write(out, lambda tmp: _write_reference(r, tmp, ftype, type_name))
+    return out
+
+
+def _write_reference(r: Any, tmp: str, ftype: int, type_name: str) -> None:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFValueType as V
+    from gguf import quants
+
+    arch = str(r.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(tmp, arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == "general.file_type":
+            w.add_uint32(name, ftype)
+            continue
+        vtype = V(f.types[0])
+        sub = V(f.types[-1]) if vtype == V.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(name, f.contents(), vtype, sub)
+    if "general.file_type" not in r.fields:
+        w.add_uint32("general.file_type", ftype)
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(t.shape)]  # numpy order (…, ne1, ne0)
+        if t.tensor_type in (Q.F32, Q.F16, Q.BF16):
+            arr = quants.dequantize(t.data, t.tensor_type) if t.tensor_type == Q.BF16 else np.asarray(t.data)
+            arr = arr.astype(np.float32).reshape(shape)
+        else:
+            arr = quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        if type_name == "F16" and arr.ndim >= 2:
+            w.add_tensor(t.name, arr.astype(np.float16))
+        elif type_name == "BF16" and arr.ndim >= 2:
+            raw = quants.quantize(arr, Q.BF16)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=Q.BF16)
+        else:
+            w.add_tensor(t.name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def load_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """An importance matrix as llama-quantize reads it: tensor name → mean squared activation per input column.
+    GGUF format (llama-imatrix's default: '<name>.in_sum2' ÷ '<name>.counts' per expert) or the legacy .dat
+    format (entries of name, ncall, values ÷ ncall)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise EngineError(
+            f"--imatrix '{path}' cannot be read ({exc.strerror or exc}); check the path"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EngineError(
+            f"--imatrix '{path}' is not a regular file; pass an imatrix file from llama-imatrix"
+        )
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _imatrix_gguf(path)
+    return _imatrix_legacy(path)
+
+
+def _imatrix_gguf(path: Path) -> dict[str, np.ndarray]:
+    r = _reader(path, "--imatrix")
+    by = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in r.tensors}
+    out: dict[str, np.ndarray] = {}
+    for name, sums in by.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts = by.get(base + ".counts")
+        if counts is None or counts.size == 0 or sums.size % counts.size:
+            raise EngineError(
+                f"--imatrix '{path}': entry '{base}' has no matching counts; regenerate it with llama-imatrix"
+            )
+        per = sums.reshape(counts.size, -1)
+        out[base] = np.where(counts[:, None] > 0, per / np.maximum(counts[:, None], 1e-30), 1.0).reshape(-1)
+    if not out:
+        raise EngineError(
+            f"--imatrix '{path}' holds no '<tensor>.in_sum2' entries; pass an imatrix from llama-imatrix"
+        )
+    return out
+
+
+def _imatrix_legacy(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    bad = EngineError(
+        f"--imatrix '{path}' is neither a GGUF imatrix nor a legacy .dat imatrix (truncated?); regenerate it with llama-imatrix"
+    )
+    pos = 0
+
+    def i32() -> int:
+        nonlocal pos
+        if pos + 4 > len(data):
+            raise bad
+        v = int.from_bytes(data[pos : pos + 4], "little", signed=True)
+        pos += 4
+        return v
+
+    n = i32()
+    if not 0 < n < 1_000_000:
+        raise bad
+    out: dict[str, np.ndarray] = {}
+    for _ in range(n):
+        ln = i32()
+        if not 0 < ln < 4096 or pos + ln > len(data):
+            raise bad
+        name = data[pos : pos + ln].decode("utf-8", errors="replace")
+        pos += ln
+        ncall, nval = i32(), i32()
+        if nval < 1 or pos + 4 * nval > len(data):
+            raise bad
+        vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        out[name] = vals / ncall if ncall > 0 else vals
+    return out
+
+
+def quantized_gguf(
+    ll: Any,
+    reference: Path,
+    type_name: str,
+    ftype: int,
+    cache_dir: Path,
+    threads: int,
+    imatrix: Path | None = None,
+) -> Path:
+    """The reference GGUF quantized to `type_name` by llama.cpp (`llama_model_quantize`, its default k-quant
+    mixes and output/embedding types, as `llama-quantize` makes them), with `imatrix` when given. Cached."""
+    tag = f".imatrix-{file_sha256(imatrix)[:12]}" if imatrix is not None else ""
+    out = Path(cache_dir) / "llama.cpp" / f"{reference.stem}.{type_name}{tag}.gguf"
+    if out.is_file():
+        return out
+    params = ll.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    keep: list[Any] = []  # the imatrix arrays must outlive the call
+    if imatrix is not None:
+        entries = load_imatrix(imatrix)
+        arr = (ll.llama_model_imatrix_data * (len(entries) + 1))()
+        for k, (name, vals) in enumerate(entries.items()):
+            buf = np.ascontiguousarray(vals, dtype=np.float32)
+            keep.append(buf)
+            arr[k].name = name.encode()  # ctypes keeps the bytes alive with the array
+            arr[k].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[k].size = buf.size
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(ll.llama_model_imatrix_data))
+
+    def write(tmp: str) -> None:
+        from .llamacpp import last_log_error
+
+        rc = ll.llama_model_quantize(str(reference).encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise EngineError(
+                f"llama.cpp could not quantize '{reference.name}' to {type_name} (code {rc}"
+                f"{': ' + last_log_error() if last_log_error() else ''}); "
+                + (
+                    "this type needs an importance matrix: pass --imatrix FILE"
+                    if imatrix is None
+                    else "check --imatrix"
+                )
+            )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write)
+    del keep
+    return out
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    from ..reference import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()

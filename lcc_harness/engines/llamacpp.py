@@ -1,0 +1,605 @@
+"""The llama.cpp engine: GGUF files run through llama.cpp's own kernels (llama-cpp-python's low-level binding,
+which mirrors llama.h), logits for every position of one sequence in one pass, streamed one micro-batch at a time.
+
+    reference GGUF (engines.gguf_files.reference_gguf) ─┐   same micro-batch of ids, two contexts in lock-step
+    compressed GGUF or KV-cache types (the method)  ────┴─→ measure.compare on (c, V) logits → PositionStats
+
+No (T, V) logits tensor of a whole sequence exists: each context's logits buffer holds one micro-batch
+(n_batch × V float32, capped at LOGITS_BUDGET bytes), read in place as a numpy view and compared before the next
+decode. The reference forward runs again for each method (2 forwards per method per sample): caching it would
+mean vocabulary-sized files (0.8 GB per 8192-token SmolLM2 sample), which this harness avoids.
+
+The engine floor (`engine_floor`) is what no compression costs on this engine: the reference against itself with
+flash attention off, and with another micro-batch size. Every KV-cache method is measured against a reference on
+the same attention path (flash attention on for both, as quantized V caches require), so the floor's flash part
+is a kernel-path switch, not quantization; the gate's floor comes from the micro-batch part (what a rerun on
+another runner can see, see `LlamaCppHarness.self_noise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..corpus import Sample, TokenizedCorpus, load_corpus
+from ..errors import CheckpointError, HarnessError, MethodError, ModelLoadError, ModelNotFoundError
+from ..measure import (
+    PositionStats,
+    cat_stats,
+    check_finite,
+    compare,
+    identity_head,
+    summarize,
+)
+from ..methods.llamacpp import KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
+from ..methods.registry import Method, parse_method
+from ..options import DESIGNS, parse_lengths
+from . import llamacpp_dtype, llamacpp_gpu_layers
+from .gguf_files import (
+    REFERENCE_TYPES,
+    EngineError,
+    cache_root,
+    check_gguf_file,
+    check_same_model,
+    quantized_gguf,
+    reference_gguf,
+)
+
+PIN = "0.3.36"
+INSTALL = f"pip install 'lcc-harness[llamacpp]' (llama-cpp-python=={PIN}; builds llama.cpp from source, ~7 min on 2 cores)"
+LOGITS_BUDGET = 128 * 2**20  # bytes of one context's logits buffer: n_batch ≤ this ÷ (4 · vocabulary)
+MAX_BATCH = 512  # positions per micro-batch (llama.cpp's default n_batch / n_ubatch)
+FLOOR_UBATCH = 128  # the other micro-batch size of the engine floor
+FLOOR_SAMPLES = 2  # samples the engine floor is measured on (it is a property of the engine, not of the text)
+
+_LL: Any = None
+_LOG: list[str] = []  # llama.cpp's recent error lines, for one-line messages
+_LOG_CB: Any = None  # the ctypes callback must outlive every llama.cpp call
+
+
+def binding() -> Any:
+    """The llama_cpp module, its backend initialized and its log quiet (errors kept for messages); an EngineError
+    naming the install command when it is missing or its shared library does not load."""
+    global _LL, _LOG_CB
+    if _LL is not None:
+        return _LL
+    try:
+        import llama_cpp as ll
+    except ImportError:
+        raise EngineError(
+            f"--engine llama.cpp needs llama-cpp-python, which is not installed; {INSTALL}"
+        ) from None
+    except OSError as exc:  # the bundled libllama.so does not load (glibc, CPU features)
+        raise EngineError(
+            f"llama-cpp-python is installed but its library does not load ({str(exc).splitlines()[0][:160]}); "
+            f"rebuild it here: pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python=={PIN}"
+        ) from None
+
+    def log(level: int, text: bytes, _user: Any) -> None:
+        if level in (3, 4) and text:  # ggml_log_level: WARN 3, ERROR 4
+            line = text.decode("utf-8", errors="replace").strip()
+            if line:
+                _LOG.append(line)
+                del _LOG[:-8]
+
+    _LOG_CB = ll.llama_log_callback(log)
+    ll.llama_log_set(_LOG_CB, ctypes.c_void_p())
+    ll.llama_backend_init()
+    _LL = ll
+    return ll
+
+
+def last_log_error() -> str:
+    """The last error line llama.cpp logged (empty when none)."""
+    return _LOG[-1][:200] if _LOG else ""
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (llama.cpp's own default for its thread count), from /proc/cpuinfo; else os.cpu_count()."""
+    try:
+        seen = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                seen.add((phys, core))
+        if seen:
+            return len(seen)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class GGUFModel:
+    """One GGUF file loaded by llama.cpp (weights mapped once; contexts are made per configuration)."""
+
+    def __init__(self, path: Path, n_gpu_layers: int = 0, what: str = "GGUF") -> None:
+        ll = binding()
+        check_gguf_file(path, what)
+        self.path = Path(path)
+        p = ll.llama_model_default_params()
+        p.n_gpu_layers = n_gpu_layers
+        _LOG.clear()
+        self.ptr = ll.llama_model_load_from_file(str(path).encode(), p)
+        if not self.ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not load {what} '{path}'"
+                f"{' (' + last_log_error() + ')' if last_log_error() else ''}; the file is truncated, corrupt or of "
+                "an architecture this llama.cpp does not know"
+            )
+        self.vocab = ll.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(ll.llama_model_n_ctx_train(self.ptr))
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(ll.llama_vocab_bos(self.vocab))
+        self.architecture = self.meta("general.architecture") or "unknown"
+
+    def meta(self, key: str) -> str | None:
+        ll = binding()
+        buf = ctypes.create_string_buffer(256)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    # the tokenizer interface TokenizedCorpus uses
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ll = binding()
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        for _ in range(2):
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special_tokens, False)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+        raise EngineError("llama.cpp could not tokenize the corpus text")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            binding().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """A llama.cpp context configuration: KV-cache types, flash attention, micro-batch, threads."""
+
+    n_ctx: int
+    type_k: str = "f32"
+    type_v: str = "f32"
+    flash: bool = True
+    n_batch: int = MAX_BATCH
+    n_ubatch: int = MAX_BATCH
+    threads: int = 1
+
+    def describe(self) -> str:
+        return (
+            f"K {self.type_k}, V {self.type_v}, flash attention {'on' if self.flash else 'off'}, "
+            f"micro-batch {self.n_ubatch}"
+        )
+
+
+class Context:
+    """A llama.cpp context over a GGUFModel; `logit_blocks` runs one sequence in one pass."""
+
+    def __init__(self, model: GGUFModel, spec: ContextSpec) -> None:
+        ll = binding()
+        self.model, self.spec = model, spec
+        p = ll.llama_context_default_params()
+        p.n_ctx = spec.n_ctx
+        p.n_batch = spec.n_batch
+        p.n_ubatch = spec.n_ubatch
+        p.n_seq_max = 1
+        p.n_threads = spec.threads
+        p.n_threads_batch = spec.threads
+        p.type_k = KV_TYPES[spec.type_k]
+        p.type_v = KV_TYPES[spec.type_v]
+        p.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.no_perf = True
+        _LOG.clear()
+        self.ptr = ll.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise EngineError(
+                f"llama.cpp could not make a context ({spec.describe()}, {spec.n_ctx} positions)"
+                f"{': ' + last_log_error() if last_log_error() else ''}; a quantized V cache needs flash attention, "
+                "and the context must fit in memory"
+            )
+        self.batch = ll.llama_batch_init(spec.n_batch, 0, 1)
+
+    def logit_blocks(self, ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, logits (c, V) float32) per micro-batch of ids (T,), positions 0…T−1 of one sequence from an
+        empty cache. Each tensor is a view of llama.cpp's buffer: valid until the next block is asked for."""
+        ll = binding()
+        T = int(ids.shape[0])
+        if self.spec.n_ctx < T:
+            raise EngineError(f"{T} tokens do not fit a context of {self.spec.n_ctx}")
+        ll.llama_memory_clear(ll.llama_get_memory(self.ptr), True)
+        V = self.model.n_vocab
+        toks = ids.to(torch.int64).tolist()
+        b = self.batch
+        for s in range(0, T, self.spec.n_batch):
+            e = min(T, s + self.spec.n_batch)
+            for k, t in enumerate(toks[s:e]):
+                b.token[k] = t
+                b.pos[k] = s + k
+                b.n_seq_id[k] = 1
+                b.seq_id[k][0] = 0
+                b.logits[k] = 1
+            b.n_tokens = e - s
+            rc = ll.llama_decode(self.ptr, b)
+            if rc != 0:
+                raise EngineError(
+                    f"llama.cpp failed to decode positions {s}…{e - 1} (code {rc}"
+                    f"{': ' + last_log_error() if last_log_error() else ''}); lower the lengths or free memory"
+                )
+            ptr = ll.llama_get_logits(self.ptr)
+            yield s, torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(e - s, V)))
+
+    def close(self) -> None:
+        ll = binding()
+        if getattr(self, "ptr", None):
+            ll.llama_batch_free(self.batch)
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def paired_pass(ref: Context, cmp: Context, ids: torch.Tensor, chunk: int) -> PositionStats:
+    """One pass of both contexts over ids (T,), micro-batch by micro-batch in lock-step: per-position KL(P_ref ‖
+    P_cmp), top-1, ΔNLL, reverse KL and Δp (measure.compare on logits), as one sequence's PositionStats."""
+    blocks = []
+    T = int(ids.shape[0])
+    for (s, z_ref), (s2, z_cmp) in zip(ref.logit_blocks(ids), cmp.logit_blocks(ids), strict=True):
+        assert s == s2
+        e = s + z_ref.shape[0]
+        blocks.append(compare(identity_head, identity_head, z_ref, z_cmp, ids[s : min(e + 1, T)], chunk))
+    return cat_stats(blocks)
+
+
+@dataclass
+class EngineInfo:
+    """What the session and the reports read of the loaded model (the torch harness's LoadedModel fields)."""
+
+    name: str
+    source: str
+    dtype: torch.dtype
+    device_type: str
+    max_positions: int
+    tokenizer: Any
+
+
+def resolve_source(spec: str) -> Path:
+    """The GGUF file a model spec names for the llama.cpp engine (smollm2-135m, gemma3-270m, a .gguf path)."""
+    from ..models import DEFAULT_MODEL, smollm2_gguf_path
+
+    if spec == DEFAULT_MODEL:
+        return smollm2_gguf_path()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or (path.is_file() and path.suffix != ""):
+        if not path.exists():
+            raise ModelNotFoundError(f"GGUF file '{spec}' does not exist; check the path")
+        return path
+    raise ModelNotFoundError(
+        f"model '{spec}' is not a GGUF file; the llama.cpp engine runs GGUF files — pass a .gguf (convert a "
+        f"transformers folder with llama.cpp's convert_hf_to_gguf.py) or '{DEFAULT_MODEL}'"
+    )
+
+
+class LlamaCppHarness:
+    """The llama.cpp engine behind the harness's interface (run.Harness's): loads the reference GGUF and the
+    corpus once, draws the same kind of samples, and measures methods (GGUF weight types, KV-cache types, and
+    compressed GGUF files) against the reference one pass per sample."""
+
+    engine = "llama.cpp"
+
+    def __init__(self, cfg: Any) -> None:
+        from ..run import validate_lengths
+
+        self.cfg = cfg
+        binding()  # one line naming the install command when the binding is missing
+        if cfg.design != "window":
+            raise HarnessError(
+                f"--design {cfg.design}: the llama.cpp engine measures window curves only; pass --design window "
+                f"(the matched design and the claims run on the torch engine)"
+                if cfg.design in DESIGNS
+                else f"design '{cfg.design}' is not one of {', '.join(DESIGNS)}"
+            )
+        if cfg.anatomy:
+            raise HarnessError(
+                "--anatomy hooks torch layers; the llama.cpp engine has none — pass --anatomy 0"
+            )
+        self.lengths = parse_lengths(cfg.lengths)
+        dtype = llamacpp_dtype(cfg.dtype)
+        self.n_gpu_layers = llamacpp_gpu_layers(cfg.device, cfg.gpu_layers)
+        self.dtype_name = dtype
+        self.ref_kv = REFERENCE_TYPES[dtype][2]
+        self.threads = cfg.threads or physical_cores()
+        self.cache = cache_root(cfg.cache_dir)
+        self.source = resolve_source(cfg.model)
+        t0 = time.perf_counter()
+        self.ref_path = reference_gguf(self.source, dtype, self.cache)
+        self.ref_model = GGUFModel(self.ref_path, self.n_gpu_layers, "reference GGUF")
+        self.ref_s = time.perf_counter() - t0
+        validate_lengths(self.lengths, self.ref_model.n_ctx_train, cfg.model, cfg.allow_extrapolation)
+        self.lm = EngineInfo(
+            name=cfg.model,
+            source=str(self.source),
+            dtype={"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype],
+            device_type="cuda" if self.n_gpu_layers > 0 else "cpu",
+            max_positions=self.ref_model.n_ctx_train,
+            tokenizer=self.ref_model,
+        )
+        self.n_batch = max(16, min(MAX_BATCH, LOGITS_BUDGET // (4 * self.ref_model.n_vocab)))
+        self.corpus = load_corpus(cfg.corpus, cfg.text_field)
+        self.tokens = TokenizedCorpus(self.corpus, self.ref_model)
+        self.samples: list[Sample] = self.tokens.draw(cfg.samples, self.lengths[-1], cfg.seed)
+        self.target = max(
+            1, self.lengths[0] // 2
+        )  # the findings' basis key; the claims need the torch engine
+        self._ref_ctx: Context | None = None
+        self._floor: dict[str, Any] | None = None
+        self.head_note = None
+
+    # ---- contexts ---------------------------------------------------------------------------------
+    def spec(self, **over: Any) -> ContextSpec:
+        base = ContextSpec(
+            n_ctx=self.lengths[-1],
+            type_k=self.ref_kv,
+            type_v=self.ref_kv,
+            flash=True,
+            n_batch=self.n_batch,
+            n_ubatch=self.n_batch,
+            threads=self.threads,
+        )
+        return dataclasses.replace(base, **over)
+
+    def ref_context(self) -> Context:
+        if self._ref_ctx is None:
+            self._ref_ctx = Context(self.ref_model, self.spec())
+        return self._ref_ctx
+
+    @property
+    def reference_built(self) -> None:
+        return None
+
+    # ---- methods ----------------------------------------------------------------------------------
+    def _compressed_model(self, m: Method) -> tuple[GGUFModel, dict[str, Any]]:
+        """The GGUF a method runs with: the reference's (KV-cache methods) or llama.cpp's quantization of it."""
+        spec = m.engine_spec()
+        if spec.weight_type is None:
+            return self.ref_model, {}
+        wt = spec.weight_type
+        ftype = LLAMA_FTYPES.get(wt, LEGACY_FTYPES.get(wt))
+        if ftype is None:
+            raise MethodError(f"method '{m.id}': llama.cpp has no weight type '{wt}'")
+        imatrix = Path(self.cfg.imatrix) if self.cfg.imatrix else None
+        if imatrix is None and wt in _imatrix_required():
+            raise MethodError(
+                f"method '{m.id}': llama.cpp makes {wt.upper()} only with an importance matrix; pass --imatrix FILE "
+                "(from llama-imatrix)"
+            )
+        path = quantized_gguf(binding(), self.ref_path, wt.upper(), ftype, self.cache, self.threads, imatrix)
+        info = {
+            "gguf_type": wt.upper(),
+            "gguf_bytes": path.stat().st_size,
+            "reference_bytes": self.ref_path.stat().st_size,
+        }
+        if imatrix is not None:
+            info["imatrix"] = str(imatrix)
+        return GGUFModel(path, self.n_gpu_layers, f"{wt.upper()} GGUF"), info
+
+    def run(self, method: Method | str, noise_probe: bool = False) -> Any:
+        """Measure a method (a GGUF weight type, a KV-cache type, both, or none) against the reference."""
+        m = parse_method(method) if isinstance(method, str) else method
+        if "llama.cpp" not in m.engines:
+            raise MethodError(engine_only(m.id, "torch"))
+        t0 = time.perf_counter()
+        model, info = self._compressed_model(m)
+        spec = m.engine_spec()
+        cspec = self.spec(type_k=spec.type_k or self.ref_kv, type_v=spec.type_v or self.ref_kv)
+        if spec.type_k or spec.type_v:
+            info["kv_cache"] = {"type_k": cspec.type_k, "type_v": cspec.type_v}
+        try:
+            return self._measure(m.id, model, cspec, info, time.perf_counter() - t0, noise_probe)
+        finally:
+            if model is not self.ref_model:
+                model.close()
+
+    def run_checkpoint_file(self, path: str | Path, name: str, noise_probe: bool = False) -> Any:
+        """Measure a compressed GGUF file (--compressed x.gguf) as method `name`."""
+        path = Path(path)
+        t0 = time.perf_counter()
+        check_gguf_file(path, "compressed GGUF")
+        check_same_model(self.ref_path, path)
+        model = GGUFModel(path, self.n_gpu_layers, "compressed GGUF")
+        if model.n_vocab != self.ref_model.n_vocab:
+            model.close()
+            raise CheckpointError(
+                f"compressed GGUF '{path}' has a vocabulary of {model.n_vocab} tokens but the reference has "
+                f"{self.ref_model.n_vocab}; it must be a quantization of the same model"
+            )
+        try:
+            info = {"checkpoint": str(path.resolve()), "gguf_bytes": path.stat().st_size}
+            return self._measure(name, model, self.spec(), info, time.perf_counter() - t0, noise_probe)
+        finally:
+            model.close()
+
+    def _measure(
+        self,
+        name: str,
+        model: GGUFModel,
+        cspec: ContextSpec,
+        info: dict[str, Any],
+        t_compress: float,
+        noise: bool,
+    ) -> Any:
+        from ..run import MethodResult
+
+        ref = self.ref_context()
+        cmp = Context(model, cspec)
+        try:
+            t0 = time.perf_counter()
+            sts = []
+            for i, s in enumerate(self.samples):
+                st = paired_pass(ref, cmp, s.ids[: self.lengths[-1]], self.cfg.chunk_size)
+                for L in self.lengths:
+                    check_finite(name, L, i, st)
+                sts.append(st)
+            t_measure = time.perf_counter() - t0
+            stats = {L: summarize(L, sts) for L in self.lengths}
+            probe = self._length_probe(model, cspec, sts, all_samples=noise)
+        finally:
+            cmp.close()
+        info = {**info, "length_probe": probe}
+        if noise:
+            info["float_noise"] = {"absolute": probe["absolute"], "relative": probe["relative"]}
+        return MethodResult(
+            method=name,
+            model=self.cfg.model,
+            lengths=self.lengths,
+            stats=stats,
+            mode="one-pass",
+            timings={
+                "reference_s": self.ref_s,
+                "reference_cache_hit": False,
+                "compression_s": t_compress,
+                "measurement_s": t_measure,
+            },
+            info={"method_info": info, **self.metadata()},
+        )
+
+    def _length_probe(
+        self, model: GGUFModel, cspec: ContextSpec, sts: list[PositionStats], all_samples: bool
+    ) -> dict[str, Any]:
+        """One-pass soundness on this engine: separate passes of both models over the shortest length alone
+        (a context of that size) against the one-pass values; 'absolute' = the largest per-sample difference of
+        window KL, 'relative' = that ÷ the mean. Raises HarnessError beyond LENGTH_TOL (the curve would depend on
+        the total length)."""
+        L0 = self.lengths[0]
+        ref = Context(self.ref_model, self.spec(n_ctx=L0))
+        cmp = Context(model, dataclasses.replace(cspec, n_ctx=L0))
+        try:
+            n = len(self.samples) if all_samples else 1
+            short = [paired_pass(ref, cmp, s.ids[:L0], self.cfg.chunk_size) for s in self.samples[:n]]
+        finally:
+            ref.close()
+            cmp.close()
+        a = summarize(L0, short).per_sample["window_kl"]
+        b = summarize(L0, sts[:n]).per_sample["window_kl"]
+        absolute = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        mean = abs(sum(b) / len(b))
+        rel = absolute / mean if mean > 0 else 0.0
+        if absolute > 1e-6 and rel > 1e-4:
+            raise HarnessError(
+                f"llama.cpp's output at length {L0} depends on the total length (window KL {b[0]:.6g} in one pass "
+                f"vs {a[0]:.6g} alone); the one-pass design is unsound here — report this with the model and build"
+            )
+        return {"absolute": absolute, "relative": rel, "samples": n, "length": L0}
+
+    # ---- floors -----------------------------------------------------------------------------------
+    def engine_floor(self) -> dict[str, Any]:
+        """What no compression costs on this engine, per length (mean window KL over FLOOR_SAMPLES samples, and
+        the largest per-sample value): the reference against itself with flash attention off, and with
+        micro-batches of FLOOR_UBATCH positions. Computed once per harness."""
+        if self._floor is None:
+            ref = self.ref_context()
+            out: dict[str, Any] = {}
+            for key, over in (
+                ("flash_off", {"flash": False}),
+                (f"ubatch_{FLOOR_UBATCH}", {"n_ubatch": FLOOR_UBATCH}),
+            ):
+                if over.get("n_ubatch", 0) >= self.n_batch:
+                    continue
+                other = Context(self.ref_model, self.spec(**over))
+                try:
+                    sts = [
+                        paired_pass(ref, other, s.ids[: self.lengths[-1]], self.cfg.chunk_size)
+                        for s in self.samples[:FLOOR_SAMPLES]
+                    ]
+                finally:
+                    other.close()
+                out[key] = {
+                    str(L): {
+                        "window_kl": (st := summarize(L, sts)).window_kl,
+                        "max_sample": max(abs(v) for v in st.per_sample["window_kl"]),
+                    }
+                    for L in self.lengths
+                }
+            self._floor = out
+        return self._floor
+
+    def self_noise(self) -> float:
+        """The gate's float-noise input on this engine: the largest per-sample window KL, over lengths, of the
+        reference against itself with another micro-batch size (what a rerun with other batching or threads can
+        see). Flash attention on vs off is reported (`engine_floor`) but not used here: both sides of every
+        measurement run the same attention path, so a rerun never switches it."""
+        fl = self.engine_floor()
+        vals = [v["max_sample"] for k, per in fl.items() if k.startswith("ubatch") for v in per.values()]
+        return max(vals) if vals else 0.0
+
+    def float_noise(self, *_a: Any) -> dict[str, float]:  # the torch harness's name; here the length probe
+        raise NotImplementedError
+
+    def check_reference_intact(self, method_id: str) -> None:
+        """Nothing to check: a llama.cpp method never touches the reference's weights (another file or context)."""
+
+    def metadata(self) -> dict[str, Any]:
+        ll = binding()
+        import transformers
+
+        md: dict[str, Any] = {
+            "harness_version": __version__,
+            "engine": "llama.cpp",
+            "llama_cpp_python": getattr(ll, "__version__", "unknown"),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "model_source": str(self.source),
+            "reference_gguf": self.ref_path.name,
+            "dtype": self.dtype_name,
+            "device_type": self.lm.device_type,
+            "n_gpu_layers": self.n_gpu_layers,
+            "threads": self.threads,
+            "micro_batch": self.n_batch,
+            "reference_kv_cache": self.ref_kv,
+            "flash_attention": True,
+            "corpus": self.corpus.name,
+            "corpus_sha256": self.corpus.fingerprint,
+            "seed": self.cfg.seed,
+            "samples": [s.span.to_dict() for s in self.samples],
+        }
+        if self._floor is not None:
+            md["engine_floor"] = self._floor
+        return md
+
+    def close(self) -> None:
+        if self._ref_ctx is not None:
+            self._ref_ctx.close()
+            self._ref_ctx = None
+        self.ref_model.close()
+
+
+def _imatrix_required() -> frozenset[str]:
+    from ..methods.llamacpp import IMATRIX_REQUIRED
+
+    return IMATRIX_REQUIRED
