@@ -70,6 +70,18 @@ def baseline_path(
     )
 
 
+def identity_path(root: Path, ident: Mapping[str, Any]) -> Path:
+    """The baseline file of a run identity (session.identity(): model, dtype, device_type, profile, engine)."""
+    return baseline_path(
+        root,
+        ident["model"],
+        ident["dtype"],
+        ident["device_type"],
+        ident["profile"],
+        ident.get("engine") or "torch",
+    )
+
+
 class BaselineFile:
     """A baseline file's content; `load` validates it against the identity and sample spec of the current run."""
 
@@ -389,7 +401,7 @@ def update_from_record(baseline_dir: Path, rec: Any) -> None:
     if not rec.entries and not rec.staged_findings:
         return
     ident, spec = rec.identity, rec.spec
-    path = baseline_path(baseline_dir, ident["model"], ident["dtype"], ident["device_type"], ident["profile"])
+    path = identity_path(baseline_dir, ident)
     meta = {"versions": rec.run["versions"], "harness": __version__, "updated": rec.run["finished"][:10]}
     basis = None
     if rec.staged_findings and rec.run.get("target_tokens") is not None:

@@ -103,7 +103,7 @@ def merge(
 ) -> tuple[RunRecord, int]:
     """Join the records, evaluate the claims, write the reports (and with `update` the baselines); returns the
     merged record and the exit status: 1 when a record has a failed check or a claim's verdict changed."""
-    from .baselines import BaselineError, BaselineFile, baseline_path, findings_basis, update_from_record
+    from .baselines import BaselineError, BaselineFile, findings_basis, identity_path, update_from_record
     from .report import check_writable, write_reports
 
     records = load_records(paths)
@@ -112,9 +112,7 @@ def merge(
     rec = RunRecord.merge(records)
     rec.findings, skipped = claims(rec)
     ident = rec.identity
-    path = baseline_path(
-        Path(baseline_dir), ident["model"], ident["dtype"], ident["device_type"], ident["profile"]
-    )
+    path = identity_path(Path(baseline_dir), ident)
     status = 1 if any(c.get("outcome") in ("fail", "error", "missing") for c in rec.checks) else 0
     if update:
         rec.staged_findings = {f["claim"]: f["holds"] for f in rec.findings}

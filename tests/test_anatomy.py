@@ -137,7 +137,12 @@ def test_model_restored_and_no_hooks_left(tiny):
 def test_options_and_validation(tiny):
     from lcc_harness.profiles import PROFILES
 
-    assert {p.name: p.anatomy for p in PROFILES.values()} == {"smoke": 0, "default": 1, "paper": 1, "llamacpp": 0}
+    assert {p.name: p.anatomy for p in PROFILES.values()} == {
+        "smoke": 0,
+        "default": 1,
+        "paper": 1,
+        "llamacpp": 0,
+    }
     assert run_fields({"anatomy": "1"}) == {"anatomy": 1} and run_fields({"anatomy": "0"}) == {"anatomy": 0}
     with pytest.raises(OptionError, match="--anatomy -1 must be at least 0"):
         run_fields({"anatomy": "-1"})

@@ -106,7 +106,10 @@ CONFIG_CASES = {
     "samples zero": (["--lcc-samples", "0"], ("--lcc-samples 0 must be at least 1",)),
     "samples a word": (["--lcc-samples", "many"], ("--lcc-samples 'many' is not an integer",)),
     "chunk size zero": (["--lcc-chunk-size", "0"], ("--lcc-chunk-size 0 must be at least 1",)),
-    "target tokens a word": (["--lcc-target-tokens", "abc"], ("--lcc-target-tokens 'abc' is not an integer",)),
+    "target tokens a word": (
+        ["--lcc-target-tokens", "abc"],
+        ("--lcc-target-tokens 'abc' is not an integer",),
+    ),
     "anatomy negative": (["--lcc-anatomy", "-1"], ("--lcc-anatomy -1 must be at least 0",)),
     "design unknown": (["--lcc-design", "foo"], ("--lcc-design 'foo' is not one of window, matched, both",)),
     "profile unknown": (["--lcc-profile", "huge"], ("unknown profile 'huge'",)),

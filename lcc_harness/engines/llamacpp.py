@@ -603,3 +603,31 @@ def _imatrix_required() -> frozenset[str]:
     from ..methods.llamacpp import IMATRIX_REQUIRED
 
     return IMATRIX_REQUIRED
+
+
+def torch_agreement(h: LlamaCppHarness, samples: int = FLOOR_SAMPLES) -> dict[str, dict[str, float]]:
+    """The two engines against each other on the reference (the torch engine's model, loaded from the same
+    source at the same dtype, against llama.cpp's reference GGUF): per length, the mean window KL(P_torch ‖
+    P_llama.cpp) and the largest per-position KL over the first `samples` samples. Part of the engine floor: a
+    torch number and a llama.cpp number can only be compared beyond it."""
+    from ..measure import final_hidden, output_head
+    from ..models import load_model
+
+    lm = load_model(h.cfg.model, "cpu", h.dtype_name)
+    head = output_head(lm.model)
+    Lmax = h.lengths[-1]
+    sts = []
+    for s in h.samples[:samples]:
+        ids = s.ids[:Lmax]
+        hid = final_hidden(lm.model, ids)  # (T, H)
+        blocks = []
+        for st, z in h.ref_context().logit_blocks(ids):
+            e = st + z.shape[0]
+            blocks.append(
+                compare(head, identity_head, hid[st:e], z, ids[st : min(e + 1, Lmax)], h.cfg.chunk_size)
+            )
+        sts.append(cat_stats(blocks))
+    del lm
+    return {
+        str(L): {"window_kl": (x := summarize(L, sts)).window_kl, "max_position_kl": x.max} for L in h.lengths
+    }
