@@ -184,12 +184,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 def format_engine_floor(floor: dict) -> str:
     """The llama.cpp engine floor (LlamaCppHarness.engine_floor) as a table: lengths × variants, window KL."""
-    keys = list(floor)
-    lengths = sorted({int(L) for per in floor.values() for L in per})
-    rows = [[L] + [f"{floor[k][str(L)]['window_kl']:.3g}" for k in keys] for L in lengths]
-    names = {"flash_off": "flash attention off"}
-    head = [names.get(k, k.replace("ubatch_", "micro-batch ")) for k in keys]
-    table = tabulate(rows, headers=["length", *head], tablefmt="github", disable_numparse=True)
+    from .report import engine_floor_table
+
+    table = engine_floor_table(floor)
     return (
         "engine floor: the reference against itself with one setting changed (window KL, nats; no compression)\n"
         + table

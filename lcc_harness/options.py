@@ -71,6 +71,17 @@ def nonneg_int(key: str, text: Any) -> int:
     return _int_at_least(key, text, 0, 1)
 
 
+MAX_THREADS = 1024  # llama.cpp starts one OS thread each: a typo such as 10**9 must not reach it
+
+
+def thread_count(key: str, text: Any) -> int:
+    """An integer in [1, MAX_THREADS], or OptionError naming `key`."""
+    v = positive_int(key, text)
+    if v > MAX_THREADS:
+        raise OptionError(key, f"--{key} {v} is more threads than any machine has; pass e.g. --{key} 4")
+    return v
+
+
 def text(key: str, value: Any) -> str:
     return str(value)
 
@@ -136,7 +147,7 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         engine,
     ),
-    Option("threads", "llama.cpp engine: CPU threads (default: the physical cores)", "threads", positive_int),
+    Option("threads", "llama.cpp engine: CPU threads (default: the physical cores)", "threads", thread_count),
     Option(
         "gpu-layers",
         "llama.cpp engine: layers offloaded to the GPU (default: all with a CUDA build, else 0)",

@@ -212,6 +212,34 @@ def _stats_section(record: Mapping[str, Any]) -> str:
     return stats_block_tables(rows) or "_No statistics block in this record._"
 
 
+def _engine_floor_section(record: Mapping[str, Any]) -> list[str]:
+    """The llama.cpp engine floor of the run (run.engine_floor), as a section; [] for a torch run."""
+    floor = (record.get("run") or {}).get("engine_floor")
+    if not floor:
+        return []
+    return [
+        "",
+        "## Engine floor",
+        "",
+        "The reference against itself with one llama.cpp setting changed (window KL, nats; no compression). Every "
+        "method runs on the reference's attention path, so a number above this is compression.",
+        "",
+        engine_floor_table(floor),
+    ]
+
+
+def engine_floor_table(floor: Mapping[str, Mapping[str, Any]], fmt: str = "github") -> str:
+    """lengths × floor variants (LlamaCppHarness.engine_floor), window KL in nats; for the report and `lcc measure`."""
+    names = {"flash_off": "flash attention off"}
+    keys = list(floor)
+    lengths = sorted({int(L) for per in floor.values() for L in per})
+    rows = [[str(L)] + [fmt_kl(floor[k].get(str(L), {}).get("window_kl")) for k in keys] for L in lengths]
+    heads = ["length"] + [names.get(k, k.replace("ubatch_", "micro-batch ")) for k in keys]
+    return tabulate(
+        rows, headers=heads, tablefmt=fmt, disable_numparse=True, colalign=("left",) + ("right",) * len(keys)
+    )
+
+
 def _fmt_ratio(x: Any) -> str:
     return f"{x:.3g}×" if _finite(x) else fmt_kl(x)
 
@@ -763,6 +791,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     ]
     for title, body in sections:
         out += ["", f"## {title}", "", body]
+    out += _engine_floor_section(record)
     out += _matched_sections(record)
     out += _anatomy_sections(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)

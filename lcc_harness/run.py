@@ -248,6 +248,16 @@ class Harness:
 
     def __init__(self, cfg: RunConfig, lm: LoadedModel | None = None) -> None:
         self.cfg = cfg
+        given = [
+            k
+            for k, v in (("threads", cfg.threads), ("gpu-layers", cfg.gpu_layers), ("imatrix", cfg.imatrix))
+            if v
+        ]
+        if given:
+            raise HarnessError(
+                f"--{given[0]} sets the llama.cpp engine; this run uses the torch engine — pass --engine llama.cpp "
+                f"or drop --{given[0]}"
+            )
         self.lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
         linearize_conv1d(self.lm.model)  # GPT-2 family: Conv1D → nn.Linear, so every method finds its targets
         self.lengths = parse_lengths(cfg.lengths)

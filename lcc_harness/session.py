@@ -622,6 +622,8 @@ class LccSession:
             },
         }
         if h is not None:
+            if self.engine != "torch" and self.outcomes:
+                h.engine_floor()  # what no compression costs on this engine: in every llama.cpp report
             md = h.metadata()
             run.update({k: md[k] for k in ("dtype", "device_type", "corpus", "corpus_sha256", "seed")})
             ref = h.reference_built

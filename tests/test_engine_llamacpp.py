@@ -327,3 +327,77 @@ def test_gpu_offload_matches_cpu(tiny_gguf, corpus, tmp_path):
     assert gpu.lm.device_type == "cuda" and gpu.n_gpu_layers > 0
     for L in (64, 128):
         assert b.stats[L].window_kl == pytest.approx(a.stats[L].window_kl, rel=0.2)
+
+
+def _legacy_imatrix(path: Path, widths: dict[str, int]) -> Path:
+    """An importance matrix in llama-imatrix's legacy layout (n; per entry: name, ncall, nval, values)."""
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        f.write(np.int32(len(widths)).tobytes())
+        for name, n in widths.items():
+            f.write(np.int32(len(name)).tobytes() + name.encode())
+            f.write(np.int32(4).tobytes() + np.int32(n).tobytes())
+            f.write((4 * rng.uniform(0.5, 2.0, n)).astype("<f4").tobytes())
+    return path
+
+
+def test_an_importance_matrix_makes_the_types_that_need_one(tiny_gguf, corpus, tmp_path):
+    from lcc_harness.engines.gguf_files import load_imatrix
+
+    widths = {}
+    for i in range(2):
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            widths[f"blk.{i}.{t}.weight"] = 256
+        widths[f"blk.{i}.ffn_down.weight"] = 512
+    imx = _legacy_imatrix(tmp_path / "imatrix.dat", widths)
+    loaded = load_imatrix(imx)
+    assert set(loaded) == set(widths) and all(v.size == widths[k] for k, v in loaded.items())
+    cfg = RunConfig(
+        model=str(tiny_gguf), engine="llama.cpp", lengths=(64, 128), corpus=str(corpus), design="window",
+        imatrix=str(imx), cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    h2 = LlamaCppHarness(cfg)
+    res = h2.run("gguf-iq2_xs")
+    assert res.info["method_info"]["imatrix"] == str(imx)
+    assert all(res.stats[L].window_kl > 0 for L in (64, 128))
+    h2.close()
+    (tmp_path / "bad.dat").write_bytes(b"\x05\x00\x00\x00abc")
+    with pytest.raises(EngineError, match="neither a GGUF imatrix nor a legacy"):
+        load_imatrix(tmp_path / "bad.dat")
+
+
+# ---- the pytest plugin with --lcc-engine llama.cpp ---------------------------------------------------------
+def test_plugin_gates_llama_cpp_methods_against_their_own_baseline(project, tiny_gguf, corpus):
+    """Update, rerun (passes), a baseline lowered by 3 % (fails every length): the same gate as torch's, in a
+    baseline file of its own; the claims skip (they need the torch engine's matched curves)."""
+    import json
+
+    args = [  # paths as --opt=PATH: a bare path argument would move pytest's rootdir away from the project
+        "-p", "no:cacheprovider", "-q", "-rfE", "--lcc-engine", "llama.cpp", f"--lcc-model={tiny_gguf}",
+        f"--lcc-corpus={corpus}", "--lcc-methods", "kv-q4_0,gguf-q4_0", "--lcc-lengths", "64,128",
+        "--lcc-samples", "2", "--lcc-design", "window",
+    ]  # fmt: skip
+    r = project.runpytest_subprocess(*args, "--lcc-update-baselines")
+    r.assert_outcomes(passed=6, skipped=4)
+    files = list((project.path / "baselines").glob("*.json"))
+    assert [f.name for f in files] == ["tiny.gguf.float32.cpu.llama.cpp.smoke.json"], files
+    data = json.loads(files[0].read_text())
+    assert data["engine"] == "llama.cpp" and sorted(data["methods"]) == ["gguf-q4_0", "kv-q4_0"]
+    r = project.runpytest_subprocess(*args)
+    r.assert_outcomes(passed=6, skipped=4)
+    report = (project.path / "reports" / "kl_report.md").read_text()
+    assert (
+        "## Engine floor" in report and "llama.cpp's statistics per length" in report and "| engine" in report
+    )
+    for m in data["methods"].values():
+        for c in m["curves"].values():
+            c["per_sample"] = [v / 1.03 for v in c["per_sample"]]
+            c["window_kl"] = sum(c["per_sample"]) / len(c["per_sample"])
+    files[0].write_text(json.dumps(data))
+    r = project.runpytest_subprocess(*args, "-k", "test_kl_within_baseline")
+    r.assert_outcomes(failed=4)
+    # a torch run of the same profile reads the torch file, never this one
+    r = project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-q", "--lcc-methods", "rtn-w4-g32", "test_kl_regression.py"
+    )
+    assert "tiny.gguf.float32.cpu.llama.cpp" not in r.stdout.str()

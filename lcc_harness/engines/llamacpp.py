@@ -52,6 +52,7 @@ from .gguf_files import (
     cache_root,
     check_gguf_file,
     check_same_model,
+    load_imatrix,
     quantized_gguf,
     reference_gguf,
 )
@@ -336,6 +337,8 @@ class LlamaCppHarness:
         self.ref_kv = REFERENCE_TYPES[dtype][2]
         self.threads = cfg.threads or physical_cores()
         self.cache = cache_root(cfg.cache_dir)
+        if cfg.imatrix:
+            load_imatrix(Path(cfg.imatrix))  # a bad file fails now, not at the first method that uses it
         self.source = resolve_source(cfg.model)
         t0 = time.perf_counter()
         self.ref_path = reference_gguf(self.source, dtype, self.cache)
