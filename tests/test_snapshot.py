@@ -110,11 +110,12 @@ def test_head_changed_in_place_is_measured_against_the_original_head(pair):
     register(cls)
     try:
         inplace, copied = pair
+        layers = inplace.lm.model.model.layers
+        original = layers[0].mlp.down_proj  # the method replaces this child; the snapshot must put it back
         a, b = inplace.run("test-headtoo"), copied.run("test-headtoo")
         assert all(a.stats[L].per_sample == b.stats[L].per_sample for L in inplace.lengths)
         assert a.stats[inplace.lengths[0]].window_kl > 0.001
-        layers = inplace.lm.model.model.layers
-        assert layers[0].mlp.down_proj is copied.lm.model.model.layers[0].mlp.down_proj or True
+        assert layers[0].mlp.down_proj is original
         assert torch.equal(
             layers[0].mlp.down_proj.weight, copied.lm.model.model.layers[0].mlp.down_proj.weight
         )
