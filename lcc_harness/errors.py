@@ -1,8 +1,19 @@
 """Exceptions a user can act on. CLI and plugin print them as one line (no traceback)."""
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters written as escapes: a message that echoes a user's
+    value (a path, an option) stays one line."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
 class HarnessError(Exception):
-    """Base class: the message names the problem and the fix."""
+    """Base class: the message names the problem and the fix (always one line, see `one_line`)."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)
+        super().__init__(*args)
 
 
 class ModelNotFoundError(HarnessError):

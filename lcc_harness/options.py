@@ -46,7 +46,9 @@ class OptionError(ValueError):
     """A bad option value; `key` names the option, the message says what to pass instead."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
+        from .errors import one_line
+
+        super().__init__(one_line(message))
         self.key = key
 
 
@@ -79,6 +81,17 @@ def thread_count(key: str, text: Any) -> int:
     v = positive_int(key, text)
     if v > MAX_THREADS:
         raise OptionError(key, f"--{key} {v} is more threads than any machine has; pass e.g. --{key} 4")
+    return v
+
+
+MAX_SEED = 2**62  # the sample draw seeds a torch.Generator (64-bit); the mask seeds share this bound
+
+
+def seed(key: str, text: Any) -> int:
+    """A seed in [0, MAX_SEED], or OptionError naming `key`."""
+    v = nonneg_int(key, text)
+    if v > MAX_SEED:
+        raise OptionError(key, f"--{key} {v} is beyond the largest seed 2**62; pass e.g. --{key} 0")
     return v
 
 
@@ -246,7 +259,7 @@ OPTIONS: tuple[Option, ...] = (
         "seed",
         "seed of the sample and calibration draws (default 0)",
         "seed",
-        lambda k, v: int(v),
+        seed,
         where="cli",
     ),
     Option("calib-samples", "calibration spans (default 8)", "calib_samples", positive_int, where="cli"),
