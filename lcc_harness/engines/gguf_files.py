@@ -85,10 +85,12 @@ def gguf_identity(path: Path, what: str) -> dict[str, Any]:
     r = _reader(path, what)
     arch = r.fields.get("general.architecture")
     toks = r.fields.get("tokenizer.ggml.tokens")
+    ftype = r.fields.get("general.file_type")
     return {
         "architecture": str(arch.contents()) if arch is not None else None,
         "n_vocab": len(toks.data) if toks is not None else None,
         "tensors": len(r.tensors),
+        "file_type": int(ftype.contents()) if ftype is not None else None,
     }
 
 
@@ -247,16 +249,20 @@ def quantized_gguf(
     cache_dir: Path,
     threads: int,
     imatrix: Path | None = None,
+    requantize: bool = False,
 ) -> Path:
     """The reference GGUF quantized to `type_name` by llama.cpp (`llama_model_quantize`, its default k-quant
-    mixes and output/embedding types, as `llama-quantize` makes them), with `imatrix` when given. Cached."""
+    mixes and output/embedding types, as `llama-quantize` makes them), with `imatrix` when given; `requantize`:
+    the reference is itself quantized (llama-quantize --allow-requantize). Cached by the reference's content."""
     tag = f".imatrix-{file_sha256(imatrix)[:12]}" if imatrix is not None else ""
-    out = Path(cache_dir) / "llama.cpp" / f"{reference.stem}.{type_name}{tag}.gguf"
+    digest = file_sha256(reference)[:16]
+    out = Path(cache_dir) / "llama.cpp" / f"{reference.stem}-{digest}.{type_name}{tag}.gguf"
     if out.is_file():
         return out
     params = ll.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = ftype
+    params.allow_requantize = requantize
     keep: list[Any] = []  # the imatrix arrays must outlive the call
     if imatrix is not None:
         entries = load_imatrix(imatrix)

@@ -52,6 +52,7 @@ from .gguf_files import (
     cache_root,
     check_gguf_file,
     check_same_model,
+    gguf_identity,
     load_imatrix,
     quantized_gguf,
     reference_gguf,
@@ -341,8 +342,20 @@ class LlamaCppHarness:
             load_imatrix(Path(cfg.imatrix))  # a bad file fails now, not at the first method that uses it
         self.source = resolve_source(cfg.model)
         t0 = time.perf_counter()
-        self.ref_path = reference_gguf(self.source, dtype, self.cache)
+        from ..models import DEFAULT_MODEL
+
+        # a GGUF --model is the reference as it is; the embedded model's file holds Q4_1 linears, and its torch
+        # reference is their dequantized values: written at the run's dtype, so both engines measure the same model
+        self.ref_path = (
+            reference_gguf(self.source, dtype, self.cache) if cfg.model == DEFAULT_MODEL else self.source
+        )
         self.ref_model = GGUFModel(self.ref_path, self.n_gpu_layers, "reference GGUF")
+        self.ref_is_quantized = gguf_identity(self.ref_path, "reference GGUF")["file_type"] not in (
+            None,
+            0,
+            1,
+            32,
+        )
         self.ref_s = time.perf_counter() - t0
         validate_lengths(self.lengths, self.ref_model.n_ctx_train, cfg.model, cfg.allow_extrapolation)
         self.lm = EngineInfo(
@@ -402,7 +415,16 @@ class LlamaCppHarness:
                 f"method '{m.id}': llama.cpp makes {wt.upper()} only with an importance matrix; pass --imatrix FILE "
                 "(from llama-imatrix)"
             )
-        path = quantized_gguf(binding(), self.ref_path, wt.upper(), ftype, self.cache, self.threads, imatrix)
+        path = quantized_gguf(
+            binding(),
+            self.ref_path,
+            wt.upper(),
+            ftype,
+            self.cache,
+            self.threads,
+            imatrix,
+            self.ref_is_quantized,
+        )
         info = {
             "gguf_type": wt.upper(),
             "gguf_bytes": path.stat().st_size,
@@ -553,12 +575,11 @@ class LlamaCppHarness:
         return self._floor
 
     def self_noise(self) -> float:
-        """The gate's float-noise input on this engine: the largest per-sample window KL, over lengths, of the
-        reference against itself with another micro-batch size (what a rerun with other batching or threads can
-        see). Flash attention on vs off is reported (`engine_floor`) but not used here: both sides of every
-        measurement run the same attention path, so a rerun never switches it."""
+        """The gate's float-noise input on this engine: the largest per-sample window KL, over lengths and floor
+        variants (flash attention off, another micro-batch size), of the reference against itself. The gate's
+        floor is at least twice it (gate.floor_from_self_noise), so no tolerance is set below the engine floor."""
         fl = self.engine_floor()
-        vals = [v["max_sample"] for k, per in fl.items() if k.startswith("ubatch") for v in per.values()]
+        vals = [v["max_sample"] for per in fl.values() for v in per.values()]
         return max(vals) if vals else 0.0
 
     def float_noise(self, *_a: Any) -> dict[str, float]:  # the torch harness's name; here the length probe
