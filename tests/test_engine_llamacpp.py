@@ -401,3 +401,60 @@ def test_plugin_gates_llama_cpp_methods_against_their_own_baseline(project, tiny
         "-p", "no:cacheprovider", "-q", "--lcc-methods", "rtn-w4-g32", "test_kl_regression.py"
     )
     assert "tiny.gguf.float32.cpu.llama.cpp" not in r.stdout.str()
+
+
+# ---- a transformers folder as the llama.cpp engine's reference ----------------------------------------------
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, corpus) -> Path:
+    """A tiny random LlamaForCausalLM saved with save_pretrained, with a byte-level BPE tokenizer trained here."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("hf-llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([corpus.read_text()[:200_000]], vocab_size=400, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    n = len(tok)
+    model = build_tiny_llama(
+        5, vocab_size=n, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+    )  # fmt: skip
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_transformers_folder_is_written_as_the_reference_gguf(hf_folder, corpus, tmp_path):
+    cfg = RunConfig(
+        model=str(hf_folder), engine="llama.cpp", lengths=(64, 128), samples=2, corpus=str(corpus),
+        design="window", cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    hh = LlamaCppHarness(cfg)
+    assert hh.ref_path.suffix == ".gguf" and hh.ref_path.parent.name == "llama.cpp"
+    # the GGUF's tokenizer is the folder's: llama.cpp and transformers give the same ids
+    from transformers import AutoTokenizer
+
+    text = corpus.read_text()[5000:9000]
+    assert hh.ref_model.encode(text) == AutoTokenizer.from_pretrained(hf_folder).encode(
+        text, add_special_tokens=False
+    )
+    agree = torch_agreement(hh)  # the torch engine on the folder vs llama.cpp on the written GGUF
+    for L, v in agree.items():
+        assert v["window_kl"] < AGREEMENT_BOUND, (L, v)
+    assert all(v > 0 for v in _kl_of(hh.run("gguf-q4_0"), (64, 128)))
+    hh.close()
+
+
+def _kl_of(res, lengths) -> list[float]:
+    return [res.stats[L].window_kl for L in lengths]
+
+
+def test_a_folder_of_another_architecture_is_refused_in_one_line(tmp_path, corpus):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    cfg = RunConfig(
+        model=str(tmp_path), engine="llama.cpp", lengths=(64,), corpus=str(corpus), design="window"
+    )
+    with pytest.raises(HarnessError, match="convert_hf_to_gguf.py") as exc:
+        LlamaCppHarness(cfg)
+    assert "\n" not in str(exc.value)

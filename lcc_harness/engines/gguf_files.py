@@ -301,3 +301,176 @@ def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     from ..reference import default_cache_dir
 
     return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+# ---- a transformers folder written as a GGUF (the llama.cpp engine's reference of an HF model) --------------
+# HF Llama parameter (under model.layers.N.) → llama.cpp tensor name (under blk.N.), and the q/k heads permuted to
+# llama.cpp's rotary layout (convert_hf_to_gguf's LlamaModel.permute)
+_LLAMA_BLOCK = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _rotary_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's q/k rows (rotate-half pairs) in llama.cpp's order (interleaved pairs): (out, in) → (out, in)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _bpe_vocab(folder: Path) -> tuple[list[str], list[int], list[str], dict[str, int]]:
+    """(tokens by id, token types, merges, special ids) of a byte-level BPE tokenizer.json; EngineError otherwise."""
+    import json
+
+    path = folder / "tokenizer.json"
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise EngineError(
+            f"'{folder}' has no readable tokenizer.json; the llama.cpp engine converts byte-level BPE tokenizers "
+            "only — convert the model with llama.cpp's convert_hf_to_gguf.py and pass the .gguf"
+        ) from None
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise EngineError(
+            f"'{folder}': its tokenizer is {model.get('type')!r}, not byte-level BPE; convert the model with llama.cpp's "
+            "convert_hf_to_gguf.py and pass the .gguf"
+        )
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
+    vocab.update(added)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [1] * n  # normal
+    for i in added.values():
+        types[i] = 3  # control
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, types, merges, added
+
+
+def hf_reference_gguf(folder: Path, dtype: str, cache_dir: Path) -> Path:
+    """A transformers Llama-family folder (LlamaForCausalLM, byte-level BPE tokenizer) written as a GGUF of the
+    run's dtype with llama.cpp's tensor names, its q/k heads permuted to llama.cpp's rotary layout; cached by the
+    folder's config, tokenizer and weight files. Other architectures and tokenizers: EngineError naming
+    convert_hf_to_gguf.py."""
+    import hashlib
+    import json
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise EngineError(
+            f"'{folder}' has no readable config.json; pass a transformers model folder or a .gguf"
+        ) from None
+    archs = cfg.get("architectures") or []
+    if archs != ["LlamaForCausalLM"]:
+        raise EngineError(
+            f"'{folder}' is {archs or 'of an unknown architecture'}; the llama.cpp engine writes Llama folders only — "
+            "convert other architectures with llama.cpp's convert_hf_to_gguf.py and pass the .gguf"
+        )
+    if cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+        raise EngineError(
+            f"'{folder}' uses rope scaling; convert it with convert_hf_to_gguf.py and pass the .gguf"
+        )
+    weights = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    if not weights:
+        raise EngineError(f"'{folder}' holds no weights (*.safetensors); save the model with save_pretrained")
+    h = hashlib.sha256()
+    for p in [folder / "config.json", folder / "tokenizer.json", *weights]:
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(file_sha256(p).encode())
+    type_name = REFERENCE_TYPES.get(dtype, (None,))[0]
+    if type_name is None:
+        raise EngineError(
+            f"dtype '{dtype}' has no GGUF reference type; use one of {', '.join(REFERENCE_TYPES)}"
+        )
+    out = Path(cache_dir) / "llama.cpp" / f"{folder.name}-{h.hexdigest()[:16]}.{type_name}.gguf"
+    if out.is_file():
+        return out
+    tokens, types, merges, added = _bpe_vocab(folder)
+    atomic_write(out, lambda tmp: _write_hf_llama(folder, cfg, tokens, types, merges, tmp, type_name))
+    return out
+
+
+def _write_hf_llama(
+    folder: Path, cfg: dict, tokens: list[str], types: list[int], merges: list[str], tmp: str, type_name: str
+) -> None:
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    c = model.config
+    n_head, n_kv = c.num_attention_heads, c.num_key_value_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_head
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    if len(tokens) < c.vocab_size:
+        tokens = tokens + [f"[PAD{i}]" for i in range(len(tokens), c.vocab_size)]
+        types = types + [5] * (c.vocab_size - len(types))  # unused
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(folder.name)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type({"F32": 0, "F16": 1, "BF16": 32}[type_name])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens[: c.vocab_size])
+    w.add_token_types(types[: c.vocab_size])
+    w.add_token_merges(merges)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        v = getattr(c, key, None)
+        if isinstance(v, int) and 0 <= v < c.vocab_size:
+            add(v)
+    w.add_add_bos_token(False)
+
+    def put(name: str, t: torch.Tensor) -> None:
+        arr = t.detach().to(torch.float32).cpu().numpy()
+        if type_name == "F16" and arr.ndim >= 2:
+            w.add_tensor(name, arr.astype(np.float16))
+        elif type_name == "BF16" and arr.ndim >= 2:
+            from gguf import GGMLQuantizationType as Q
+            from gguf import quants
+
+            raw = quants.quantize(arr, Q.BF16)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=Q.BF16)
+        else:
+            w.add_tensor(name, arr)
+
+    sd = model.state_dict()
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    put("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        put("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf, ll in _LLAMA_BLOCK.items():
+            t = sd[f"model.layers.{i}.{hf}"]
+            if hf == "self_attn.q_proj.weight":
+                t = torch.from_numpy(_rotary_permute(t.float().numpy(), n_head))
+            elif hf == "self_attn.k_proj.weight":
+                t = torch.from_numpy(_rotary_permute(t.float().numpy(), n_kv))
+            put(f"blk.{i}.{ll}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -53,6 +53,7 @@ from .gguf_files import (
     check_gguf_file,
     check_same_model,
     gguf_identity,
+    hf_reference_gguf,
     load_imatrix,
     quantized_gguf,
     reference_gguf,
@@ -292,19 +293,22 @@ class EngineInfo:
 
 
 def resolve_source(spec: str) -> Path:
-    """The GGUF file a model spec names for the llama.cpp engine (smollm2-135m, gemma3-270m, a .gguf path)."""
+    """The file or folder a model spec names for the llama.cpp engine: the embedded model's GGUF, a .gguf path,
+    or a transformers folder (written as a GGUF by gguf_files.hf_reference_gguf)."""
     from ..models import DEFAULT_MODEL, smollm2_gguf_path
 
     if spec == DEFAULT_MODEL:
         return smollm2_gguf_path()
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
     if path.suffix == ".gguf" or (path.is_file() and path.suffix != ""):
         if not path.exists():
             raise ModelNotFoundError(f"GGUF file '{spec}' does not exist; check the path")
         return path
     raise ModelNotFoundError(
-        f"model '{spec}' is not a GGUF file; the llama.cpp engine runs GGUF files — pass a .gguf (convert a "
-        f"transformers folder with llama.cpp's convert_hf_to_gguf.py) or '{DEFAULT_MODEL}'"
+        f"model '{spec}' is neither a GGUF file nor a transformers folder here; the llama.cpp engine runs GGUF files "
+        f"— pass a .gguf, a local Llama model folder, or '{DEFAULT_MODEL}'"
     )
 
 
@@ -346,9 +350,12 @@ class LlamaCppHarness:
 
         # a GGUF --model is the reference as it is; the embedded model's file holds Q4_1 linears, and its torch
         # reference is their dequantized values: written at the run's dtype, so both engines measure the same model
-        self.ref_path = (
-            reference_gguf(self.source, dtype, self.cache) if cfg.model == DEFAULT_MODEL else self.source
-        )
+        if self.source.is_dir():  # a transformers folder: its weights written as a GGUF of the run's dtype
+            self.ref_path = hf_reference_gguf(self.source, dtype, self.cache)
+        elif cfg.model == DEFAULT_MODEL:
+            self.ref_path = reference_gguf(self.source, dtype, self.cache)
+        else:
+            self.ref_path = self.source
         self.ref_model = GGUFModel(self.ref_path, self.n_gpu_layers, "reference GGUF")
         self.ref_is_quantized = gguf_identity(self.ref_path, "reference GGUF")["file_type"] not in (
             None,
