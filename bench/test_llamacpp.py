@@ -138,6 +138,16 @@ def _write() -> None:
     import subprocess as sp
 
     commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # a partial run (-k) updates what it measured and keeps the rest; `commits` says which commit measured what
+    fresh = {k for k in ("llama_cpp_tokens_per_s", "torch_tokens_per_s", "peak_rss_mb") if k in RESULTS}
+    fresh |= {f"methods.{m}" for m in RESULTS["methods"]}
+    old = REPORT.with_suffix(".json")
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        RESULTS["methods"] = {**prev.get("methods", {}), **RESULTS["methods"]}
+        for k, v in prev.items():
+            RESULTS.setdefault(k, v)
+    RESULTS["commits"] = {**RESULTS.get("commits", {}), **dict.fromkeys(sorted(fresh), commit)}
     RESULTS["machine"] = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
