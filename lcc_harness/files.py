@@ -65,3 +65,27 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], Non
         finally:
             os.close(dfd)
     return path
+
+
+def read_head(
+    path: str | os.PathLike[str], n: int, what: str, error: type[Exception], fix: str
+) -> tuple[int, bytes]:
+    """(size, first `n` bytes) of a file a user named; `error` with one line naming `what`, the path and `fix` when
+    it is missing, unreadable, a directory, or not a regular file (a FIFO, socket or device is never opened, so
+    it cannot block)."""
+    import stat
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise error(f"{what} '{p}' cannot be read ({exc.strerror or exc}); check the path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} '{p}' is a directory; {fix}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} '{p}' is not a regular file (a FIFO, socket or device); {fix}")
+    try:
+        with open(p, "rb") as f:
+            return st.st_size, f.read(n)
+    except OSError as exc:
+        raise error(f"{what} '{p}' cannot be read ({exc.strerror or exc}); check its permissions") from None

@@ -23,7 +23,6 @@ chunk, which llama-perplexity does not print.
 from __future__ import annotations
 
 import math
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import HarnessError
+from .files import read_head
 
 MAGIC = b"_logits_"
 
@@ -67,24 +67,9 @@ class KldBase:
 def read_kld_base(path: str | Path) -> KldBase:
     """Parse a --kld-base file; KldBaseError (one line) for a special, short, truncated or foreign file."""
     p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise KldBaseError(
-            f"--kld-base '{p}' cannot be read ({exc.strerror or exc}); check the path"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise KldBaseError(
-            f"--kld-base '{p}' is {kind}; pass the file llama-perplexity --kl-divergence-base wrote"
-        )
-    try:
-        with open(p, "rb") as f:
-            head = f.read(20)
-    except OSError as exc:
-        raise KldBaseError(
-            f"--kld-base '{p}' cannot be read ({exc.strerror or exc}); check its permissions"
-        ) from None
+    size, head = read_head(
+        p, 20, "--kld-base", KldBaseError, "pass the file llama-perplexity --kl-divergence-base wrote"
+    )
     if len(head) < 20 or head[:8] != MAGIC:
         raise KldBaseError(
             f"--kld-base '{p}' is not a llama-perplexity KL-divergence base file (no '_logits_' header); write one "
@@ -102,9 +87,9 @@ def read_kld_base(path: str | Path) -> KldBase:
     n_rows = n_ctx - 1 - n_ctx // 2
     tok_bytes = 4 * n_ctx * n_chunk
     need = 20 + tok_bytes + 2 * nv * n_rows * n_chunk
-    if st.st_size != need:
+    if size != need:
         raise KldBaseError(
-            f"--kld-base '{p}' is {st.st_size} bytes but its header (n_ctx {n_ctx}, n_vocab {n_vocab}, "
+            f"--kld-base '{p}' is {size} bytes but its header (n_ctx {n_ctx}, n_vocab {n_vocab}, "
             f"{n_chunk} chunks) needs {need}; the file is truncated or was written by another tool"
         )
     tokens = np.fromfile(p, dtype="<i4", count=n_ctx * n_chunk, offset=20).reshape(n_chunk, n_ctx)

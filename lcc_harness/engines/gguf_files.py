@@ -9,14 +9,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CheckpointError, HarnessError, ModelLoadError
-from ..files import atomic_write
+from ..files import atomic_write, read_head
 
 # --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
 # cache type the reference runs with (the uncompressed model keeps its activations at its own precision)
@@ -34,25 +33,7 @@ class EngineError(HarnessError):
 def check_gguf_file(path: Path, what: str) -> None:
     """One-line HarnessError unless `path` is a readable regular file that starts with the GGUF magic (never
     opens a FIFO, socket or device, which could block)."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ModelLoadError(
-            f"{what} '{path}' cannot be read ({exc.strerror or exc}); check the path"
-        ) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ModelLoadError(f"{what} '{path}' is a directory; pass a .gguf file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelLoadError(
-            f"{what} '{path}' is not a regular file (a FIFO, socket or device); pass a .gguf file"
-        )
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ModelLoadError(
-            f"{what} '{path}' cannot be read ({exc.strerror or exc}); check its permissions"
-        ) from None
+    _, magic = read_head(path, 4, what, ModelLoadError, "pass a .gguf file")
     if magic != b"GGUF":
         raise ModelLoadError(
             f"{what} '{path}' is not a GGUF file (bad magic {magic!r}); pass a valid .gguf file"
@@ -168,18 +149,7 @@ def load_imatrix(path: Path) -> dict[str, np.ndarray]:
     GGUF format (llama-imatrix's default: '<name>.in_sum2' ÷ '<name>.counts' per expert) or the legacy .dat
     format (entries of name, ncall, values ÷ ncall)."""
     path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise EngineError(
-            f"--imatrix '{path}' cannot be read ({exc.strerror or exc}); check the path"
-        ) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise EngineError(
-            f"--imatrix '{path}' is not a regular file; pass an imatrix file from llama-imatrix"
-        )
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    _, magic = read_head(path, 4, "--imatrix", EngineError, "pass an imatrix file from llama-imatrix")
     if magic == b"GGUF":
         return _imatrix_gguf(path)
     return _imatrix_legacy(path)

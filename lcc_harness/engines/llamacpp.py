@@ -529,7 +529,7 @@ class LlamaCppHarness:
         window KL, 'relative' = that ÷ the mean. Raises HarnessError when they differ by more than 1e-6 nats and
         1e-4 relative (the curve would depend on the total length; measured: exactly 0 on CPU)."""
         L0 = self.lengths[0]
-        if L0 == self.lengths[-1]:  # one length: its pass is the one pass, nothing to compare
+        if self.lengths[-1] == L0:  # one length: its pass is the one pass, nothing to compare
             return {"absolute": 0.0, "relative": 0.0, "samples": 0, "length": L0}
         ref = Context(self.ref_model, self.spec(n_ctx=L0))
         cmp = Context(model, dataclasses.replace(cspec, n_ctx=L0))
