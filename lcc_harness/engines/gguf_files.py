@@ -247,7 +247,7 @@ def quantized_gguf(
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(ll.llama_model_imatrix_data))
 
     def write(tmp: str) -> None:
-        from .llamacpp import last_log_error
+        from ._log import last_log_error
 
         rc = ll.llama_model_quantize(str(reference).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:

@@ -45,7 +45,8 @@ from ..measure import (
 from ..methods.llamacpp import KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
 from ..methods.registry import Method, parse_method
 from ..options import DESIGNS, parse_lengths
-from . import llamacpp_dtype, llamacpp_gpu_layers
+from . import _log, llamacpp_dtype, llamacpp_gpu_layers
+from ._log import last_log_error
 from .gguf_files import (
     REFERENCE_TYPES,
     EngineError,
@@ -67,7 +68,6 @@ FLOOR_UBATCH = 128  # the other micro-batch size of the engine floor
 FLOOR_SAMPLES = 2  # samples the engine floor is measured on (it is a property of the engine, not of the text)
 
 _LL: Any = None
-_LOG: list[str] = []  # llama.cpp's recent error lines, for one-line messages
 _LOG_CB: Any = None  # the ctypes callback must outlive every llama.cpp call
 
 
@@ -93,19 +93,13 @@ def binding() -> Any:
         if level in (3, 4) and text:  # ggml_log_level: WARN 3, ERROR 4
             line = text.decode("utf-8", errors="replace").strip()
             if line:
-                _LOG.append(line)
-                del _LOG[:-8]
+                _log.record(line)
 
     _LOG_CB = ll.llama_log_callback(log)
     ll.llama_log_set(_LOG_CB, ctypes.c_void_p())
     ll.llama_backend_init()
     _LL = ll
     return ll
-
-
-def last_log_error() -> str:
-    """The last error line llama.cpp logged (empty when none)."""
-    return _LOG[-1][:200] if _LOG else ""
 
 
 def physical_cores() -> int:
@@ -135,7 +129,7 @@ class GGUFModel:
         self.path = Path(path)
         p = ll.llama_model_default_params()
         p.n_gpu_layers = n_gpu_layers
-        _LOG.clear()
+        _log.clear()
         self.ptr = ll.llama_model_load_from_file(str(path).encode(), p)
         if not self.ptr:
             raise ModelLoadError(
@@ -217,7 +211,7 @@ class Context:
             ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec.flash else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         p.no_perf = True
-        _LOG.clear()
+        _log.clear()
         self.ptr = ll.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             raise EngineError(
