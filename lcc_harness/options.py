@@ -139,7 +139,8 @@ class Option:
 
 
 def engine(key: str, value: Any) -> str:
-    """An engine name (engines.engine_name; light: no torch)."""
+    """An engine name of methods.registry.ENGINES ('llamacpp' and 'llama-cpp' read as 'llama.cpp'), or OptionError
+    naming `key` (light: no torch)."""
     v = str(value).strip().lower()
     aliases = {"torch": "torch", "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp"}
     if v not in aliases:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_ENGINE = "torch"
-
 
 def make_harness(cfg: Any) -> Any:
     """The harness of `cfg.engine` (options.engine): run.Harness (torch) or engines.llamacpp.LlamaCppHarness."""

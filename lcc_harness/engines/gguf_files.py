@@ -220,12 +220,15 @@ def quantized_gguf(
     threads: int,
     imatrix: Path | None = None,
     requantize: bool = False,
+    reference_digest: str | None = None,
 ) -> Path:
     """The reference GGUF quantized to `type_name` by llama.cpp (`llama_model_quantize`, its default k-quant
     mixes and output/embedding types, as `llama-quantize` makes them), with `imatrix` when given; `requantize`:
-    the reference is itself quantized (llama-quantize --allow-requantize). Cached by the reference's content."""
+    the reference is itself quantized (llama-quantize --allow-requantize). Cached by the reference's content
+    (`reference_digest`: its sha256 when the caller has it, so a cached file is found without reading the
+    reference again)."""
     tag = f".imatrix-{file_sha256(imatrix)[:12]}" if imatrix is not None else ""
-    digest = file_sha256(reference)[:16]
+    digest = (reference_digest or file_sha256(reference))[:16]
     out = Path(cache_dir) / "llama.cpp" / f"{reference.stem}-{digest}.{type_name}{tag}.gguf"
     if out.is_file():
         return out

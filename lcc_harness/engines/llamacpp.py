@@ -42,7 +42,7 @@ from ..measure import (
     identity_head,
     summarize,
 )
-from ..methods.llamacpp import KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
+from ..methods.llamacpp import IMATRIX_REQUIRED, KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
 from ..methods.registry import Method, parse_method
 from ..options import DESIGNS, parse_lengths
 from . import _log, llamacpp_dtype, llamacpp_gpu_layers
@@ -53,6 +53,7 @@ from .gguf_files import (
     cache_root,
     check_gguf_file,
     check_same_model,
+    file_sha256,
     gguf_identity,
     hf_reference_gguf,
     load_imatrix,
@@ -376,6 +377,7 @@ class LlamaCppHarness:
         )  # the findings' basis key; the claims need the torch engine
         self._ref_ctx: Context | None = None
         self._floor: dict[str, Any] | None = None
+        self._digest: str | None = None
         self.head_note = None
 
     # ---- contexts ---------------------------------------------------------------------------------
@@ -411,7 +413,7 @@ class LlamaCppHarness:
         if ftype is None:
             raise MethodError(f"method '{m.id}': llama.cpp has no weight type '{wt}'")
         imatrix = Path(self.cfg.imatrix) if self.cfg.imatrix else None
-        if imatrix is None and wt in _imatrix_required():
+        if imatrix is None and wt in IMATRIX_REQUIRED:
             raise MethodError(
                 f"method '{m.id}': llama.cpp makes {wt.upper()} only with an importance matrix; pass --imatrix FILE "
                 "(from llama-imatrix)"
@@ -425,6 +427,7 @@ class LlamaCppHarness:
             self.threads,
             imatrix,
             self.ref_is_quantized,
+            self._ref_digest(),
         )
         info = {
             "gguf_type": wt.upper(),
@@ -434,6 +437,12 @@ class LlamaCppHarness:
         if imatrix is not None:
             info["imatrix"] = str(imatrix)
         return GGUFModel(path, self.n_gpu_layers, f"{wt.upper()} GGUF"), info
+
+    def _ref_digest(self) -> str:
+        """The reference GGUF's sha256, read once per harness (every quantized method's cache key)."""
+        if self._digest is None:
+            self._digest = file_sha256(self.ref_path)
+        return self._digest
 
     def run(self, method: Method | str, noise_probe: bool = False) -> Any:
         """Measure a method (a GGUF weight type, a KV-cache type, both, or none) against the reference."""
@@ -585,9 +594,6 @@ class LlamaCppHarness:
         vals = [v["max_sample"] for per in fl.values() for v in per.values()]
         return max(vals) if vals else 0.0
 
-    def float_noise(self, *_a: Any) -> dict[str, float]:  # the torch harness's name; here the length probe
-        raise NotImplementedError
-
     def check_reference_intact(self, method_id: str) -> None:
         """Nothing to check: a llama.cpp method never touches the reference's weights (another file or context)."""
 
@@ -624,12 +630,6 @@ class LlamaCppHarness:
             self._ref_ctx.close()
             self._ref_ctx = None
         self.ref_model.close()
-
-
-def _imatrix_required() -> frozenset[str]:
-    from ..methods.llamacpp import IMATRIX_REQUIRED
-
-    return IMATRIX_REQUIRED
 
 
 def torch_agreement(h: LlamaCppHarness, samples: int = FLOOR_SAMPLES) -> dict[str, dict[str, float]]:

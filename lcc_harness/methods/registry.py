@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import MethodError
+from ..options import MAX_SEED
 from ..outliers import OutlierWatch
 from ..targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
 
@@ -66,7 +67,9 @@ class CompressContext:
         return seeded_generator(self.seed if seed is None else seed, salt)
 
 
-MAX_MASK_SEED = 2**62  # seeds 0…2**62 map to distinct generator seeds below (1_000_003 is prime to 2**63 − 1)
+# seeds 0…2**62 map to distinct generator seeds below (1_000_003 is prime to 2**63 − 1); the run's --seed has the
+# same bound (options.MAX_SEED, defined there so that option parsing stays free of torch)
+MAX_MASK_SEED = MAX_SEED
 
 
 def seeded_generator(seed: int, salt: str = "") -> torch.Generator:
