@@ -211,6 +211,13 @@ def _print_result(cfg, result: MethodResult) -> None:
             print(block)
     if result.matched is not None:
         print(format_matched(result.matched))
+    if result.probes is not None:
+        from .report import probe_tables
+
+        print()
+        print(probe_tables([(result.method, result.probes)], fmt="simple"))
+        for note in result.probes.get("notes", []):
+            print(f"note: probes: {note}")
     if result.anatomy is not None:
         from .anatomy import format_tables
 
@@ -230,6 +237,11 @@ def _print_result(cfg, result: MethodResult) -> None:
         + (
             f", anatomy reference {t['anatomy_reference_s']:.1f}s (extra forwards {t['anatomy_extra_s']:.1f}s)"
             if "anatomy_reference_s" in t
+            else ""
+        )
+        + (
+            f", probes reference {t['probe_reference_s']:.1f}s (once), probes {t['probe_s']:.1f}s"
+            if "probe_s" in t
             else ""
         )
     )

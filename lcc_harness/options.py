@@ -103,6 +103,27 @@ def flag(key: str, value: Any) -> bool:
     return bool(value)
 
 
+PROBES = ("keytokens", "copy", "passkey", "where")  # probes.py: the long-range probes
+
+
+def parse_probes(key: str, value: Any) -> tuple[str, ...]:
+    """'keytokens,copy' / 'all' / 'none' → a tuple of PROBES names (in PROBES order); anything else is an
+    OptionError naming `key`. A sequence of names (an already parsed value) is checked the same way."""
+    text = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value).strip().lower()
+    if text in ("", "none", "off"):
+        return ()
+    if text == "all":
+        return PROBES
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in PROBES]
+    if bad:
+        raise OptionError(
+            key,
+            f"--{key} '{bad[0]}' is not a probe; pass a comma-separated subset of {','.join(PROBES)}, all or none",
+        )
+    return tuple(p for p in PROBES if p in names)
+
+
 DESIGNS = ("window", "matched", "both")  # RunConfig.design: which curves a run measures
 
 
@@ -204,6 +225,13 @@ OPTIONS: tuple[Option, ...] = (
         "and values per layer and log2 position bucket (0: off; default: the profile's, else 0)",
         "anatomy",
         nonneg_int,
+    ),
+    Option(
+        "probes",
+        "long-range probes beside window KL: comma-separated keytokens,copy,passkey,where, all or none "
+        "(default: the profile's, else none)",
+        "probes",
+        parse_probes,
     ),
     Option("cache-dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)", "cache_dir"),
     Option(

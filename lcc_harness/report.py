@@ -955,3 +955,95 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
         except OSError as e:
             raise _not_writable(out, e) from e
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+def _pct0(x: Any) -> str:
+    return f"{100 * x:.0f} %" if _finite(x) else DASH
+
+
+def probe_tables(rows: Sequence[tuple[str, Mapping[str, Any] | None]], fmt: str = "github") -> str:
+    """The long-range probes (probes.summarize_probes) of several methods as tables, methods × lengths: key-token
+    KL, copy at a distance, passkey per depth, where the error lives. Empty when no method has probes."""
+    rows = [(m, p) for m, p in rows if isinstance(p, Mapping) and p.get("curves")]
+    if not rows:
+        return ""
+    lengths = sorted({int(L) for _, p in rows for L in p["curves"]})
+
+    def table(title: str, cell: Any, cols: Sequence[Any] = lengths, head: Any = str) -> str | None:
+        body = [
+            [_cell(m)]
+            + [cell(p["curves"].get(str(c[0] if isinstance(c, tuple) else c)) or {}, c) for c in cols]
+            for m, p in rows
+        ]
+        if all(x == DASH for r in body for x in r[1:]):
+            return None
+        t = tabulate(
+            body,
+            headers=["method"] + [head(c) for c in cols],
+            tablefmt=fmt,
+            disable_numparse=True,
+            colalign=("left",) + ("right",) * len(cols),
+        )
+        return f"{title}\n\n{t}"
+
+    def key(c: Mapping[str, Any], _: Any) -> str:
+        k = c.get("keytokens")
+        if not k:
+            return DASH
+        if k.get("kl") is None:
+            return f"n/a ({k.get('na', 'no key token')})"
+        return f"{fmt_kl(k['kl'])} / {fmt_kl(k.get('rest_kl'))} ({100 * k['fraction']:.1f} %, n={k['n_key']})"
+
+    def copy(c: Mapping[str, Any], _: Any) -> str:
+        k = c.get("copy")
+        if not k:
+            return DASH
+        if k.get("kl") is None:
+            return f"n/a ({k.get('na')}; d={k.get('distance')})"
+        return f"{fmt_kl(k['kl'])}; {_pct0(k['ref_acc'])} / {_pct0(k['cmp_acc'])} (d={k['distance']})"
+
+    def passkey(c: Mapping[str, Any], col: tuple[int, str]) -> str:
+        k = (c.get("passkey") or {}).get(col[1])
+        if not k:
+            return DASH
+        if k.get("kl") is None:
+            return f"n/a (ref {_pct0(k.get('ref_em'))})"
+        return f"{_pct0(k['ref_em'])} / {_pct0(k['cmp_em'])}; KL {fmt_kl(k['kl'])}"
+
+    def where(c: Mapping[str, Any], _: Any) -> str:
+        k = c.get("where")
+        if not k:
+            return DASH
+        pos = " ".join(fmt_kl(x) for x in k.get("by_position") or [])
+        return f"{_pct0(k['flip'])}; {pos}"
+
+    depth_cols = [(L, d) for L in lengths for d in ("10", "50", "90")]
+    parts = [
+        table("Key-token KL (nats): key tokens / the rest of the window (key share, count)", key),
+        table("Copy at a distance d: KL (nats); top-1 accuracy reference / compressed", copy),
+        table(
+            "Passkey (teacher-forced): exact match reference / compressed; KL over the key's tokens",
+            passkey,
+            depth_cols,
+            lambda c: f"{c[0]} @{c[1]} %",
+        ),
+        table("Where the error lives: top-1 flip rate; window KL by position quarter (early → late)", where),
+    ]
+    conf = [
+        [_cell(m)]
+        + [fmt_kl(x) for x in (p["curves"][str(lengths[-1])].get("where") or {}).get("by_confidence", [])]
+        for m, p in rows
+        if (p["curves"].get(str(lengths[-1])) or {}).get("where")
+    ]
+    if conf:
+        t = tabulate(
+            conf,
+            headers=["method"] + [f"{k / 10:.1f}–" for k in range(10)],
+            tablefmt=fmt,
+            disable_numparse=True,
+        )
+        parts.append(f"Window KL by reference top-1 probability at {lengths[-1]} (bins of 0.1)\n\n{t}")
+    return "\n\n".join(p for p in parts if p)

@@ -63,6 +63,8 @@ class RunConfig:
     threads: int = 0
     gpu_layers: int | None = None
     imatrix: str | None = None
+    # Long-range probes (probes.PROBES: keytokens, copy, passkey, where) measured beside the window curves; () off
+    probes: tuple[str, ...] = ()
 
 
 def validate_lengths(
@@ -145,6 +147,8 @@ class MethodResult:
     errors: dict[int, str] = field(default_factory=dict)
     matched: MatchedCurves | None = None
     anatomy: Anatomy | None = None
+    # the long-range probes (probes.summarize_probes: config, per-length cells, notes); None when off
+    probes: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,13 +161,25 @@ class MethodResult:
             **({"errors": {str(L): e for L, e in self.errors.items()}} if self.errors else {}),
             **({"matched": self.matched.to_dict()} if self.matched is not None else {}),
             **({"anatomy": self.anatomy.to_dict()} if self.anatomy is not None else {}),
+            **({"probes": self.probes} if self.probes is not None else {}),
             **self.info,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MethodResult:
         """The inverse of `to_dict` (a result another process computed; see share.RunStore)."""
-        known = {"method", "model", "lengths", "mode", "curves", "timings", "errors", "matched", "anatomy"}
+        known = {
+            "method",
+            "model",
+            "lengths",
+            "mode",
+            "curves",
+            "timings",
+            "errors",
+            "matched",
+            "anatomy",
+            "probes",
+        }
         return cls(
             method=d["method"],
             model=d["model"],
@@ -175,4 +191,5 @@ class MethodResult:
             errors={int(L): e for L, e in (d.get("errors") or {}).items()},
             matched=MatchedCurves.from_dict(d["matched"]) if d.get("matched") else None,
             anatomy=Anatomy.from_dict(d["anatomy"]) if d.get("anatomy") else None,
+            probes=dict(d["probes"]) if d.get("probes") else None,
         )

@@ -47,6 +47,15 @@ from .measure import (
 from .methods.registry import CompressContext, Method, parse_method
 from .models import LoadedModel, dtype_name, load_model, plain_values
 from .options import DESIGNS, parse_lengths  # parse_lengths re-exported: the CLI and tests use it here
+from .probes import (
+    ProbeConfig,
+    ProbeReference,
+    analyse_reference,
+    check_probe_lengths,
+    probe_sequences,
+    score_rows,
+    summarize_probes,
+)
 from .reference import (
     LENGTH_PROBE_TOL,
     MatchedReference,
@@ -137,6 +146,14 @@ class Harness:
         self._anatomy_ref_s = 0.0
         self._tally: ErrorTally | None = None  # set while a method is measured with the anatomy on
         self.anatomy_note: str | None = None  # set when the model has no decoder layers the anatomy can hook
+        self.probe_cfg = ProbeConfig(tuple(cfg.probes)) if cfg.probes else None
+        if self.probe_cfg is not None:
+            if cfg.design == "matched":
+                raise HarnessError(
+                    "--probes read the window measurement; pass --design window or both, or drop --probes"
+                )
+            check_probe_lengths(self.probe_cfg, self.lengths)
+        self._probe_ref: ProbeReference | None = None
 
     @property
     def calibration(self) -> list[Sample]:
@@ -316,7 +333,11 @@ class Harness:
         return stats
 
     def measure_lengths(
-        self, model: torch.nn.Module, method_id: str, tails: Tails | None = None
+        self,
+        model: torch.nn.Module,
+        method_id: str,
+        tails: Tails | None = None,
+        keep: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> tuple[dict[int, LengthStats], dict[int, str], str | None]:
         """Per-length statistics, length → message for lengths that ran out of memory, and a note when the
         compressed model's outputs depend on the total length (it was then measured one pass per length).
@@ -324,7 +345,8 @@ class Harness:
         T hidden states there: the matched curve's longest pass is the same forward (`measure_matched`).
 
         A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
-        the lengths that fit are still measured; once a length fails, longer ones are not tried."""
+        the lengths that fit are still measured; once a length fails, longer ones are not tried. `keep` (a dict,
+        filled here): per length, each sample's per-position (KL, top-1) of the pass that covers it (the probes)."""
         from tqdm.auto import tqdm
 
         ref = self.reference
@@ -390,6 +412,8 @@ class Harness:
                 for L in self.lengths:
                     attempt(P, L, (L,))
         stats = {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}
+        if keep is not None:
+            keep.update({L: [(st.kl, st.top1) for st in per_len[L]] for L in stats})
         return stats, dict(sorted(errors.items())), note
 
     def _measure_pass(
@@ -571,6 +595,67 @@ class Harness:
                 break
         return tally.result(), time.perf_counter() - t0, passes
 
+    def probe_reference(self) -> ProbeReference:
+        """The reference's side of the probes (probes.ProbeReference), computed once per harness before any method
+        changes the model in place: its per-position analysis (keytokens, where) from the longest pass and the
+        short-context passes, the probe sequences and the reference's hidden states at their scored rows."""
+        if self._probe_ref is None:
+            cfg, ref = self.probe_cfg, self.reference
+            t0 = time.perf_counter()
+            P = max(ref.hidden)
+            model, head, chunk = self.lm.model, ref.head, self.cfg.chunk_size
+            analyses = None
+            if cfg.reference_analysis:
+
+                def long_blocks(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+                    for s in range(0, h.shape[0], chunk):
+                        yield s, head(h[s : s + chunk])  # (c, V)
+
+                analyses = [
+                    analyse_reference(
+                        s.ids[:P],
+                        cfg.window,
+                        lambda h=ref.hidden[P][i]: long_blocks(h),
+                        lambda x, k: head(final_hidden(model, x)[-k:]),
+                    )
+                    for i, s in enumerate(ref.samples)
+                ]
+            seqs, rows_h, note = None, None, None
+            if cfg.sequence:
+                if ref.one_pass:
+                    seqs = probe_sequences(ref.samples, self.lengths, self.lm.tokenizer, cfg, self.cfg.seed)
+                    rows_h = [final_hidden(model, q.ids)[q.rows].clone() for q in seqs]  # (n, H) each
+                else:
+                    note = "copy and passkey read one pass over the probe sequence, unsound for this model: skipped"
+            self._probe_ref = ProbeReference(analyses, seqs, rows_h, time.perf_counter() - t0, note)
+        return self._probe_ref
+
+    def _measure_probes(
+        self, model: torch.nn.Module, keep: dict[int, Any], length_note: str | None
+    ) -> tuple[dict[str, Any] | None, float]:
+        """The probes of `model` (probes.summarize_probes) from the window pass's per-position values in `keep`
+        and one pass over each sample's probe sequence; and the seconds spent. (None, 0) when the probes are off."""
+        if self.probe_cfg is None or not keep:
+            return None, 0.0
+        t0 = time.perf_counter()
+        pr = self.probe_reference()
+        seqs, scores, notes = pr.sequences, None, [pr.note] if pr.note else []
+        if seqs is not None and length_note:
+            seqs, notes = (
+                None,
+                [*notes, "copy and passkey skipped: this model's outputs depend on the total length"],
+            )
+        if seqs is not None:
+            head, ref_head = self.head(model), self._reference_head(model)
+            scores = [
+                score_rows(ref_head(rh), head(final_hidden(model, q.ids)[q.rows]), q.targets)
+                for q, rh in zip(seqs, pr.rows_hidden, strict=True)
+            ]
+        out = summarize_probes(self.probe_cfg, self.lengths, keep, pr.analyses, seqs, scores)
+        if notes:
+            out["notes"] = [*out.get("notes", []), *notes]
+        return out, time.perf_counter() - t0
+
     def _short_reference(self) -> list[torch.Tensor]:
         """Separate passes of the reference model over each sample's first `lengths[0]` tokens (cached)."""
         if self._short_ref is None:
@@ -646,10 +731,14 @@ class Harness:
             self._short_reference()  # from the reference model, before a method changes it in place
         if self.cfg.anatomy:
             self.anatomy_reference()  # likewise
+        if self.probe_cfg is not None:
+            self.probe_reference()  # likewise
+        keep: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with self.compressed(m) as (model, ctx, t_compress), self._anatomy_tally() as tally:
             stats, errors, length_note, t_measure, tails = (
-                self._measure_window(model, m.id) if window else ({}, {}, None, 0.0, None)
+                self._measure_window(model, m.id, keep) if window else ({}, {}, None, 0.0, None)
             )
+            probes = self._measure_probes(model, keep, length_note)
             if noise_probe and window:
                 ctx.info["float_noise"] = self.float_noise(model, stats)
             matched, t_matched = (
@@ -659,17 +748,27 @@ class Harness:
             del model
         self.check_reference_intact(m.id)
         return self._result(
-            m.id, stats, errors, length_note, matched, t_compress, t_measure, t_matched, ctx.info, anatomy
+            m.id,
+            stats,
+            errors,
+            length_note,
+            matched,
+            t_compress,
+            t_measure,
+            t_matched,
+            ctx.info,
+            anatomy,
+            probes,
         )
 
     def _measure_window(
-        self, model: torch.nn.Module, method_id: str
+        self, model: torch.nn.Module, method_id: str, keep: dict[int, Any] | None = None
     ) -> tuple[dict[int, LengthStats], dict[int, str], str | None, float, Tails | None]:
         """measure_lengths, its seconds, and (design both) the longest pass's tails for measure_matched;
         OOMError when not even the shortest length fits."""
         t0 = time.perf_counter()
         tails: Tails | None = {} if self.cfg.design == "both" else None
-        stats, errors, length_note = self.measure_lengths(model, method_id, tails)
+        stats, errors, length_note = self.measure_lengths(model, method_id, tails, keep)
         if not stats:  # not even the shortest length fits
             raise OOMError(errors[min(errors)])
         return stats, errors, length_note, time.perf_counter() - t0, tails
@@ -696,6 +795,7 @@ class Harness:
         t_matched: float,
         method_info: dict[str, Any],
         anatomy: tuple[Anatomy | None, float, int] = (None, 0.0, 0),
+        probes: tuple[dict[str, Any] | None, float] = (None, 0.0),
     ) -> MethodResult:
         """The MethodResult of a measured method or checkpoint (window curves, matched curves or both)."""
         window = self.cfg.design != "matched"
@@ -719,6 +819,8 @@ class Harness:
                 "anatomy_extra_s": anatomy[1],
                 "anatomy_extra_passes": anatomy[2],
             }
+        if probes[0] is not None:
+            timings |= {"probe_reference_s": self._probe_ref.seconds, "probe_s": probes[1]}
         mode = ("one-pass" if ref.one_pass and not length_note else "per-length") if window else "matched"
         return MethodResult(
             method=method_id,
@@ -735,6 +837,7 @@ class Harness:
             errors=errors if self.cfg.design != "matched" else dict(matched.errors),
             matched=matched,
             anatomy=anatomy[0],
+            probes=probes[0],
         )
 
     def run_checkpoint(
@@ -747,11 +850,15 @@ class Harness:
         _ = self.reference if window else None  # built before the measurement is timed
         _ = self.matched_reference if self.cfg.design != "window" else None
         self.sentinel()
+        if self.probe_cfg is not None:
+            self.probe_reference()
         model.eval()
+        keep: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         with self._anatomy_tally() as tally:
             stats, errors, length_note, t_measure, tails = (
-                self._measure_window(model, name) if window else ({}, {}, None, 0.0, None)
+                self._measure_window(model, name, keep) if window else ({}, {}, None, 0.0, None)
             )
+            probes = self._measure_probes(model, keep, length_note)
             matched, t_matched = (
                 self._measure_matched_timed(model, name, tails)
                 if self.cfg.design != "window"
@@ -760,7 +867,17 @@ class Harness:
             anatomy = self._anatomy_rest(model, tally)
         self.check_reference_intact(name)
         return self._result(
-            name, stats, errors, length_note, matched, load_s, t_measure, t_matched, info or {}, anatomy
+            name,
+            stats,
+            errors,
+            length_note,
+            matched,
+            load_s,
+            t_measure,
+            t_matched,
+            info or {},
+            anatomy,
+            probes,
         )
 
     def metadata(self) -> dict[str, Any]:

@@ -1,0 +1,541 @@
+"""Long-range probes beside mean window KL: does retrieval at a distance survive compression?
+
+Mean KL over a window is dominated by tokens that any short context predicts. The probes look where long
+context matters, on the same samples and the same reference, for every engine:
+
+- **keytokens** — LongPPL's key tokens: position t (predicting token t+1) is a key token when the reference's
+  log-probability of the true next token with the full context exceeds that with only the last W…W+W/2 tokens by
+  more than `margin` nats, and the full-context log-probability is above `floor`. Per length: KL(P_ref ‖ P_cmp)
+  over the key tokens of the window (L/2, L] and over the rest, and the key tokens' share. The short-context
+  reference costs one pass of the reference over ~3 T tokens in blocks of W + W/2 (no long attention), once per
+  reference; the compressed model pays nothing extra (its window pass already has the per-position KL).
+- **copy** — a span S of `span` tokens of the sample is planted early in a probe sequence of filler text (another
+  sample) and repeated so that the repeat ends exactly at each length L; scored on the repeat's tokens 2…m: both
+  models' top-1 accuracy on the true next token and KL(ref ‖ cmp). Where the reference copies < 50 % of the tokens
+  (pooled over samples) the probe reads n/a at that length, never a number.
+- **passkey** — teacher-forced: for each length L and depth f ∈ DEPTHS, a 5–7 digit key is stated once at
+  position ≈ f·L ("The <label> door's pass key is 58213. Remember it.") and asked for just before L ("What is the
+  <label> door's pass key? The <label> door's pass key is 58213"); the key's tokens are scored: exact match under
+  greedy top-1 (every key token is the argmax), summed log-probability, and KL. n/a where the reference's exact
+  match rate is < 50 %.
+- **where** — where the error lives at each length: the top-1 flip rate (1 − top-1 agreement), KL by reference
+  confidence (its top-1 probability in bins of 0.1) and KL by position quarter of the window.
+
+Copy and passkey share one probe sequence per sample of the longest length: every item for length L lies inside
+[0, L), so one causal pass scores every length (the one-pass argument of the window curves), and the compressed
+model pays one extra forward at the longest length per sample for both. Items for other lengths act as
+distractors (other labels, other spans).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import HarnessError
+from .options import PROBES
+
+DEPTHS = (0.1, 0.5, 0.9)
+NA_ACCURACY = 0.5  # the reference's own accuracy below which a copy / passkey cell is n/a
+CONF_BINS = 10  # reference top-1 probability bins [0, 0.1), …, [0.9, 1]
+POSITION_BUCKETS = 4  # quarters of the window (L/2, L]
+LABELS = (
+    "amber", "blue", "copper", "green", "ivory", "jade", "lemon", "maroon", "navy", "olive", "pearl", "ruby",
+    "silver", "teal", "violet", "white", "yellow", "coral", "indigo", "khaki", "lilac", "ochre", "rust", "slate",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Which probes run and their settings (the defaults are stated in the module docstring)."""
+
+    names: tuple[str, ...] = PROBES
+    window: int = 256  # W: the short context of the key-token definition
+    margin: float = 2.0  # nats: log p(full) − log p(short) above this marks a key token
+    floor: float = -2.0  # nats: and log p(full) above this
+    span: int = 64  # copy span (fewer when the shortest length is short: span_for)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["names"] = list(self.names)
+        return d
+
+    @property
+    def reference_analysis(self) -> bool:
+        """True when the reference's per-position log-probabilities are needed (keytokens, where)."""
+        return "keytokens" in self.names or "where" in self.names
+
+    @property
+    def sequence(self) -> bool:
+        """True when the probe sequence is needed (copy, passkey)."""
+        return "copy" in self.names or "passkey" in self.names
+
+
+def span_for(cfg: ProbeConfig, lengths: Sequence[int]) -> int:
+    """Copy span length: cfg.span, at most an eighth of the shortest length (room for every length's items)."""
+    return max(4, min(cfg.span, min(lengths) // 8))
+
+
+# ---- the reference's analysis (keytokens, where) -------------------------------------------------------------
+
+
+@dataclass
+class RefAnalysis:
+    """Per sample: the reference's NLL of the next token with the full context (T − 1,), with the short context
+    (T − 1,), and its top-1 probability (T,); float32."""
+
+    nll_long: torch.Tensor
+    nll_short: torch.Tensor
+    pmax: torch.Tensor
+
+    def key_mask(self, cfg: ProbeConfig) -> torch.Tensor:
+        """(T − 1,) bool: key tokens (long − short log-probability > margin and long log-probability > floor)."""
+        gain = self.nll_short - self.nll_long
+        return (gain > cfg.margin) & (-self.nll_long > cfg.floor)
+
+
+def short_blocks(T: int, W: int) -> list[tuple[int, int, int]]:
+    """(start, first scored, end) of the short-context passes over T tokens: each pass reads ids[start:end] and
+    scores positions [first scored, end) with between W and W + W//2 tokens of context. Positions < W are read
+    with their whole context by every pass and are not listed."""
+    S = max(1, W // 2)
+    return [(s - W, s, min(T, s + S)) for s in range(W, T, S)]
+
+
+def nll_and_pmax(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (c, V), targets (c,) → (NLL of the targets (c,), top-1 probability (c,)), float32 log-softmax."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (c, V)
+    return -lp.gather(1, targets.view(-1, 1).to(lp.device)).squeeze(1).cpu(), lp.max(-1).values.exp().cpu()
+
+
+Blocks = Callable[[], Any]  # () → iterator of (start, logits (c, V)) over one sequence, in order
+
+
+def analyse_reference(
+    ids: torch.Tensor,
+    window: int,
+    long_blocks: Blocks,
+    short_logits: Callable[[torch.Tensor, int], torch.Tensor],
+) -> RefAnalysis:
+    """The reference's RefAnalysis of one sample ids (T,): `long_blocks` streams its logits over the whole
+    sequence; `short_logits(ids_w, k)` returns the logits (k, V) of the last k positions of a pass over ids_w
+    alone (the short-context passes of `short_blocks`)."""
+    T = int(ids.shape[0])
+    nll_long = torch.zeros(max(T - 1, 0), dtype=torch.float32)
+    pmax = torch.zeros(T, dtype=torch.float32)
+    for s, z in long_blocks():
+        e = s + z.shape[0]
+        te = min(e, T - 1)
+        tgt = torch.cat([ids[s + 1 : te + 1], ids[:0] if te == e else ids[:1]])[: e - s]  # padded at the end
+        nll, pm = nll_and_pmax(z, tgt)
+        pmax[s:e] = pm
+        nll_long[s:te] = nll[: te - s]
+    nll_short = nll_long.clone()  # positions < W: the short context is the whole context
+    for a, s, e in short_blocks(T, window):
+        te = min(e, T - 1)
+        if te <= s:
+            continue
+        z = short_logits(ids[a:te], te - s)  # (te − s, V)
+        nll_short[s:te], _ = nll_and_pmax(z, ids[s + 1 : te + 1])
+    return RefAnalysis(nll_long, nll_short, pmax)
+
+
+def probe_sequences(
+    samples: Sequence[Any], lengths: Sequence[int], tokenizer: Any, cfg: ProbeConfig, seed: int
+) -> list[ProbeSequence]:
+    """One probe sequence per sample (build_sequence): copy spans from the sample itself, filler from the next
+    sample (a single sample: itself, rolled by half its length), keys drawn from `seed` + the sample's index."""
+    n = len(samples)
+    span = span_for(cfg, lengths)
+    out = []
+    for i, s in enumerate(samples):
+        filler = samples[(i + 1) % n].ids if n > 1 else torch.roll(s.ids, s.ids.shape[0] // 2)
+        out.append(build_sequence(s.ids, filler, lengths, tokenizer, cfg.names, span, seed + i))
+    return out
+
+
+# ---- the probe sequence (copy, passkey) ----------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """A planted piece of the probe sequence: `tokens` at `start`; `scored` = offsets k within it whose token is
+    scored (predicted at position start + k − 1)."""
+
+    kind: str  # 'copy-source', 'copy', 'key', 'ask'
+    length: int
+    tokens: list[int]
+    depth: float | None = None
+    start: int = -1
+    scored: tuple[int, ...] = ()
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass
+class ProbeSequence:
+    """One sample's probe sequence (Lmax,) and its planted items; `rows` (n,) are the positions whose next token
+    is scored (sorted), `targets` (n,) those tokens."""
+
+    ids: torch.Tensor
+    items: list[Item]
+    rows: torch.Tensor
+    targets: torch.Tensor
+    notes: list[str] = field(default_factory=list)
+
+    def rows_of(self, item: Item) -> torch.Tensor:
+        """Indices into `rows` of the item's scored tokens."""
+        pos = torch.tensor([item.start + k - 1 for k in item.scored], dtype=torch.int64)
+        return torch.searchsorted(self.rows, pos)
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def _fit(taken: list[tuple[int, int]], want: int, size: int, lo: int, hi: int) -> int | None:
+    """The start closest to `want` of a free stretch of `size` tokens inside [lo, hi), or None."""
+    best = None
+    free = []
+    cur = lo
+    for a, b in sorted(taken):
+        if a > cur:
+            free.append((cur, min(a, hi)))
+        cur = max(cur, b)
+    if cur < hi:
+        free.append((cur, hi))
+    for a, b in free:
+        if b - a < size:
+            continue
+        s = min(max(want, a), b - size)
+        if best is None or abs(s - want) < abs(best - want):
+            best = s
+    return best
+
+
+def build_sequence(
+    sample_ids: torch.Tensor,
+    filler_ids: torch.Tensor,
+    lengths: Sequence[int],
+    tokenizer: Any,
+    names: Sequence[str],
+    span: int,
+    seed: int,
+) -> ProbeSequence:
+    """The probe sequence of one sample: filler (Lmax,) with copy and passkey items planted for every length.
+
+    Layout, per length L (ascending): the end block [L − B, L) holds the passkey questions (one per depth) and then
+    the copy repeat, which ends exactly at L; key statements go to the free stretch closest to f·L before the end
+    block; copy sources to the free stretch closest to the start. An item that finds no room is left out with a
+    note (its cells read n/a). `seed` draws the keys (an explicit generator)."""
+    lengths = sorted(lengths)
+    Lmax = lengths[-1]
+    if filler_ids.shape[0] < Lmax:
+        reps = -(-Lmax // max(1, filler_ids.shape[0]))
+        filler_ids = filler_ids.repeat(reps)
+    ids = filler_ids[:Lmax].clone()
+    g = torch.Generator().manual_seed(seed)
+    items: list[Item] = []
+    notes: list[str] = []
+    taken: list[tuple[int, int]] = []
+    label_k = 0
+    plan: list[tuple[Item, int, int, int]] = []  # (item, wanted start, lo, hi) placed after the end blocks
+    for j, L in enumerate(lengths):
+        block: list[Item] = []
+        if "passkey" in names:
+            for f in DEPTHS:
+                label = LABELS[label_k % len(LABELS)] + ("" if label_k < len(LABELS) else f" {label_k}")
+                label_k += 1
+                digits = int(torch.randint(5, 8, (1,), generator=g))
+                key = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=g))
+                key = str(int(torch.randint(1, 10, (1,), generator=g))) + key[1:]  # no leading zero
+                stmt = _encode(tokenizer, f" The {label} door's pass key is {key}. Remember it.")
+                ask = _encode(
+                    tokenizer, f" What is the {label} door's pass key? The {label} door's pass key is"
+                )
+                ans = _encode(tokenizer, f" {key}")
+                q = Item("ask", L, ask + ans, f, scored=tuple(range(len(ask), len(ask) + len(ans))))
+                block.append(q)
+                plan.append((Item("key", L, stmt, f), int(f * L), 0, L))
+        if "copy" in names:
+            off = (j * span) % max(1, sample_ids.shape[0] - span)
+            s_tokens = sample_ids[off : off + span].tolist()
+            block.append(Item("copy", L, s_tokens, scored=tuple(range(1, span))))
+            plan.append((Item("copy-source", L, s_tokens), 0, 0, L))
+        B = sum(len(it.tokens) for it in block)
+        start = L - B
+        if start < 0 or any(a < L and start < b for a, b in taken):
+            notes.append(
+                f"length {L}: no room for the probes' end block of {B} tokens after the shorter lengths'"
+            )
+            plan = [p for p in plan if p[0].length != L]
+            continue
+        for it in block:
+            it.start = start
+            start = it.end
+            items.append(it)
+        taken.append((L - B, L))
+    ends = {it.length: min(x.start for x in items if x.length == it.length) for it in items}
+    for it, want, lo, _ in sorted(plan, key=lambda p: (p[0].kind != "key", -p[0].length)):
+        if it.length not in ends:
+            continue
+        hi = ends[it.length]  # before the end block of its length
+        s = _fit(taken, want, len(it.tokens), lo, hi)
+        if s is None:
+            notes.append(f"length {it.length}: no room for a {it.kind} item of {len(it.tokens)} tokens")
+            continue
+        it.start = s
+        taken.append((s, it.end))
+        items.append(it)
+    # questions whose statement found no room, and repeats whose source found none, are dropped
+    placed = {(it.kind, it.length, it.depth) for it in items}
+    items = [
+        it
+        for it in items
+        if not (it.kind == "ask" and ("key", it.length, it.depth) not in placed)
+        and not (it.kind == "copy" and ("copy-source", it.length, None) not in placed)
+    ]
+    for it in items:
+        ids[it.start : it.end] = torch.tensor(it.tokens, dtype=torch.int64)
+    rows = sorted({it.start + k - 1 for it in items for k in it.scored})
+    rows_t = torch.tensor(rows, dtype=torch.int64)
+    return ProbeSequence(ids, sorted(items, key=lambda it: it.start), rows_t, ids[rows_t + 1].clone(), notes)
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowScores:
+    """Per scored row (n,): KL(P_ref ‖ P_cmp) in nats, whether each model's argmax is the true next token, and
+    each model's log-probability of it."""
+
+    kl: torch.Tensor
+    ref_ok: torch.Tensor
+    cmp_ok: torch.Tensor
+    ref_lp: torch.Tensor
+    cmp_lp: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> RowScores:
+        return RowScores(*(getattr(self, f)[idx] for f in ("kl", "ref_ok", "cmp_ok", "ref_lp", "cmp_lp")))
+
+
+def score_rows(z_ref: torch.Tensor, z_cmp: torch.Tensor, targets: torch.Tensor) -> RowScores:
+    """z_ref, z_cmp (n, V) logits at the scored rows, targets (n,) → RowScores (float32 log-softmax, the KL of
+    measure.compare)."""
+    lp_ref = torch.log_softmax(z_ref.float(), dim=-1)  # (n, V)
+    lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1)  # (n, V)
+    kl = (lp_ref.exp() * (lp_ref - lp_cmp)).sum(-1)
+    t = targets.view(-1, 1).to(lp_ref.device)
+    return RowScores(
+        kl.cpu(),
+        (lp_ref.argmax(-1) == t.squeeze(1)).cpu(),
+        (lp_cmp.argmax(-1) == t.squeeze(1)).cpu(),
+        lp_ref.gather(1, t).squeeze(1).cpu(),
+        lp_cmp.gather(1, t).squeeze(1).cpu(),
+    )
+
+
+def rows_in_blocks(blocks: Callable[[], Any], rows: torch.Tensor) -> torch.Tensor:
+    """Gather the logits at `rows` (n,) from an engine's stream of (start, logits (c, V)) blocks → (n, V)."""
+    out = []
+    for s, z in blocks():
+        sel = rows[(rows >= s) & (rows < s + z.shape[0])] - s
+        if sel.numel():
+            out.append(z[sel].clone())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@dataclass
+class ProbeReference:
+    """The reference's side of the probes, computed once per harness: analyses per sample (keytokens, where; None
+    when neither runs), probe sequences and what the engine keeps of the reference at their scored rows (torch:
+    hidden states (n, H); None when copy and passkey do not run), seconds, and a note when they were skipped."""
+
+    analyses: list[RefAnalysis] | None
+    sequences: list[ProbeSequence] | None
+    rows_hidden: list[torch.Tensor] | None
+    seconds: float = 0.0
+    note: str | None = None
+
+
+# ---- per-length summaries --------------------------------------------------------------------------------------
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return math.fsum(xs) / len(xs) if xs else None
+
+
+def _interval(xs: Sequence[float]) -> list[float | None]:
+    """The 90 % Student-t interval of the mean over the values (samples); [None, None] with fewer than two."""
+    from .stats import t_interval
+
+    if len(xs) < 2:
+        return [None, None]
+    _, lo, hi = t_interval(list(xs), 0.90)
+    return [lo, hi]
+
+
+def keytoken_stats(L: int, kls: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Key-token KL at length L over the window positions [L//2, L − 1) (those whose next token lies inside L):
+    pooled over samples ('kl', gated), per sample (None for a sample with no key token in the window), the
+    rest's KL and the key tokens' share."""
+    lo = L // 2
+    key_vals, rest_vals, per = [], [], []
+    for kl, m in zip(kls, masks, strict=True):
+        w = m[lo : L - 1]
+        k = kl[lo : L - 1]
+        key_vals.append(k[w])
+        rest_vals.append(k[~w])
+        per.append(float(k[w].double().mean()) if bool(w.any()) else None)
+    keys, rest = torch.cat(key_vals).double(), torch.cat(rest_vals).double()
+    n = keys.numel() + rest.numel()
+    defined = [x for x in per if x is not None]
+    return {
+        "kl": float(keys.mean()) if keys.numel() else None,
+        "rest_kl": float(rest.mean()) if rest.numel() else None,
+        "fraction": keys.numel() / n if n else 0.0,
+        "n_key": int(keys.numel()),
+        "per_sample": per,
+        "ci": _interval(defined),
+        **({} if keys.numel() else {"na": "no key token in the window"}),
+    }
+
+
+def where_stats(
+    L: int, kls: Sequence[torch.Tensor], top1s: Sequence[torch.Tensor], pmaxs: Sequence[torch.Tensor]
+) -> dict[str, Any]:
+    """Where the error lives at length L (window [L//2, L), pooled): flip rate, KL by reference-confidence bin
+    (CONF_BINS, None for an empty bin) with counts, KL by position quarter."""
+    lo = L // 2
+    kl = torch.cat([k[lo:L] for k in kls]).double()
+    flip = 1.0 - float(torch.cat([t[lo:L] for t in top1s]).double().mean())
+    pm = torch.cat([p[lo:L] for p in pmaxs]).double()
+    b = (pm * CONF_BINS).long().clamp(0, CONF_BINS - 1)
+    conf, counts = [], []
+    for k in range(CONF_BINS):
+        sel = b == k
+        counts.append(int(sel.sum()))
+        conf.append(float(kl[sel].mean()) if bool(sel.any()) else None)
+    width = L - lo
+    edges = [lo + (width * q) // POSITION_BUCKETS for q in range(POSITION_BUCKETS + 1)]
+    pos = [
+        float(torch.cat([k[edges[q] : edges[q + 1]] for k in kls]).double().mean())
+        for q in range(POSITION_BUCKETS)
+    ]
+    return {"flip": flip, "by_confidence": conf, "confidence_counts": counts, "by_position": pos}
+
+
+def copy_stats(L: int, seqs: Sequence[ProbeSequence], scores: Sequence[RowScores]) -> dict[str, Any] | None:
+    """The copy cell at length L, or None when no sample has a copy item for L."""
+    per_kl, ref_ok, cmp_ok, dist = [], [], [], []
+    for seq, sc in zip(seqs, scores, strict=True):
+        it = next((x for x in seq.items if x.kind == "copy" and x.length == L), None)
+        src = next((x for x in seq.items if x.kind == "copy-source" and x.length == L), None)
+        if it is None or src is None:
+            continue
+        r = sc.take(seq.rows_of(it))
+        per_kl.append(float(r.kl.double().mean()))
+        ref_ok.append(r.ref_ok.float())
+        cmp_ok.append(r.cmp_ok.float())
+        dist.append(it.start - src.end)
+    if not per_kl:
+        return None
+    ref_acc = float(torch.cat(ref_ok).mean())
+    out: dict[str, Any] = {"distance": round(sum(dist) / len(dist)), "ref_acc": ref_acc, "n": len(per_kl)}
+    if ref_acc < NA_ACCURACY:
+        return out | {
+            "na": f"reference copies {ref_acc:.0%} < {NA_ACCURACY:.0%}",
+            "kl": None,
+            "cmp_acc": None,
+        }
+    return out | {
+        "kl": _mean(per_kl),
+        "per_sample": per_kl,
+        "ci": _interval(per_kl),
+        "cmp_acc": float(torch.cat(cmp_ok).mean()),
+    }
+
+
+def passkey_stats(L: int, seqs: Sequence[ProbeSequence], scores: Sequence[RowScores]) -> dict[str, Any]:
+    """The passkey cells at length L, one per depth ('10', '50', '90'): exact match rate and mean summed
+    log-probability of the key's tokens for both models, KL over them; n/a where the reference's exact match
+    rate is below NA_ACCURACY."""
+    out: dict[str, Any] = {}
+    for f in DEPTHS:
+        em_r, em_c, lp_r, lp_c, kls, depth = [], [], [], [], [], []
+        for seq, sc in zip(seqs, scores, strict=True):
+            ask = next((x for x in seq.items if x.kind == "ask" and x.length == L and x.depth == f), None)
+            key = next((x for x in seq.items if x.kind == "key" and x.length == L and x.depth == f), None)
+            if ask is None or key is None:
+                continue
+            r = sc.take(seq.rows_of(ask))
+            em_r.append(float(bool(r.ref_ok.all())))
+            em_c.append(float(bool(r.cmp_ok.all())))
+            lp_r.append(float(r.ref_lp.double().sum()))
+            lp_c.append(float(r.cmp_lp.double().sum()))
+            kls.append(float(r.kl.double().mean()))
+            depth.append(key.start / L)
+        if not kls:
+            continue
+        cell: dict[str, Any] = {"depth": sum(depth) / len(depth), "n": len(kls), "ref_em": _mean(em_r)}
+        cell["ref_lp"] = _mean(lp_r)
+        if cell["ref_em"] < NA_ACCURACY:
+            cell |= {"na": f"reference recalls {cell['ref_em']:.0%} < {NA_ACCURACY:.0%}", "cmp_em": None}
+            cell |= {"cmp_lp": None, "kl": None}
+        else:
+            cell |= {"cmp_em": _mean(em_c), "cmp_lp": _mean(lp_c), "kl": _mean(kls), "per_sample": kls}
+        out[str(round(100 * f))] = cell
+    return out
+
+
+def summarize_probes(
+    cfg: ProbeConfig,
+    lengths: Sequence[int],
+    window: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+    analyses: Sequence[RefAnalysis] | None,
+    seqs: Sequence[ProbeSequence] | None,
+    scores: Sequence[RowScores] | None,
+) -> dict[str, Any]:
+    """The run record's `probes` entry: config, per-length cells, notes. window[L] = per sample (KL (T,), top-1
+    (T,)) of the window measurement that covers L."""
+    curves: dict[str, Any] = {}
+    for L in sorted(lengths):
+        if L not in window:
+            continue
+        kls = [k for k, _ in window[L]]
+        cell: dict[str, Any] = {}
+        if "keytokens" in cfg.names and analyses is not None:
+            cell["keytokens"] = keytoken_stats(L, kls, [a.key_mask(cfg) for a in analyses])
+        if "where" in cfg.names and analyses is not None:
+            cell["where"] = where_stats(L, kls, [t for _, t in window[L]], [a.pmax for a in analyses])
+        if "copy" in cfg.names and seqs is not None:
+            c = copy_stats(L, seqs, scores)
+            if c is not None:
+                cell["copy"] = c
+        if "passkey" in cfg.names and seqs is not None:
+            cell["passkey"] = passkey_stats(L, seqs, scores)
+        curves[str(L)] = cell
+    notes = sorted({n for s in seqs or () for n in s.notes})
+    return {"config": cfg.to_dict(), "curves": curves, **({"notes": notes} if notes else {})}
+
+
+def check_probe_lengths(cfg: ProbeConfig, lengths: Sequence[int]) -> None:
+    """HarnessError when the probes cannot run at these lengths (the key-token window must be shorter than the
+    longest length, and the probe sequence needs room)."""
+    if "keytokens" in cfg.names and cfg.window >= max(lengths):
+        raise HarnessError(
+            f"the key-token probe reads a short context of {cfg.window} tokens, not shorter than the longest length "
+            f"{max(lengths)}; measure longer lengths or leave keytokens out of --probes"
+        )
+    if cfg.sequence and min(lengths) < 64:
+        raise HarnessError(
+            f"the copy and passkey probes need lengths of at least 64 tokens (shortest: {min(lengths)}); drop the "
+            "shorter lengths or leave copy,passkey out of --probes"
+        )
