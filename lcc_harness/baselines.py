@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import BaselineError
 from .files import atomic_write
+from .options import GATED_PROBES  # the probes whose KL the gate checks (probes.py)
 
 SCHEMA = "lcc-baseline/3"  # 3: claims judged on matched-target curves, findings_basis
 # engine: absent for torch (every file before the llama.cpp engine), "llama.cpp" for that engine's baselines
@@ -152,6 +153,15 @@ class BaselineFile:
         c = self.methods.get(method, {}).get("curves", {}).get(str(length))
         return [float(x) for x in c["per_sample"]] if c else None
 
+    def probe_values(self, method: str, probe: str, length: int) -> tuple[bool, list[float] | None]:
+        """(stored?, values) of a gated probe at `length`: (False, None) when the baseline has no such entry,
+        (True, None) when it is stored as n/a, else (True, the per-sample values — one pooled value for keytokens)."""
+        cells = (self.methods.get(method, {}).get("probes") or {}).get(probe)
+        if not isinstance(cells, dict) or str(length) not in cells:
+            return False, None
+        c = cells[str(length)]
+        return True, None if c is None else [float(x) for x in c["per_sample"]]
+
     def rel_noise(self, method: str) -> float:
         return float(self.methods[method]["float_noise"]["relative"])
 
@@ -223,7 +233,58 @@ def schema_problem(data: Any) -> str | None:
             mean = math.fsum(per) / n
             if abs(c["window_kl"] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
                 return f"{where}.window_kl {c['window_kl']} is not the mean of per_sample ({mean}); edit both"
+        p = _probes_problem(entry.get("probes"), f"{at}.probes")
+        if p:
+            return p
     return None
+
+
+def _probes_problem(probes: Any, at: str) -> str | None:
+    """What is wrong with a method's stored probes (absent is fine: a baseline written without probes)."""
+    if probes is None:
+        return None
+    if not isinstance(probes, dict):
+        return f"{at} is not an object"
+    for name, cells in probes.items():
+        if name not in GATED_PROBES or not isinstance(cells, dict):
+            return f"{at}.{name} is not one of {', '.join(GATED_PROBES)} with an object of lengths"
+        for L, c in cells.items():
+            where = f"{at}.{name}.{L}"
+            if not (isinstance(L, str) and L.isdigit()):
+                return f"{where}: length key {L!r} is not an integer"
+            if c is None:  # n/a at this length
+                continue
+            if not isinstance(c, dict) or not isinstance(c.get("per_sample"), list) or not c["per_sample"]:
+                return f"{where} lacks per_sample values"
+            for i, x in enumerate(c["per_sample"]):
+                p = _kl_problem(x, f"{where}.per_sample[{i}]")
+                if p:
+                    return p
+            p = _kl_problem(c.get("kl"), f"{where}.kl")
+            if p:
+                return p
+            mean = math.fsum(c["per_sample"]) / len(c["per_sample"])
+            if abs(c["kl"] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
+                return f"{where}.kl {c['kl']} is not the mean of per_sample ({mean}); edit both"
+    return None
+
+
+def probe_entry(probes: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored form of a method's gated probes (probes.summarize_probes → per gated probe, per length): the
+    KL values the gate compares (full precision) — key-token KL pooled over samples ('per_sample' holds that one
+    value: key tokens differ in number between samples), copy KL per sample — or null where the probe is n/a."""
+    out: dict[str, Any] = {}
+    for name in GATED_PROBES:
+        if name not in (probes.get("config") or {}).get("names", []):
+            continue
+        cells = {}
+        for L, c in (probes.get("curves") or {}).items():
+            cell = c.get(name) or {}
+            kl = cell.get("kl")
+            per = [kl] if name == "keytokens" else cell.get("per_sample")
+            cells[str(L)] = {"kl": kl, "per_sample": per} if kl is not None and per else None
+        out[name] = cells
+    return out
 
 
 def method_entry(
@@ -231,9 +292,11 @@ def method_entry(
     growth: Mapping[str, Any],
     noise: Mapping[str, float],
     method_info: Mapping[str, Any],
+    probes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The stored form of one method: per length the window KL of each sample (full precision) and their mean;
-    growth statistics, the float noise and method facts rounded for display."""
+    growth statistics, the float noise and method facts rounded for display; the gated probes (`probe_entry`)
+    when the run measured them."""
     out_curves = {}
     for L, c in curves.items():
         per = [float(x) for x in c["per_sample"]["window_kl"]]
@@ -248,6 +311,7 @@ def method_entry(
         "growth": _round_tree(dict(growth)),
         "float_noise": _round_tree({k: float(noise.get(k, 0.0)) for k in ("absolute", "relative")}),
         "method_info": _round_tree(info),
+        **({"probes": probe_entry(probes)} if probes else {}),
     }
 
 

@@ -3,8 +3,11 @@
 Two kinds of growth live here:
 - per method, on the window curves (`growth`): per sample, the slope of window KL against log2(length) divided by
   that sample's mean window KL, averaged over samples, with a Student-t 90 % interval (df = n − 1). Stored in the
-  baseline beside each method and shown in the report; a method's verdict 'rising' (CI lower bound > RISING) /
-  'flat' (CI inside ±FLAT) / 'inconclusive' describes that method alone and judges no claim.
+  baseline beside each method and shown in the report. Its verdict uses the claims' directional rule on that
+  interval: 'rising' (the 90 % interval lies wholly above 0), 'falling' (wholly below 0), else 'flat' when it lies
+  inside ±FLAT (KL changes by less than 2 % of its level per doubling: the margin), else 'inconclusive'. It describes
+  that method alone and judges no claim. (Until this rule, 'rising' needed a lower bound above +5 % and 'flat' an
+  interval inside ±10 %, so a seed rising 8 %/doubling read 'flat' beside a claim that random pruning rises.)
 - per claim, on the matched-target curves (the same target tokens at every length): paired per-sample contrasts
   of the log-log growth exponent and of the KL level (see "the paper's claims as paired contrasts" below). These
   are the verdicts the baseline stores and `pytest suites/` re-checks.
@@ -20,8 +23,8 @@ import numpy as np
 
 from .stats import Contrast, Estimate, crossed_mean, one_sample, paired_contrast, t_interval
 
-RISING = 0.05
-FLAT = 0.10
+RISING = 0.0  # directional, as the claims: the interval lies wholly above 0
+FLAT = 0.02  # the margin of 'flat': |relative slope| < 2 % of the level per doubling, the whole interval
 CI_LEVEL = 0.90
 
 
@@ -84,9 +87,11 @@ def growth(per_sample: Mapping[int, Sequence[float]], lengths: Sequence[int], fl
 
 
 def verdict(lo: float, hi: float) -> str:
-    """'rising', 'flat' or 'inconclusive' from the CI of the relative slope (NaN → inconclusive)."""
+    """'rising', 'falling', 'flat' or 'inconclusive' from the CI of the relative slope (NaN → inconclusive)."""
     if lo > RISING:
         return "rising"
+    if hi < -RISING:
+        return "falling"
     if lo > -FLAT and hi < FLAT:
         return "flat"
     return "inconclusive"
@@ -332,18 +337,25 @@ class Claim:
     title: str
     roles: tuple[str, ...]
     judge: Callable[..., tuple[str, list[Part]]]
+    # what the judge reads per method: 'matched' (per-sample matched-target KL per length) or 'copy-ratio'
+    # (`copy_ratio`: per-sample log(copy KL / window KL) per length, from the copy probe)
+    data: str = "matched"
+    # informative: evaluated and reported (and its verdict stored), but a changed verdict fails no test
+    informative: bool = False
 
 
 CLAIMS: dict[str, Claim] = {}
 
 
-def claim(name: str, title: str, roles: tuple[str, ...]) -> Callable:
+def claim(
+    name: str, title: str, roles: tuple[str, ...], data: str = "matched", informative: bool = False
+) -> Callable:
     """Decorator registering a claim's judge under `name` (a duplicate name is a ValueError)."""
 
     def deco(fn: Callable[..., tuple[str, list[Part]]]) -> Callable:
         if name in CLAIMS:
             raise ValueError(f"claim '{name}' is registered twice")
-        CLAIMS[name] = Claim(name, title, roles, fn)
+        CLAIMS[name] = Claim(name, title, roles, fn, data, informative)
         return fn
 
     return deco
@@ -412,6 +424,57 @@ def _random_prune_rises(ids, curves, lengths):
     return "rises almost linearly", [_random_slope_part(curves, lengths, ids["random10"])]
 
 
+@claim(
+    "lowbit-copy-more-than-pruning",
+    "3-bit quantization degrades copying at a distance more than magnitude and Wanda pruning do, relative to each "
+    "method's own window KL (copy probe; informative)",
+    ("rtn3", "magnitude", "wanda"),
+    data="copy-ratio",
+    informative=True,
+)
+def _lowbit_copy(ids, curves, lengths):
+    q = ids["rtn3"][0]
+    return "not in the paper: a probe of its explanation (noise in keys and values hurts retrieval)", [
+        _copy_part(curves, q, ids[r][0]) for r in ("magnitude", "wanda")
+    ]
+
+
+def copy_ratio(
+    probes: Mapping[str, Any] | None, window: Mapping[int, Sequence[float]], lengths: Sequence[int]
+) -> dict[int, list[float]]:
+    """Per length where the copy probe is defined for every sample: per sample log(copy KL / window KL) — how much
+    more a method hurts copying than it hurts the average token (comparable across methods of different damage).
+    Empty when the run has no copy probe."""
+    out: dict[int, list[float]] = {}
+    for L in lengths:
+        cell = ((probes or {}).get("curves") or {}).get(str(L), {}).get("copy") or {}
+        per, win = cell.get("per_sample"), window.get(L)
+        if (
+            not per
+            or not win
+            or len(per) != len(win)
+            or not all(a > 0 and b > 0 for a, b in zip(per, win, strict=True))
+        ):
+            continue
+        out[L] = [float(np.log(a / b)) for a, b in zip(per, win, strict=True)]
+    return out
+
+
+def _copy_part(curves, a: str, b: str) -> Part:
+    """Per sample, the mean over the lengths both methods have of log(copy/window)_a − log(copy/window)_b; one-
+    sample t-interval over the samples (paired: the same spans and probe sequences), shown as a ratio − 1."""
+    st = f"copy KL / window KL of {a} > that of {b}"
+    q = f"(copy/window)({a}) ÷ (copy/window)({b}) − 1"
+    Ls = sorted(set(curves.get(a, {})) & set(curves.get(b, {})))
+    if not Ls:
+        return _na(st, q, "relative", ">", "the copy probe is n/a (or absent) at every length")
+    d = np.mean([np.subtract(curves[a][L], curves[b][L]) for L in Ls], axis=0)
+    if d.shape[0] < 2:
+        return _na(st, q, "relative", ">", "one sample: no interval")
+    est = one_sample(d.tolist(), CI_LEVEL)
+    return _part(st, q, "relative", est, ">", transform=lambda v: float(np.expm1(v)))
+
+
 def fmt_part_value(v: Any, unit: str | None, missing: str = "n/a") -> str:
     """One Part number as text: a signed percentage for `relative` parts, else signed to 3 decimals; `missing`
     for None or a non-finite value. Shared by the finding's one-line summary and the report's parts table."""
@@ -440,6 +503,20 @@ def evaluate_claim(
     lengths = sorted(lengths)
     ids = {r: role_ids(roles, r) for r in c.roles}
     paper, parts = c.judge(ids, curves, lengths)
+    if not parts or parts[0].n == 0:  # every part n/a: no sample count to report
+        holds = combine(parts)
+        measured = "; ".join(_fmt_part(p) for p in parts if p.judged)
+        return Finding(
+            name,
+            c.title,
+            paper,
+            measured,
+            holds,
+            "not estimated",
+            claim_methods(name, roles),
+            [p.to_dict() for p in parts],
+            target_tokens,
+        ).to_dict() | {"informative": c.informative}
     holds = combine(parts)
     measured = "; ".join(_fmt_part(p) for p in parts if p.judged)
     extra = [_fmt_part(p) for p in parts if not p.judged]
@@ -458,4 +535,4 @@ def evaluate_claim(
         claim_methods(name, roles),
         [p.to_dict() for p in parts],
         target_tokens,
-    ).to_dict()
+    ).to_dict() | {"informative": c.informative}

@@ -71,6 +71,13 @@ def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
     out, skipped = [], []
     for name in CLAIMS:
         needed = claim_methods(name, roles)
+        if CLAIMS[name].data == "copy-ratio":
+            got = _copy_claim(name, roles, needed, rec, lengths)
+            if got is None:
+                skipped.append(f"claim {name}: not evaluated (needs the copy probe of {', '.join(needed)})")
+            else:
+                out.append(got)
+            continue
         curves = {}
         for m in needed:
             o = rec.methods.get(m)
@@ -86,6 +93,20 @@ def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         out.append(evaluate_claim(name, roles, curves, lengths, rec.run.get("target_tokens")))
     return out, skipped
+
+
+def _copy_claim(name: str, roles: Any, needed: list[str], rec: RunRecord, lengths: list[int]) -> dict | None:
+    """The copy-probe claim from the record's methods (findings.copy_ratio), or None when one lacks the probe."""
+    from .findings import copy_ratio, evaluate_claim
+
+    curves = {}
+    for m in needed:
+        o = rec.methods.get(m)
+        if o is None or o.status != "ok" or not o.probes or not o.curves:
+            return None
+        window = {int(L): c["per_sample"]["window_kl"] for L, c in o.curves.items()}
+        curves[m] = copy_ratio(o.probes, window, lengths)
+    return evaluate_claim(name, roles, curves, lengths)
 
 
 def _per_sample(curves: dict[str, Any], lengths: list[int]) -> dict[int, list[float]] | None:

@@ -124,6 +124,24 @@ def parse_probes(key: str, value: Any) -> tuple[str, ...]:
     return tuple(p for p in PROBES if p in names)
 
 
+GATED_PROBES = ("keytokens", "copy")  # the probes whose KL the gate checks against baselines
+KEYTOKEN_WINDOW = 256  # probes.ProbeConfig.window: the key-token probe's short context
+PROBE_MIN_LENGTH = 64  # copy and passkey need room for their items at the shortest length
+
+
+def feasible_probes(names: Sequence[str], lengths: Sequence[int]) -> tuple[str, ...]:
+    """The probes of `names` that can run at `lengths` (a profile's defaults on shorter lengths): keytokens needs a
+    longest length beyond its short context, copy and passkey a shortest length of PROBE_MIN_LENGTH."""
+    out = []
+    for n in names:
+        if n == "keytokens" and max(lengths) <= KEYTOKEN_WINDOW:
+            continue
+        if n in ("copy", "passkey") and min(lengths) < PROBE_MIN_LENGTH:
+            continue
+        out.append(n)
+    return tuple(out)
+
+
 DESIGNS = ("window", "matched", "both")  # RunConfig.design: which curves a run measures
 
 

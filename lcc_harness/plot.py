@@ -284,3 +284,61 @@ def render_anatomy_png(record: Mapping[str, Any]) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _probe_curves(
+    record: Mapping[str, Any],
+) -> list[tuple[str, list[int], list[float], list[float], list, list]]:
+    """(method, lengths, window KL, key-token KL (None where n/a), copy KL, copy top-1 of the compressed model)
+    of each method with probes."""
+    out = []
+    for mid, entry in _methods(record).items():
+        p = entry.get("probes") if entry.get("status", "ok") in ("ok", "partial") else None
+        curves = _curves(entry)
+        if not isinstance(p, Mapping) or not curves:
+            continue
+        xs = sorted(L for L in curves if str(L) in (p.get("curves") or {}))
+        cells = [p["curves"][str(L)] for L in xs]
+        win = [curves[L].get("window_kl") for L in xs]
+        key = [(c.get("keytokens") or {}).get("kl") for c in cells]
+        cp = [(c.get("copy") or {}).get("kl") for c in cells]
+        acc = [(c.get("copy") or {}).get("cmp_acc") for c in cells]
+        out.append((mid, xs, win, key, cp, acc))
+    return out
+
+
+def render_probes_png(record: Mapping[str, Any]) -> bytes:
+    """The long-range probes as PNG bytes: left, key-token KL (solid) beside window KL (dotted) per method vs
+    context length; right, copy KL at a distance (n/a points, where the reference fails to copy, are left out)."""
+    from matplotlib.figure import Figure
+
+    series = _probe_curves(record)
+    if not series:
+        raise ValueError("no method in the record has probes")
+    colors = [f"C{i}" for i in range(10)]
+    fig = Figure(figsize=(16, 6.4), dpi=110, layout="constrained")
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    lengths = sorted({L for s in series for L in s[1]})
+    vals1 = [v for s in series for v in s[2] + s[3] if _finite(v) and v > 0]
+    vals2 = [v for s in series for v in s[4] if _finite(v) and v > 0]
+    log1 = bool(vals1) and max(vals1) / min(vals1) > 10
+    log2 = bool(vals2) and max(vals2) / min(vals2) > 10
+    for i, (mid, xs, win, key, cp, _acc) in enumerate(series):
+        c = colors[i % len(colors)]
+
+        def ys(v: list, log: bool) -> list[float]:
+            return [x if _finite(x) and (x > 0 or not log) else np.nan for x in v]
+
+        ax1.plot(xs, ys(key, log1), color=c, marker="o", linewidth=2, label=f"{mid}: key tokens")
+        ax1.plot(xs, ys(win, log1), color=c, linestyle=":", linewidth=1.6, label=f"{mid}: window")
+        ax2.plot(xs, ys(cp, log2), color=c, marker="s", linewidth=2, label=mid)
+    _context_axes(ax1, lengths, log1, "KL(P_ref ‖ P_cmp), nats")
+    _context_axes(ax2, lengths, log2, "KL on the copied span, nats")
+    run = record.get("run") or {}
+    ax1.set_title(f"Key-token KL vs window KL — {_run_title(run)}", fontsize=14)
+    ax2.set_title("Copy at a distance (repeat ends at L)", fontsize=14)
+    ax1.legend(fontsize=9, frameon=False, ncol=2)
+    ax2.legend(fontsize=9, frameon=False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

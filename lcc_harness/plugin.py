@@ -97,10 +97,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lcc_method", params, scope="session")
     if "lcc_length" in metafunc.fixturenames:
         metafunc.parametrize("lcc_length", list(s.lengths), ids=[str(L) for L in s.lengths])
+    if "lcc_probe" in metafunc.fixturenames:  # the gated probes this run measures (none: the test is skipped)
+        metafunc.parametrize("lcc_probe", s.gated_probes(), scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     s = config.stash.get(_KEY, None)
+    if (
+        s is not None and not s.gated_probes()
+    ):  # the probe cases of a run without probes: deselected, not skipped
+        off = [it for it in items if "lcc_probe" in getattr(it, "fixturenames", ())]
+        if off:
+            config.hook.pytest_deselected(items=off)
+            items[:] = [it for it in items if it not in off]
     cuda: bool | None = None  # torch is imported only when some item is marked gpu
     for item in items:
         if item.get_closest_marker("gpu") and cuda is None:

@@ -29,6 +29,7 @@ distractors (other labels, other spans).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,12 +38,15 @@ from typing import Any
 import torch
 
 from .errors import HarnessError
-from .options import PROBES
+from .options import KEYTOKEN_WINDOW, PROBE_MIN_LENGTH, PROBES
 
 DEPTHS = (0.1, 0.5, 0.9)
 NA_ACCURACY = 0.5  # the reference's own accuracy below which a copy / passkey cell is n/a
 CONF_BINS = 10  # reference top-1 probability bins [0, 0.1), …, [0.9, 1]
 POSITION_BUCKETS = 4  # quarters of the window (L/2, L]
+# the passkey's statement and question (the key's tokens, " <key>", follow the question)
+KEY_TEXT = " The {label} door's pass key is {key}. Remember it."
+ASK_TEXT = " What is the {label} door's pass key? The {label} door's pass key is"
 LABELS = (
     "amber", "blue", "copper", "green", "ivory", "jade", "lemon", "maroon", "navy", "olive", "pearl", "ruby",
     "silver", "teal", "violet", "white", "yellow", "coral", "indigo", "khaki", "lilac", "ochre", "rust", "slate",
@@ -54,7 +58,7 @@ class ProbeConfig:
     """Which probes run and their settings (the defaults are stated in the module docstring)."""
 
     names: tuple[str, ...] = PROBES
-    window: int = 256  # W: the short context of the key-token definition
+    window: int = KEYTOKEN_WINDOW  # W: the short context of the key-token definition
     margin: float = 2.0  # nats: log p(full) − log p(short) above this marks a key token
     floor: float = -2.0  # nats: and log p(full) above this
     span: int = 64  # copy span (fewer when the shortest length is short: span_for)
@@ -115,6 +119,7 @@ def nll_and_pmax(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
 Blocks = Callable[[], Any]  # () → iterator of (start, logits (c, V)) over one sequence, in order
 
 
+@torch.no_grad()
 def analyse_reference(
     ids: torch.Tensor,
     window: int,
@@ -231,8 +236,10 @@ def build_sequence(
     """The probe sequence of one sample: filler (Lmax,) with copy and passkey items planted for every length.
 
     Layout, per length L (ascending): the end block [L − B, L) holds the passkey questions (one per depth) and then
-    the copy repeat, which ends exactly at L; key statements go to the free stretch closest to f·L before the end
-    block; copy sources to the free stretch closest to the start. An item that finds no room is left out with a
+    the copy repeat, which ends exactly at L; then copy sources go to the free stretch closest to the previous
+    length (the start, for the shortest: the copy distance is about L/2, L − B − span at the shortest), and key
+    statements to the free stretch closest to f·L before the end block (at short
+    lengths the actual depth can differ from f: the report's depth is the actual one). An item that finds no room is left out with a
     note (its cells read n/a). `seed` draws the keys (an explicit generator)."""
     lengths = sorted(lengths)
     Lmax = lengths[-1]
@@ -255,10 +262,8 @@ def build_sequence(
                 digits = int(torch.randint(5, 8, (1,), generator=g))
                 key = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=g))
                 key = str(int(torch.randint(1, 10, (1,), generator=g))) + key[1:]  # no leading zero
-                stmt = _encode(tokenizer, f" The {label} door's pass key is {key}. Remember it.")
-                ask = _encode(
-                    tokenizer, f" What is the {label} door's pass key? The {label} door's pass key is"
-                )
+                stmt = _encode(tokenizer, KEY_TEXT.format(label=label, key=key))
+                ask = _encode(tokenizer, ASK_TEXT.format(label=label))
                 ans = _encode(tokenizer, f" {key}")
                 q = Item("ask", L, ask + ans, f, scored=tuple(range(len(ask), len(ask) + len(ans))))
                 block.append(q)
@@ -267,7 +272,7 @@ def build_sequence(
             off = (j * span) % max(1, sample_ids.shape[0] - span)
             s_tokens = sample_ids[off : off + span].tolist()
             block.append(Item("copy", L, s_tokens, scored=tuple(range(1, span))))
-            plan.append((Item("copy-source", L, s_tokens), 0, 0, L))
+            plan.append((Item("copy-source", L, s_tokens), lengths[j - 1] if j else 0, 0, L))
         B = sum(len(it.tokens) for it in block)
         start = L - B
         if start < 0 or any(a < L and start < b for a, b in taken):
@@ -282,7 +287,7 @@ def build_sequence(
             items.append(it)
         taken.append((L - B, L))
     ends = {it.length: min(x.start for x in items if x.length == it.length) for it in items}
-    for it, want, lo, _ in sorted(plan, key=lambda p: (p[0].kind != "key", -p[0].length)):
+    for it, want, lo, _ in sorted(plan, key=lambda p: (p[0].kind != "copy-source", p[0].length)):
         if it.length not in ends:
             continue
         hi = ends[it.length]  # before the end block of its length
@@ -326,6 +331,7 @@ class RowScores:
         return RowScores(*(getattr(self, f)[idx] for f in ("kl", "ref_ok", "cmp_ok", "ref_lp", "cmp_lp")))
 
 
+@torch.no_grad()
 def score_rows(z_ref: torch.Tensor, z_cmp: torch.Tensor, targets: torch.Tensor) -> RowScores:
     """z_ref, z_cmp (n, V) logits at the scored rows, targets (n,) → RowScores (float32 log-softmax, the KL of
     measure.compare)."""
@@ -534,8 +540,71 @@ def check_probe_lengths(cfg: ProbeConfig, lengths: Sequence[int]) -> None:
             f"the key-token probe reads a short context of {cfg.window} tokens, not shorter than the longest length "
             f"{max(lengths)}; measure longer lengths or leave keytokens out of --probes"
         )
-    if cfg.sequence and min(lengths) < 64:
+    if cfg.sequence and min(lengths) < PROBE_MIN_LENGTH:
         raise HarnessError(
-            f"the copy and passkey probes need lengths of at least 64 tokens (shortest: {min(lengths)}); drop the "
+            f"the copy and passkey probes need lengths of at least {PROBE_MIN_LENGTH} tokens (shortest: {min(lengths)}); drop the "
             "shorter lengths or leave copy,passkey out of --probes"
         )
+
+
+# ---- the reference's side on disk (torch engine) --------------------------------------------------------------
+
+
+def cache_key(reference_key: str, cfg: ProbeConfig, seqs: Sequence[ProbeSequence] | None) -> str:
+    """A hash of what the reference's probe side depends on: the reference (its cache key), the probe settings and
+    the probe sequences' tokens."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"ref": reference_key, "cfg": cfg.to_dict(), "format": 1}).encode())
+    for q in seqs or ():
+        h.update(q.ids.numpy().tobytes())
+        h.update(q.rows.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_reference(path: Any, key: str, pr: ProbeReference) -> None:
+    """Write the tensors of `pr` (analyses, rows_hidden) to a safetensors file with `key` in its metadata; a folder
+    that cannot be written is skipped (the next run recomputes)."""
+    from safetensors.torch import save_file
+
+    from .files import atomic_write
+
+    t: dict[str, torch.Tensor] = {}
+    for i, a in enumerate(pr.analyses or ()):
+        t |= {f"a{i}_long": a.nll_long, f"a{i}_short": a.nll_short, f"a{i}_pmax": a.pmax}
+    for i, h in enumerate(pr.rows_hidden or ()):
+        t[f"h{i}"] = h.contiguous()
+    meta = {"key": key, "analyses": str(len(pr.analyses or ())), "hidden": str(len(pr.rows_hidden or ()))}
+    with contextlib.suppress(OSError):
+        atomic_write(
+            path, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta)
+        )
+
+
+def load_reference(
+    path: Any, key: str, seqs: list[ProbeSequence] | None, note: str | None
+) -> ProbeReference | None:
+    """The ProbeReference stored at `path` under `key` (None when absent, of another key, or unreadable)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            na, nh = int(meta["analyses"]), int(meta["hidden"])
+            analyses = [
+                RefAnalysis(
+                    f.get_tensor(f"a{i}_long"), f.get_tensor(f"a{i}_short"), f.get_tensor(f"a{i}_pmax")
+                )
+                for i in range(na)
+            ]
+            hidden = [f.get_tensor(f"h{i}") for i in range(nh)]
+    except Exception:  # truncated, foreign, stale: recompute
+        return None
+    return ProbeReference(analyses or None, seqs, hidden or None, 0.0, note)

@@ -30,6 +30,8 @@ class Profile:
     # in the paper's findings, its own method ids
     engine: str = "torch"
     method_ids: tuple[str, ...] = ()
+    # long-range probes (probes.py) measured and gated beside window KL; --lcc-probes overrides them
+    probes: tuple[str, ...] = ()
 
     @property
     def roles(self) -> dict[str, str | tuple[str, ...]]:
@@ -81,6 +83,7 @@ PROFILES: dict[str, Profile] = {
             8,
             group=64,
             anatomy=1,
+            probes=("keytokens", "copy", "passkey", "where"),
             description="SmolLM2-135M, the paper's methods, 256…2048 tokens: minutes on 2 CPU cores",
         ),
         Profile(
@@ -102,6 +105,7 @@ PROFILES: dict[str, Profile] = {
             design="window",
             engine="llama.cpp",
             method_ids=("kv-q8_0", "kv-q4_0", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m", "gguf-q2_k"),
+            probes=("keytokens", "copy", "passkey", "where"),
             description="SmolLM2-135M through llama.cpp's kernels: KV-cache and GGUF weight types, 256…1024 tokens",
         ),
     )

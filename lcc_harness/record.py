@@ -111,6 +111,8 @@ class MethodOutcome:
     matched: dict[str, Any] | None = None
     # error anatomy (anatomy.Anatomy.to_dict: relative errors per layer and position bucket); None when off
     anatomy: dict[str, Any] | None = None
+    # the long-range probes (probes.summarize_probes); None when off
+    probes: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

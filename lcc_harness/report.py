@@ -37,6 +37,7 @@ REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
 REPORT_PNG = "kl_vs_context.png"
 ANATOMY_PNG = "kl_anatomy.png"  # written only when some method has an error anatomy
+PROBES_PNG = "kl_probes.png"  # written only when some method has probes
 DASH = "—"
 
 OUTCOME_MARK = {
@@ -633,6 +634,11 @@ def _findings_lines(record: Mapping[str, Any]) -> list[str]:
         lines.append("")
         lines.append(f"- **Holds on {model}: {HOLDS_MARK.get(holds, '')} {holds}**".replace("  ", " "))
         lines.append(f"- Paper: {_one_line(f.get('paper', DASH))}")
+        if f.get("informative"):
+            lines.append(
+                "- Informative (a changed verdict fails no test): judged per sample on log(copy KL / window KL) of "
+                "the copy probe, averaged over the lengths where both methods have it, paired across methods"
+            )
         if f.get("parts"):  # the table says what `measured` and `detail` say
             lines += ["", _parts_table(f["parts"]), ""]
         else:
@@ -794,6 +800,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     out += _engine_floor_section(record)
     out += _matched_sections(record)
     out += _anatomy_sections(record)
+    out += _probe_section(record)
     out += ["", "## Paper findings on this model", ""] + _findings_lines(record)
     warns = [f"- {_one_line(n)}" for n in (run.get("notes") or [])]
     warns += [
@@ -931,6 +938,7 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     out = Path(out_dir)
     paths = [out / REPORT_JSON, out / REPORT_MD, out / REPORT_PNG]
     anatomy_png = any(_anatomy(e) is not None for e in _methods(record).values())
+    probes_png = bool(_probe_rows(record))
     renderers = [
         lambda: (
             json.dumps(_json_safe(record), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
@@ -942,10 +950,17 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     if anatomy_png:
         paths.append(out / ANATOMY_PNG)
         renderers.append(lambda: render_anatomy_png(record))
+    if probes_png:
+        from .plot import render_probes_png
+
+        paths.append(out / PROBES_PNG)
+        renderers.append(lambda: render_probes_png(record))
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not anatomy_png:  # a previous run's picture would describe other results
             (out / ANATOMY_PNG).unlink(missing_ok=True)
+        if not probes_png:
+            (out / PROBES_PNG).unlink(missing_ok=True)
     except OSError as e:
         raise _not_writable(out, e) from e
     for path, render in zip(paths, renderers, strict=True):
@@ -1047,3 +1062,34 @@ def probe_tables(rows: Sequence[tuple[str, Mapping[str, Any] | None]], fmt: str 
         )
         parts.append(f"Window KL by reference top-1 probability at {lengths[-1]} (bins of 0.1)\n\n{t}")
     return "\n\n".join(p for p in parts if p)
+
+
+def _probe_rows(record: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [
+        (m, e["probes"])
+        for m, e in _methods(record).items()
+        if e.get("status", "ok") in ("ok", "partial") and isinstance(e.get("probes"), Mapping)
+    ]
+
+
+PROBES_HOW_TO_READ = (
+    "Mean window KL is dominated by tokens any short context predicts; these probes look where long context "
+    "matters (docs: README, Long-range probes). **Key tokens** (after LongPPL): positions whose true next token the "
+    "reference predicts with the full context more than 2 nats better than with only its last 256…384 tokens, "
+    "and with log-probability above −2; KL over them vs over the rest of the window (positions (L/2, L]); gated "
+    "like window KL. **Copy**: a span of the sample planted early and repeated so that the repeat ends at L; "
+    "KL and top-1 accuracy on its tokens 2…m, reference / compressed; gated; n/a where the reference copies "
+    "< 50 %. **Passkey**: a key stated at depth 10/50/90 % of L and asked for just before L (teacher-forced); "
+    "exact match reference / compressed; n/a where the reference recalls < 50 %. **Where**: top-1 flip rate and "
+    f"window KL by position quarter and by the reference's confidence (`{PROBES_PNG}` plots key-token beside "
+    "window KL, and copy KL)."
+)
+
+
+def _probe_section(record: Mapping[str, Any]) -> list[str]:
+    rows = _probe_rows(record)
+    if not rows:
+        return []
+    notes = sorted({n for _, p in rows for n in p.get("notes", [])})
+    out = ["", "## Long-range probes", "", PROBES_HOW_TO_READ, "", probe_tables(rows)]
+    return out + ([""] + [f"- note: {_one_line(n)}" for n in notes] if notes else [])

@@ -11,6 +11,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,12 +57,22 @@ from .probes import (
     score_rows,
     summarize_probes,
 )
+from .probes import (
+    cache_key as probe_cache_key,
+)
+from .probes import (
+    load_reference as load_probe_reference,
+)
+from .probes import (
+    save_reference as save_probe_reference,
+)
 from .reference import (
     LENGTH_PROBE_TOL,
     MatchedReference,
     Reference,
     build_matched_reference,
     build_reference,
+    default_cache_dir,
     probe_length_dependence,
 )
 from .results import (  # noqa: F401 - re-exported: callers import the run's records from here too
@@ -595,6 +606,7 @@ class Harness:
                 break
         return tally.result(), time.perf_counter() - t0, passes
 
+    @torch.no_grad()
     def probe_reference(self) -> ProbeReference:
         """The reference's side of the probes (probes.ProbeReference), computed once per harness before any method
         changes the model in place: its per-position analysis (keytokens, where) from the longest pass and the
@@ -602,6 +614,22 @@ class Harness:
         if self._probe_ref is None:
             cfg, ref = self.probe_cfg, self.reference
             t0 = time.perf_counter()
+            seqs = None
+            if cfg.sequence and ref.one_pass:
+                seqs = probe_sequences(ref.samples, self.lengths, self.lm.tokenizer, cfg, self.cfg.seed)
+            key = probe_cache_key(ref.key, cfg, seqs)
+            path = Path(self.cfg.cache_dir or default_cache_dir()) / f"probes-{key[:32]}.safetensors"
+            note = (
+                "copy and passkey read one pass over the probe sequence, unsound for this model: skipped"
+                if cfg.sequence and not ref.one_pass
+                else None
+            )
+            if self.cfg.use_cache:
+                got = load_probe_reference(path, key, seqs, note)
+                if got is not None:
+                    got.seconds = time.perf_counter() - t0
+                    self._probe_ref = got
+                    return got
             P = max(ref.hidden)
             model, head, chunk = self.lm.model, ref.head, self.cfg.chunk_size
             analyses = None
@@ -620,16 +648,15 @@ class Harness:
                     )
                     for i, s in enumerate(ref.samples)
                 ]
-            seqs, rows_h, note = None, None, None
-            if cfg.sequence:
-                if ref.one_pass:
-                    seqs = probe_sequences(ref.samples, self.lengths, self.lm.tokenizer, cfg, self.cfg.seed)
-                    rows_h = [final_hidden(model, q.ids)[q.rows].clone() for q in seqs]  # (n, H) each
-                else:
-                    note = "copy and passkey read one pass over the probe sequence, unsound for this model: skipped"
+            rows_h = (
+                [final_hidden(model, q.ids)[q.rows].clone() for q in seqs] if seqs else None
+            )  # (n, H) each
             self._probe_ref = ProbeReference(analyses, seqs, rows_h, time.perf_counter() - t0, note)
+            if self.cfg.use_cache:
+                save_probe_reference(path, key, self._probe_ref)
         return self._probe_ref
 
+    @torch.no_grad()
     def _measure_probes(
         self, model: torch.nn.Module, keep: dict[int, Any], length_note: str | None
     ) -> tuple[dict[str, Any] | None, float]:

@@ -231,11 +231,13 @@ class LccSession:
         return run_fields({o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"})
 
     def run_config(self):
+        from .options import feasible_probes
         from .run import RunConfig
 
         return RunConfig(
             **{
                 "anatomy": min(self.profile.anatomy, self.samples) if self.engine == "torch" else 0,
+                "probes": feasible_probes(self.profile.probes, self.lengths),  # --lcc-probes overrides
                 "design": self.profile.design
                 if self.engine == "torch"
                 else "window",  # --lcc-design overrides
@@ -249,6 +251,16 @@ class LccSession:
                 "calib_length": self.profile.calib_length,
             }
         )
+
+    def gated_probes(self) -> list[str]:
+        """The gated probes (baselines.GATED_PROBES) this run measures, from the options alone (no model)."""
+        from .options import GATED_PROBES
+
+        try:
+            names = self.run_config().probes
+        except Exception:  # a bad option fails the session where it is read, with its message
+            names = ()
+        return [p for p in GATED_PROBES if p in names]
 
     def check_outputs(self) -> None:
         """Every place this session writes, checked before any model is loaded: the report directory (writable),
@@ -441,7 +453,7 @@ class LccSession:
         curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
         info = dict(res.info.get("method_info", {}))
         noise = info.pop("float_noise", None) or {"absolute": 0.0, "relative": 0.0}
-        self.entries[method_id] = method_entry(curves, self.growth_of(method_id), noise, info)
+        self.entries[method_id] = method_entry(curves, self.growth_of(method_id), noise, info, res.probes)
 
     def _record_check(self, method_id: str, length: int | None, kind: str, chk) -> None:
         self.checks.append({"method": method_id, "length": length, "kind": kind, **chk.to_dict()})
@@ -460,6 +472,50 @@ class LccSession:
         """Fail when growth (mean window KL at the longest ÷ the shortest length) exceeds the baseline's beyond
         its tolerance; n/a (passes) when either run has KL ~0 at the shortest length."""
         self._check("growth", method_id, None)
+
+    def check_probe(self, method_id: str, length: int, probe: str) -> None:
+        """Fail when a gated probe's KL at `length` (baselines.GATED_PROBES: key-token KL pooled over samples, copy
+        KL per sample) exceeds the baseline's by more than the tolerance — the window-KL rule (gate.check_kl) with
+        the method's stored float noise. Skips when this run does not measure the probe; n/a (passes, recorded)
+        where the probe is n/a in this run or the baseline (no key token in the window, the reference fails to
+        copy)."""
+        from .gate import check_kl
+
+        self._require_window("the probes")
+        res = self.result(method_id)
+        if res.probes is None or probe not in res.probes["config"]["names"]:
+            pytest.skip(f"this run does not measure the {probe} probe (--lcc-probes)")
+        kind = f"probe:{probe}"
+        if length in res.errors or str(length) not in res.probes["curves"]:
+            self._record_plain(method_id, length, kind, "error")
+            pytest.fail(res.errors.get(length, f"{method_id}: no {probe} probe at {length}"), pytrace=False)
+        cell = res.probes["curves"][str(length)].get(probe) or {}
+        value = cell.get("kl")
+        new = [value] if probe == "keytokens" else cell.get("per_sample")
+        if self.update:
+            self._stage_entry(method_id)
+            self._record_plain(method_id, length, kind, "updated", value)
+            return
+        stored = self.stored()
+        found, old = stored.probe_values(method_id, probe, length) if stored else (False, None)
+        if not found:
+            self._record_plain(method_id, length, kind, "missing", value)
+            pytest.fail(
+                f"no {probe} probe baseline for {method_id} at length {length} in {self.baseline_path}; create it "
+                f"with: {self.update_command([method_id])}",
+                pytrace=False,
+            )
+        if old is None or value is None:
+            from .gate import Check
+
+            why = cell.get("na") or "n/a in the baseline"
+            self._record_check(method_id, length, kind, Check("n/a", value, None, None, note=why))
+            return
+        eps, noise = self.policy.for_method(method_id, "kl"), stored.rel_noise(method_id)
+        chk = check_kl(new, old, eps, stored.floor, noise)
+        self._record_check(method_id, length, kind, chk)
+        if chk.outcome == "fail":
+            pytest.fail(f"{method_id} {probe} KL at {length}: {chk.message}", pytrace=False)
 
     def _require_window(self, what: str) -> None:
         """Skip the calling test when the run measures matched-target curves only: the gate, the baselines and
@@ -536,8 +592,10 @@ class LccSession:
         """Evaluate one of the paper's claims on the matched-target curves and assert it reproduces the verdict
         stored in the baseline (and was judged on the same target tokens)."""
         from .baselines import findings_basis
-        from .findings import claim_methods, evaluate_claim
+        from .findings import CLAIMS, claim_methods, evaluate_claim
 
+        if CLAIMS[claim].data == "copy-ratio":
+            return self._check_copy_claim(claim)
         roles = self.profile.roles
         needed = claim_methods(claim, roles)
         missing = [m for m in needed if m not in self.method_ids]
@@ -598,6 +656,32 @@ class LccSession:
             )
         return f
 
+    def _check_copy_claim(self, claim: str) -> dict[str, Any]:
+        """An informative claim on the copy probe (findings.copy_ratio): evaluated, recorded and stored when
+        updating; a changed verdict is reported, never a failure. Skips when a method is not selected or the run
+        has no copy probe."""
+        from .findings import claim_methods, copy_ratio, evaluate_claim
+
+        roles = self.profile.roles
+        needed = claim_methods(claim, roles)
+        missing = [m for m in needed if m not in self.method_ids]
+        if missing:
+            pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
+        if "copy" not in self.run_config().probes:
+            pytest.skip(f"claim {claim} reads the copy probe, which this run does not measure (--lcc-probes)")
+        curves = {}
+        for m in needed:
+            res = self.result(m)
+            window = {L: s.per_sample["window_kl"] for L, s in res.stats.items()}
+            curves[m] = copy_ratio(res.probes, window, self.lengths)
+        f = evaluate_claim(claim, roles, curves, self.lengths)
+        baseline = None if self.update else self.stored()
+        stored = None if baseline is None else baseline.findings.get(claim)
+        f["stored"] = stored
+        f["reproduced"] = None if stored is None else stored == f["holds"]
+        self.findings.append(f)
+        return f
+
     # ---- end of session -----------------------------------------------------------------------
     def record(self) -> RunRecord:
         """This process's RunRecord (reports and baseline updates read the merged one)."""
@@ -647,6 +731,7 @@ class LccSession:
                 out.mode, out.length_dependent = rd["mode"], rd.get("length_dependent")
                 out.matched = rd.get("matched")
                 out.anatomy = rd.get("anatomy")
+                out.probes = rd.get("probes")
             methods[mid] = out
         baselines = {}
         b = None

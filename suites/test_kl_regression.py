@@ -12,3 +12,9 @@ def test_kl_within_baseline(lcc, lcc_result, lcc_method, lcc_length):
 def test_kl_growth_within_baseline(lcc, lcc_result, lcc_method):
     """Growth (window KL at the longest ÷ shortest length) must not exceed the baseline's."""
     lcc.check_growth(lcc_method)
+
+
+def test_probe_kl_within_baseline(lcc, lcc_result, lcc_method, lcc_length, lcc_probe):
+    """Long-range probes (--lcc-probes): key-token KL and copy KL at this length must not exceed the baseline by more
+    than the window-KL tolerance; n/a where the reference itself fails the probe."""
+    lcc.check_probe(lcc_method, lcc_length, lcc_probe)

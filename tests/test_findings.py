@@ -89,7 +89,7 @@ def test_mdd_has_about_the_stated_power() -> None:
 
 def test_growth_mean_of_per_sample_relative_slopes_and_t_interval() -> None:
     x = np.log2(LENGTHS) - np.log2(LENGTHS).mean()
-    r, level = np.array([0.02, 0.04, 0.03, 0.09]), np.array([1.0, 2.0, 0.7, 1.4])
+    r, level = np.array([0.002, 0.014, -0.006, 0.01]), np.array([1.0, 2.0, 0.7, 1.4])
     per = {L: (level * (1 + r * x[j])).tolist() for j, L in enumerate(LENGTHS)}
     g = growth(per, LENGTHS)
     m, lo, hi = t_interval(r.tolist(), CI_LEVEL)
@@ -98,7 +98,7 @@ def test_growth_mean_of_per_sample_relative_slopes_and_t_interval() -> None:
     assert g.ratio == pytest.approx(np.mean(per[2048]) / np.mean(per[256]))
     assert g.ratio_se > 0
     one = growth({L: v[:1] for L, v in per.items()}, LENGTHS)
-    assert one.ci == (None, None) and one.verdict == "inconclusive" and one.rel_slope == pytest.approx(0.02)
+    assert one.ci == (None, None) and one.verdict == "inconclusive" and one.rel_slope == pytest.approx(0.002)
 
 
 def skewed_runs(n: int, runs: int, sigma: float, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -269,3 +269,35 @@ def test_stored_verdicts_are_rechecked_on_the_same_targets_only(project):
     )
     r.assert_outcomes(skipped=4)
     r.stdout.fnmatch_lines(["*reads the matched-target curves, and --lcc-design window measures none*"])
+
+
+def test_method_verdict_is_directional_like_the_claims_with_a_stated_flat_margin() -> None:
+    # the per-method column and the claims read one interval the same way: wholly above 0 → rising
+    assert verdict(0.01, 0.15) == "rising"  # read 'flat' before (lower bound under +5 %, inside ±10 %)
+    assert verdict(-0.09, -0.001) == "falling"
+    assert verdict(-0.015, 0.012) == "flat"  # contains 0, inside ±2 %
+    assert verdict(-0.03, 0.012) == "inconclusive"  # contains 0, wider than the margin
+    assert verdict(float("nan"), 0.1) == "inconclusive"
+
+
+def test_copy_claim_is_informative_paired_and_na_without_the_probe() -> None:
+    from lcc_harness.findings import CLAIMS, copy_ratio, evaluate_claim
+
+    roles = {"rtn3": "q", "magnitude": "m", "wanda": "w"}
+    window = {512: [1.0, 2.0, 1.5, 0.8], 1024: [1.1, 2.1, 1.4, 0.9]}
+
+    def probes(factor):  # copy KL = factor × window KL, with a little per-sample noise
+        cells = {
+            str(L): {"copy": {"per_sample": [factor * v * (1 + 0.01 * i) for i, v in enumerate(window[L])]}}
+            for L in window
+        }
+        return {"curves": cells}
+
+    curves = {m: copy_ratio(probes(f), window, [512, 1024]) for m, f in (("q", 3.0), ("m", 1.2), ("w", 1.1))}
+    f = evaluate_claim("lowbit-copy-more-than-pruning", roles, curves, [512, 1024])
+    assert CLAIMS["lowbit-copy-more-than-pruning"].informative and f["informative"]
+    assert f["holds"] == "yes"
+    assert f["parts"][0]["estimate"] == pytest.approx(3.0 / 1.2 - 1, rel=1e-9)
+    none = {m: copy_ratio(None, window, [512, 1024]) for m in ("q", "m", "w")}
+    g = evaluate_claim("lowbit-copy-more-than-pruning", roles, none, [512, 1024])
+    assert g["holds"] == "inconclusive" and all(p["verdict"] == "n/a" for p in g["parts"])

@@ -45,6 +45,16 @@ from ..measure import (
 from ..methods.llamacpp import IMATRIX_REQUIRED, KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
 from ..methods.registry import Method, parse_method
 from ..options import DESIGNS, parse_lengths
+from ..probes import (
+    ProbeConfig,
+    ProbeReference,
+    analyse_reference,
+    check_probe_lengths,
+    probe_sequences,
+    rows_in_blocks,
+    score_rows,
+    summarize_probes,
+)
 from . import _log, llamacpp_dtype, llamacpp_gpu_layers
 from ._log import last_log_error
 from .gguf_files import (
@@ -379,6 +389,10 @@ class LlamaCppHarness:
         self._floor: dict[str, Any] | None = None
         self._digest: str | None = None
         self.head_note = None
+        self.probe_cfg = ProbeConfig(tuple(cfg.probes)) if cfg.probes else None
+        if self.probe_cfg is not None:
+            check_probe_lengths(self.probe_cfg, self.lengths)
+        self._probe_ref: ProbeReference | None = None
 
     # ---- contexts ---------------------------------------------------------------------------------
     def spec(self, **over: Any) -> ContextSpec:
@@ -491,8 +505,10 @@ class LlamaCppHarness:
     ) -> Any:
         from ..results import MethodResult
 
+        pr = self.probe_reference() if self.probe_cfg is not None else None
         ref = self.ref_context()
         cmp = Context(model, cspec)
+        probes = None
         try:
             t0 = time.perf_counter()
             sts = []
@@ -503,6 +519,25 @@ class LlamaCppHarness:
                 sts.append(st)
             t_measure = time.perf_counter() - t0
             stats = {L: summarize(L, sts) for L in self.lengths}
+            if pr is not None:
+                t0 = time.perf_counter()
+                scores = None
+                if (
+                    pr.sequences is not None
+                ):  # both contexts over each probe sequence, only its scored rows kept
+                    scores = [
+                        score_rows(
+                            rows_in_blocks(lambda q=q: ref.logit_blocks(q.ids), q.rows),
+                            rows_in_blocks(lambda q=q: cmp.logit_blocks(q.ids), q.rows),
+                            q.targets,
+                        )
+                        for q in pr.sequences
+                    ]
+                keep = {L: [(st.kl, st.top1) for st in sts] for L in self.lengths}
+                probes = summarize_probes(
+                    self.probe_cfg, self.lengths, keep, pr.analyses, pr.sequences, scores
+                )
+                t_probes = time.perf_counter() - t0
         finally:
             cmp.close()  # before the probe's contexts: at most two contexts of the longest length at a time
         probe = self._length_probe(model, cspec, sts, all_samples=noise)
@@ -520,8 +555,10 @@ class LlamaCppHarness:
                 "reference_cache_hit": False,
                 "compression_s": t_compress,
                 "measurement_s": t_measure,
+                **({"probe_reference_s": pr.seconds, "probe_s": t_probes} if probes is not None else {}),
             },
             info={"method_info": info, **self.metadata()},
+            probes=probes,
         )
 
     def _length_probe(
@@ -553,6 +590,41 @@ class LlamaCppHarness:
                 f"vs {a[0]:.6g} alone); the one-pass design is unsound here — report this with the model and build"
             )
         return {"absolute": absolute, "relative": rel, "samples": n, "length": L0}
+
+    # ---- probes -----------------------------------------------------------------------------------
+    def probe_reference(self) -> ProbeReference:
+        """The reference's side of the probes (probes.ProbeReference), once per harness: its analysis from a pass of
+        the reference context over each sample and short-context passes in a context of W + W/2 positions, and the
+        probe sequences (the reference's logits at their rows come from the paired pass of each method)."""
+        if self._probe_ref is None:
+            cfg = self.probe_cfg
+            t0 = time.perf_counter()
+            analyses = None
+            if cfg.reference_analysis:
+                ref = self.ref_context()
+                short = Context(self.ref_model, self.spec(n_ctx=cfg.window + cfg.window // 2))
+
+                def short_logits(x: torch.Tensor, k: int) -> torch.Tensor:
+                    rows = torch.arange(x.shape[0] - k, x.shape[0])
+                    return rows_in_blocks(lambda: short.logit_blocks(x), rows)
+
+                try:
+                    analyses = [
+                        analyse_reference(
+                            s.ids[: self.lengths[-1]],
+                            cfg.window,
+                            lambda s=s: ref.logit_blocks(s.ids[: self.lengths[-1]]),
+                            short_logits,
+                        )
+                        for s in self.samples
+                    ]
+                finally:
+                    short.close()
+            seqs = None
+            if cfg.sequence:
+                seqs = probe_sequences(self.samples, self.lengths, self.ref_model, cfg, self.cfg.seed)
+            self._probe_ref = ProbeReference(analyses, seqs, None, time.perf_counter() - t0)
+        return self._probe_ref
 
     # ---- floors -----------------------------------------------------------------------------------
     def engine_floor(self) -> dict[str, Any]:

@@ -39,7 +39,8 @@ def session(tmp: Path, baselines: Path, *extra: str) -> subprocess.CompletedProc
         "--lcc-design",
         "window",
     ]
-    cmd += ["--lcc-baseline-dir", str(baselines), "--lcc-report-dir", str(tmp / "reports"), *extra]
+    cmd += ["--lcc-baseline-dir", str(baselines), "--lcc-report-dir", str(tmp / "reports")]
+    cmd += [*extra] if "--lcc-probes" in extra else ["--lcc-probes", "none", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 
@@ -70,3 +71,33 @@ def test_three_percent_worse_fails_every_length_and_the_unchanged_method_passes_
     n = data["spec"]["samples"]
     assert all(c["paired"]["worse"] == n for c in kl)
     assert "4 failed, 1 passed" in r.stdout  # growth is unchanged by a uniform regression
+
+
+def test_five_percent_worse_key_token_and_copy_kl_fail_every_length_where_defined_and_reruns_pass(tmp_path):
+    """The probes' gate: key-token KL and copy KL lowered by 5 % in the baseline fail at every length where the
+    probe is defined (n/a cells stay n/a); the unchanged method passes its rerun."""
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    shutil.copy(BASELINE, committed / BASELINE.name)
+    probes = ("--lcc-probes", "keytokens,copy")
+    r = session(tmp_path, committed, *probes)
+    assert r.returncode == 0, r.stdout[-3000:]
+    got = [c for c in checks(tmp_path) if c["kind"].startswith("probe:")]
+    assert {c["outcome"] for c in got} <= {"pass", "n/a"} and any(c["outcome"] == "pass" for c in got), got
+
+    data = json.loads(BASELINE.read_text())
+    defined = 0
+    for cells in data["methods"][METHOD]["probes"].values():
+        for c in cells.values():
+            if c is not None:
+                c["per_sample"] = [x * 0.95 for x in c["per_sample"]]
+                c["kl"] = math.fsum(c["per_sample"]) / len(c["per_sample"])
+                defined += 1
+    lowered = tmp_path / "lowered"
+    lowered.mkdir()
+    (lowered / BASELINE.name).write_text(json.dumps(data, indent=1, sort_keys=True))
+    r = session(tmp_path, lowered, *probes)
+    assert r.returncode == 1, r.stdout[-3000:]
+    got = [c for c in checks(tmp_path) if c["kind"].startswith("probe:")]
+    assert sum(c["outcome"] == "fail" for c in got) == defined >= 4, got
+    assert {c["outcome"] for c in got} <= {"fail", "n/a"}, got
