@@ -161,6 +161,67 @@ def build_tiny_llama(seed: int = TINY_SEED, **overrides: Any) -> nn.Module:
     return model
 
 
+# Tiny random models of the architectures users run, built in code (no download): each exercises what its family
+# does differently from Llama — qkv biases (Qwen2), q/k norms (Qwen3), sliding + global layers, GeGLU, tied
+# embeddings and soft caps (Gemma 3), a sliding window (Mistral), fused qkv_proj / gate_up_proj (Phi-3), Conv1D
+# (GPT-2). Widths are multiples of 128 so that every method's default group size divides them.
+TINY_ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "head_dim": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": True,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 32,
+        },
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 257}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+}
+TINY_ARCH_CONFIG: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+
+def build_tiny_arch(arch: str, seed: int = TINY_SEED) -> nn.Module:
+    """A random-init model of one of TINY_ARCHS (float32, CPU, seeded); the sliding windows are shorter than the
+    tests' lengths, so that they matter."""
+    import transformers
+
+    cfg_name, cls_name, extra = TINY_ARCHS[arch]
+    kw = {**TINY_ARCH_CONFIG, **extra}
+    if arch == "gpt2":
+        kw = dict(
+            vocab_size=320, n_positions=4096, n_embd=128, n_layer=2, n_head=4, initializer_range=0.15,
+            bos_token_id=256, eos_token_id=257,
+        )  # fmt: skip
+    config = getattr(transformers, cfg_name)(**kw)
+    config._attn_implementation = "sdpa" if arch not in ("gemma3",) else "eager"
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = getattr(transformers, cls_name)(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
@@ -174,6 +235,9 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     if spec == TINY_MODEL:
         model = build_tiny_llama().to(device=dev, dtype=dt)
+        return _finish(spec, model, ByteTokenizer(), f"random init, seed {TINY_SEED}", dev, dt)
+    if spec.startswith("tiny-") and spec[5:] in TINY_ARCHS:
+        model = build_tiny_arch(spec[5:]).to(device=dev, dtype=dt)
         return _finish(spec, model, ByteTokenizer(), f"random init, seed {TINY_SEED}", dev, dt)
     if spec == DEFAULT_MODEL:
         path = smollm2_gguf_path()
