@@ -126,7 +126,9 @@ def parse_probes(key: str, value: Any) -> tuple[str, ...]:
 
 GATED_PROBES = ("keytokens", "copy")  # the probes whose KL the gate checks against baselines
 KEYTOKEN_WINDOW = 256  # probes.ProbeConfig.window: the key-token probe's short context
-PROBE_MIN_LENGTH = 64  # copy and passkey need room for their items at the shortest length
+PROBE_MIN_LENGTH = (
+    256  # copy and passkey need room for their items at the shortest length (3 questions + a span)
+)
 
 
 def feasible_probes(names: Sequence[str], lengths: Sequence[int]) -> tuple[str, ...]:

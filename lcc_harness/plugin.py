@@ -97,19 +97,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lcc_method", params, scope="session")
     if "lcc_length" in metafunc.fixturenames:
         metafunc.parametrize("lcc_length", list(s.lengths), ids=[str(L) for L in s.lengths])
-    if "lcc_probe" in metafunc.fixturenames:  # the gated probes this run measures (none: the test is skipped)
+    if (
+        "lcc_probe" in metafunc.fixturenames
+    ):  # the gated probes this run measures (none: not collected, below)
         metafunc.parametrize("lcc_probe", s.gated_probes(), scope="session")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     s = config.stash.get(_KEY, None)
-    if (
-        s is not None and not s.gated_probes()
-    ):  # the probe cases of a run without probes: deselected, not skipped
-        off = [it for it in items if "lcc_probe" in getattr(it, "fixturenames", ())]
-        if off:
-            config.hook.pytest_deselected(items=off)
-            items[:] = [it for it in items if it not in off]
+    if s is not None:  # cases that do not apply to this run are not collected (not skipped, not deselected)
+        items[:] = [it for it in items if not _not_applicable(s, it)]
     cuda: bool | None = None  # torch is imported only when some item is marked gpu
     for item in items:
         if item.get_closest_marker("gpu") and cuda is None:
@@ -125,6 +122,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             and "lcc" in getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.slow)
+
+
+def _not_applicable(s: LccSession, item: pytest.Item) -> bool:
+    """A probe case of a run without gated probes, or a claim on a probe this run does not measure."""
+    if "lcc_probe" in getattr(item, "fixturenames", ()) and not s.gated_probes():
+        return True
+    claim = getattr(getattr(item, "callspec", None), "params", {}).get("claim")
+    if isinstance(claim, str):
+        from .findings import CLAIMS
+
+        c = CLAIMS.get(claim)
+        return c is not None and c.data == "copy-ratio" and "copy" not in s.probes()
+    return False
 
 
 @pytest.fixture(scope="session")

@@ -237,7 +237,7 @@ class LccSession:
         return RunConfig(
             **{
                 "anatomy": min(self.profile.anatomy, self.samples) if self.engine == "torch" else 0,
-                "probes": feasible_probes(self.profile.probes, self.lengths),  # --lcc-probes overrides
+                "probes": feasible_probes(self.profile.probes, self.lengths),  # --lcc-probes overrides it
                 "design": self.profile.design
                 if self.engine == "torch"
                 else "window",  # --lcc-design overrides
@@ -252,15 +252,19 @@ class LccSession:
             }
         )
 
+    def probes(self) -> tuple[str, ...]:
+        """The probes this run measures: --lcc-probes, else the profile's that can run at these lengths (light: the
+        options alone, no torch — collection calls it)."""
+        from .options import feasible_probes
+
+        given = self.run_options.get("probes")
+        return tuple(given) if given is not None else feasible_probes(self.profile.probes, self.lengths)
+
     def gated_probes(self) -> list[str]:
-        """The gated probes (baselines.GATED_PROBES) this run measures, from the options alone (no model)."""
+        """The gated probes (baselines.GATED_PROBES) this run measures."""
         from .options import GATED_PROBES
 
-        try:
-            names = self.run_config().probes
-        except Exception:  # a bad option fails the session where it is read, with its message
-            names = ()
-        return [p for p in GATED_PROBES if p in names]
+        return [p for p in GATED_PROBES if p in self.probes()]
 
     def check_outputs(self) -> None:
         """Every place this session writes, checked before any model is loaded: the report directory (writable),
@@ -667,7 +671,7 @@ class LccSession:
         missing = [m for m in needed if m not in self.method_ids]
         if missing:
             pytest.skip(f"claim {claim} needs methods {', '.join(missing)}, not selected by --lcc-methods")
-        if "copy" not in self.run_config().probes:
+        if "copy" not in self.probes():
             pytest.skip(f"claim {claim} reads the copy probe, which this run does not measure (--lcc-probes)")
         curves = {}
         for m in needed:

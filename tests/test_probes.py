@@ -104,8 +104,11 @@ def test_probe_options_are_checked_in_one_line() -> None:
     assert parse_probes("probes", "none") == ()
     with pytest.raises(OptionError, match="'passkeys' is not a probe"):
         parse_probes("probes", "copy,passkeys")
-    assert feasible_probes(("keytokens", "copy"), (64, 128, 256)) == ("copy",)
+    assert feasible_probes(("keytokens", "copy"), (256, 512)) == ("keytokens", "copy")
+    assert feasible_probes(("keytokens", "copy"), (64, 128, 256)) == ()  # the smoke profile's lengths
     assert feasible_probes(("keytokens", "copy"), (32, 512)) == ("keytokens",)
+    with pytest.raises(HarnessError, match="at least 256 tokens"):
+        check_probe_lengths(ProbeConfig(("copy",)), (128, 512))
     with pytest.raises(HarnessError, match="shorter than the longest length 256"):
         check_probe_lengths(ProbeConfig(("keytokens",)), (128, 256))
 
