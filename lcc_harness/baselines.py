@@ -223,16 +223,9 @@ def schema_problem(data: Any) -> str | None:
             if not isinstance(per, list) or len(per) != n:
                 got = len(per) if isinstance(per, list) else repr(per)
                 return f"{where}.per_sample has {got} values, not one per sample ({n})"
-            for i, x in enumerate(per):
-                p = _kl_problem(x, f"{where}.per_sample[{i}]")
-                if p:
-                    return p
-            p = _kl_problem(c.get("window_kl"), f"{where}.window_kl")
+            p = _mean_problem(per, c, "window_kl", where)
             if p:
                 return p
-            mean = math.fsum(per) / n
-            if abs(c["window_kl"] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
-                return f"{where}.window_kl {c['window_kl']} is not the mean of per_sample ({mean}); edit both"
         p = _probes_problem(entry.get("probes"), f"{at}.probes")
         if p:
             return p
@@ -256,16 +249,24 @@ def _probes_problem(probes: Any, at: str) -> str | None:
                 continue
             if not isinstance(c, dict) or not isinstance(c.get("per_sample"), list) or not c["per_sample"]:
                 return f"{where} lacks per_sample values"
-            for i, x in enumerate(c["per_sample"]):
-                p = _kl_problem(x, f"{where}.per_sample[{i}]")
-                if p:
-                    return p
-            p = _kl_problem(c.get("kl"), f"{where}.kl")
+            p = _mean_problem(c["per_sample"], c, "kl", where)
             if p:
                 return p
-            mean = math.fsum(c["per_sample"]) / len(c["per_sample"])
-            if abs(c["kl"] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
-                return f"{where}.kl {c['kl']} is not the mean of per_sample ({mean}); edit both"
+    return None
+
+
+def _mean_problem(per: list[Any], cell: Mapping[str, Any], key: str, where: str) -> str | None:
+    """What is wrong with per-sample KL values and their stored mean cell[key], or None."""
+    for i, x in enumerate(per):
+        p = _kl_problem(x, f"{where}.per_sample[{i}]")
+        if p:
+            return p
+    p = _kl_problem(cell.get(key), f"{where}.{key}")
+    if p:
+        return p
+    mean = math.fsum(per) / len(per)
+    if abs(cell[key] - mean) > 1e-9 * max(abs(mean), 1e-12) + 1e-15:
+        return f"{where}.{key} {cell[key]} is not the mean of per_sample ({mean}); edit both"
     return None
 
 

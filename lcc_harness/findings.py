@@ -503,27 +503,16 @@ def evaluate_claim(
     lengths = sorted(lengths)
     ids = {r: role_ids(roles, r) for r in c.roles}
     paper, parts = c.judge(ids, curves, lengths)
-    if not parts or parts[0].n == 0:  # every part n/a: no sample count to report
-        holds = combine(parts)
-        measured = "; ".join(_fmt_part(p) for p in parts if p.judged)
-        return Finding(
-            name,
-            c.title,
-            paper,
-            measured,
-            holds,
-            "not estimated",
-            claim_methods(name, roles),
-            [p.to_dict() for p in parts],
-            target_tokens,
-        ).to_dict() | {"informative": c.informative}
     holds = combine(parts)
     measured = "; ".join(_fmt_part(p) for p in parts if p.judged)
     extra = [_fmt_part(p) for p in parts if not p.judged]
+    n = max((p.n for p in parts), default=0)
     detail = (
-        f"90 % t-intervals over {parts[0].n} paired values; MDD (80 % power): "
+        f"90 % t-intervals over {n} paired values; MDD (80 % power): "
         + ", ".join(f"{p.quantity} {p.mdd:.3g}" for p in parts if p.mdd is not None)
         + (f"; reported: {'; '.join(extra)}" if extra else "")
+        if n
+        else "not estimated"  # every part n/a
     )
     return Finding(
         name,

@@ -184,19 +184,7 @@ TINY_ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 257}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
 }
-TINY_ARCH_CONFIG: dict[str, Any] = dict(
-    vocab_size=320,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    initializer_range=0.15,
-    tie_word_embeddings=False,
-    bos_token_id=256,
-    eos_token_id=257,
-)
+TINY_ARCH_CONFIG: dict[str, Any] = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256}
 
 
 def build_tiny_arch(arch: str, seed: int = TINY_SEED) -> nn.Module:
