@@ -153,13 +153,16 @@ def probe_sequences(
     samples: Sequence[Any], lengths: Sequence[int], tokenizer: Any, cfg: ProbeConfig, seed: int
 ) -> list[ProbeSequence]:
     """One probe sequence per sample (build_sequence): copy spans from the sample itself, filler from the next
-    sample (a single sample: itself, rolled by half its length), keys drawn from `seed` + the sample's index."""
+    sample (a single sample: itself, rolled by half its length), keys drawn from `seed` + the sample's index.
+    Both kinds of items are always planted, whichever of copy and passkey the run scores: the sequence — and so each
+    probe's value — does not depend on the probe selection (a baseline written with all probes gates a run with
+    one of them)."""
     n = len(samples)
     span = span_for(cfg, lengths)
     out = []
     for i, s in enumerate(samples):
         filler = samples[(i + 1) % n].ids if n > 1 else torch.roll(s.ids, s.ids.shape[0] // 2)
-        out.append(build_sequence(s.ids, filler, lengths, tokenizer, cfg.names, span, seed + i))
+        out.append(build_sequence(s.ids, filler, lengths, tokenizer, ("copy", "passkey"), span, seed + i))
     return out
 
 

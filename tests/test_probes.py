@@ -211,3 +211,22 @@ def test_probe_cache_round_trips_and_a_damaged_or_foreign_entry_is_recomputed(tm
     )  # truncated (a run killed mid-write cannot leave this: atomic_write)
     assert load_reference(path, "k1", None, None) is None
     assert load_reference(tmp_path / "missing.safetensors", "k1", None, None) is None
+
+
+def test_the_probe_sequence_does_not_depend_on_which_probes_are_scored() -> None:
+    from types import SimpleNamespace
+
+    from lcc_harness.probes import probe_sequences
+
+    samples = [
+        SimpleNamespace(ids=torch.arange(3000) % 997 + 1000),
+        SimpleNamespace(ids=torch.arange(3000) % 991),
+    ]
+    seqs = [
+        probe_sequences(samples, (256, 1024), WordTokenizer(), ProbeConfig(names), 0)
+        for names in (("copy",), ("passkey",), ("keytokens", "copy", "passkey", "where"))
+    ]
+    for a, b in zip(seqs, seqs[1:], strict=False):
+        assert all(
+            torch.equal(x.ids, y.ids) and torch.equal(x.rows, y.rows) for x, y in zip(a, b, strict=True)
+        )
