@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import HarnessError
-from .options import KEYTOKEN_WINDOW, PROBE_MIN_LENGTH, PROBES
+from .options import KEYTOKEN_WINDOW, PROBE_MIN_LENGTH, PROBES, feasible_probes
 
 DEPTHS = (0.1, 0.5, 0.9)
 NA_ACCURACY = 0.5  # the reference's own accuracy below which a copy / passkey cell is n/a
@@ -537,13 +537,14 @@ def summarize_probes(
 
 def check_probe_lengths(cfg: ProbeConfig, lengths: Sequence[int]) -> None:
     """HarnessError when the probes cannot run at these lengths (the key-token window must be shorter than the
-    longest length, and the probe sequence needs room)."""
-    if "keytokens" in cfg.names and cfg.window >= max(lengths):
+    longest length, and the probe sequence needs room: options.feasible_probes, the rule profiles use too)."""
+    ok = feasible_probes(cfg.names, lengths)
+    if "keytokens" in cfg.names and "keytokens" not in ok:
         raise HarnessError(
             f"the key-token probe reads a short context of {cfg.window} tokens, not shorter than the longest length "
             f"{max(lengths)}; measure longer lengths or leave keytokens out of --probes"
         )
-    if cfg.sequence and min(lengths) < PROBE_MIN_LENGTH:
+    if cfg.sequence and not ({"copy", "passkey"} & set(ok)):
         raise HarnessError(
             f"the copy and passkey probes need lengths of at least {PROBE_MIN_LENGTH} tokens (shortest: {min(lengths)}); drop the "
             "shorter lengths or leave copy,passkey out of --probes"

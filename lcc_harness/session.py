@@ -231,13 +231,12 @@ class LccSession:
         return run_fields({o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"})
 
     def run_config(self):
-        from .options import feasible_probes
         from .run import RunConfig
 
         return RunConfig(
             **{
                 "anatomy": min(self.profile.anatomy, self.samples) if self.engine == "torch" else 0,
-                "probes": feasible_probes(self.profile.probes, self.lengths),  # --lcc-probes overrides it
+                "probes": self.probes(),
                 "design": self.profile.design
                 if self.engine == "torch"
                 else "window",  # --lcc-design overrides
