@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lcc_harness.models import load_model
-    from lcc_harness.run import Harness, RunConfig
+    from lcc_harness.engines.torch.harness import Harness, RunConfig
+    from lcc_harness.models.load import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from lcc_harness.anatomy import ErrorTally, capture
-from lcc_harness.corpus import TokenizedCorpus, load_corpus
-from lcc_harness.measure import final_hidden
-from lcc_harness.models import load_model
+from lcc_harness.measure.anatomy import ErrorTally, capture
+from lcc_harness.measure.kl import final_hidden
+from lcc_harness.models.corpus import TokenizedCorpus, load_corpus
+from lcc_harness.models.load import load_model
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import torch
 
-from lcc_harness.corpus import TokenizedCorpus, load_corpus
-from lcc_harness.measure import compare, compare_summary, final_hidden, output_head, summarize_reference
+from lcc_harness.measure.kl import compare, compare_summary, final_hidden, output_head, summarize_reference
 from lcc_harness.methods import CompressContext, parse_method
-from lcc_harness.models import load_model
+from lcc_harness.models.corpus import TokenizedCorpus, load_corpus
+from lcc_harness.models.load import load_model
 
 lm = load_model("smollm2-135m", "cpu", "bfloat16")
 ref = lm.model

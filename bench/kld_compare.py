@@ -8,8 +8,8 @@ lock-step, KL from both float32 logits.
 import sys
 from pathlib import Path
 
-from lcc_harness.engines.llamacpp import binding
-from lcc_harness.kld_base import engine_chunk_kld, read_kld_base
+from lcc_harness.engines.llamacpp.harness import binding
+from lcc_harness.engines.llamacpp.kld_base import engine_chunk_kld, read_kld_base
 
 binding()
 b = read_kld_base(sys.argv[1])

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from lcc_harness.measure import decoder_of
-from lcc_harness.models import load_model
+from lcc_harness.engines.torch.harness import Harness, RunConfig
+from lcc_harness.measure.kl import decoder_of
+from lcc_harness.models.load import load_model
 from lcc_harness.options import parse_lengths
-from lcc_harness.run import Harness, RunConfig
 
 
 class TokenCount:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from bench.matched_cost import plain_forward_s
+from lcc_harness.engines.torch.harness import Harness, RunConfig
 from lcc_harness.options import PROBES, parse_lengths
-from lcc_harness.run import Harness, RunConfig
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from lcc_harness.run import write_json_atomic
+from lcc_harness.engines.torch.harness import write_json_atomic
 
 if TYPE_CHECKING:
     from bench.session import Bench

@@ -172,7 +172,7 @@ class Bench:
     @property
     def lm(self) -> Any:
         if self._lm is None:
-            from lcc_harness.models import load_model
+            from lcc_harness.models.load import load_model
 
             t0 = time.perf_counter()
             self._lm = load_model(self.cfg.model, "cpu", "float32")
@@ -180,7 +180,7 @@ class Bench:
         return self._lm
 
     def run_config(self, **kw: Any) -> Any:
-        from lcc_harness.run import RunConfig
+        from lcc_harness.engines.torch.harness import RunConfig
 
         extra = {"chunk_size": self.cfg.chunk_size} if self.cfg.chunk_size else {}
         return RunConfig(
@@ -199,7 +199,7 @@ class Bench:
 
     def harness(self, **kw: Any) -> Any:
         """A new Harness on the session's model (the reference is built when first used)."""
-        from lcc_harness.run import Harness
+        from lcc_harness.engines.torch.harness import Harness
 
         return Harness(self.run_config(**kw), lm=self.lm)
 

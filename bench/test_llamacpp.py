@@ -38,8 +38,8 @@ RESULTS: dict = {"config": {"length": LENGTH, "methods": list(METHODS)}, "method
 
 PROBE = """
 import resource, sys
-from lcc_harness.run import RunConfig
-from lcc_harness.engines.llamacpp import LlamaCppHarness
+from lcc_harness.engines.torch.harness import RunConfig
+from lcc_harness.engines.llamacpp.harness import LlamaCppHarness
 h = LlamaCppHarness(RunConfig(engine="llama.cpp", lengths=({L},), samples=1, design="window"))
 h.run("{m}")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, h.ref_path.stat().st_size // 2**20)
@@ -48,8 +48,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, h.ref_path.sta
 
 @pytest.fixture(scope="module")
 def h():
-    from lcc_harness.engines.llamacpp import LlamaCppHarness
-    from lcc_harness.run import RunConfig
+    from lcc_harness.engines.llamacpp.harness import LlamaCppHarness
+    from lcc_harness.engines.torch.harness import RunConfig
 
     harness = LlamaCppHarness(RunConfig(engine="llama.cpp", lengths=(LENGTH,), samples=1, design="window"))
     yield harness
@@ -66,7 +66,7 @@ def _forward(ctx, ids) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_measurement_over_own_forward(benchmark, h, method):
-    from lcc_harness.engines.llamacpp import Context, paired_pass
+    from lcc_harness.engines.llamacpp.harness import Context, paired_pass
     from lcc_harness.methods import parse_method
 
     m = parse_method(method)
@@ -102,7 +102,7 @@ def test_measurement_over_own_forward(benchmark, h, method):
 def test_torch_tokens_per_s(benchmark, h):
     import torch
 
-    from lcc_harness.models import load_model
+    from lcc_harness.models.load import load_model
 
     lm = load_model("smollm2-135m", "cpu", "float32")
     ids = h.samples[0].ids[:LENGTH].view(1, -1)

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from .errors import HarnessError
-from .models import DEFAULT_MODEL
-from .options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
+from lcc_harness.errors import HarnessError
+from lcc_harness.models.load import DEFAULT_MODEL
+from lcc_harness.options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
 
 if TYPE_CHECKING:  # for annotations only: _cmd_measure imports run.py when it runs
-    from .run import Harness, MethodResult
+    from lcc_harness.engines.torch.harness import Harness, MethodResult
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods.registry import families, unavailable
+    from lcc_harness.methods.registry import families, unavailable
 
     rows = []
     for fam, cls in sorted(families().items()):
@@ -49,7 +49,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
     """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, reverse KL) as a table, then
     lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
-    from .report import DP_COLUMNS, fmt_dp, fmt_kl
+    from lcc_harness.report.markdown import DP_COLUMNS, fmt_dp, fmt_kl
 
     rows = [
         [
@@ -121,7 +121,7 @@ def format_matched(matched, fmt: str = "github") -> str:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .run import RunConfig, parse_lengths, write_json_atomic
+    from lcc_harness.engines.torch.harness import RunConfig, parse_lengths, write_json_atomic
 
     values = {o.key: getattr(args, o.dest) for o in OPTIONS if o.where != "pytest"}
     cfg = RunConfig(
@@ -130,10 +130,10 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.kld_base is not None:
-        from .kld_base import cmd_kld
+        from lcc_harness.engines.llamacpp.kld_base import cmd_kld
 
         return cmd_kld(args, cfg)
-    from .methods.registry import parse_method
+    from lcc_harness.methods.registry import parse_method
 
     # every id checked before anything loads: a bad one fails at once
     methods = [parse_method(t) for t in args.method.split(",")] if args.method else []
@@ -147,7 +147,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .engines import make_harness
+    from lcc_harness.engines import make_harness
 
     harness = make_harness(cfg)
     results, failed = [], []
@@ -184,7 +184,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 def format_engine_floor(floor: dict) -> str:
     """The llama.cpp engine floor (LlamaCppHarness.engine_floor) as a table: lengths × variants, window KL."""
-    from .report import engine_floor_table
+    from lcc_harness.report.markdown import engine_floor_table
 
     table = engine_floor_table(floor)
     return (
@@ -195,7 +195,7 @@ def format_engine_floor(floor: dict) -> str:
 
 def _print_result(cfg, result: MethodResult) -> None:
     """One method's curves, statistics block, notes and timings, as `lcc measure` prints them."""
-    from .report import stats_block_tables
+    from lcc_harness.report.markdown import stats_block_tables
 
     t = result.timings
     engine = f", engine {cfg.engine}" if cfg.engine != "torch" else ""
@@ -212,20 +212,20 @@ def _print_result(cfg, result: MethodResult) -> None:
     if result.matched is not None:
         print(format_matched(result.matched))
     if result.probes is not None:
-        from .report import probe_tables
+        from lcc_harness.report.markdown import probe_tables
 
         print()
         print(probe_tables([(result.method, result.probes)], fmt="simple"))
         for note in result.probes.get("notes", []):
             print(f"note: probes: {note}")
     if result.anatomy is not None:
-        from .anatomy import format_tables
+        from lcc_harness.measure.anatomy import format_tables
 
         print(format_tables(result.anatomy.to_dict()))
     for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
         if note:
             print(f"note: {note}")
-    from .report import super_weight_warning
+    from lcc_harness.report.markdown import super_weight_warning
 
     warn = super_weight_warning(result.method, {"method_info": result.info.get("method_info")})
     if warn:
@@ -252,7 +252,7 @@ def _run_compressed(harness: Harness, args: argparse.Namespace) -> MethodResult:
     """The --compressed checkpoint measured as the method, named by --name or its file name."""
     from pathlib import Path
 
-    from .checkpoint import check_name, measure_checkpoint
+    from lcc_harness.engines.torch.checkpoint import check_name, measure_checkpoint
 
     name = check_name(args.name or Path(args.compressed).name, "--name")
     return measure_checkpoint(harness, args.compressed, name)
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
-    from .report import terminal_summary
+    from lcc_harness.report.markdown import terminal_summary
+    from lcc_harness.session.merge import merge
 
     rec, status = merge(args.records, args.report_dir, args.baseline_dir, update=args.update_baselines)
     print(terminal_summary(rec.public()))

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LengthError
+from lcc_harness.errors import LengthError
 
 DEFAULT_CHUNK = 256  # positions per LM-head chunk (measure.py uses the same constant)
 
@@ -46,7 +46,7 @@ class OptionError(ValueError):
     """A bad option value; `key` names the option, the message says what to pass instead."""
 
     def __init__(self, key: str, message: str) -> None:
-        from .errors import one_line
+        from lcc_harness.errors import one_line
 
         super().__init__(one_line(message))
         self.key = key

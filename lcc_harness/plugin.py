@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from .errors import HarnessError
-from .record import RunRecord
-from .session import LccSession, partial_record, write_baselines
+from lcc_harness.errors import HarnessError
+from lcc_harness.record import RunRecord
+from lcc_harness.session.state import LccSession, partial_record, write_baselines
 
 log = logging.getLogger(__name__)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from .options import add_pytest_options
+    from lcc_harness.options import add_pytest_options
 
     add_pytest_options(parser)
 
@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA device; skipped with a reason where none is present"
     )
-    from .options import OptionError, for_pytest
+    from lcc_harness.options import OptionError, for_pytest
 
     try:
         session = LccSession(config)
@@ -130,7 +130,7 @@ def _not_applicable(s: LccSession, item: pytest.Item) -> bool:
         return True
     claim = getattr(getattr(item, "callspec", None), "params", {}).get("claim")
     if isinstance(claim, str):
-        from .findings import CLAIMS
+        from lcc_harness.verdicts.claims import CLAIMS
 
         c = CLAIMS.get(claim)
         return c is not None and c.data == "copy-ratio" and "copy" not in s.probes()
@@ -146,7 +146,7 @@ def lcc(request: pytest.FixtureRequest) -> LccSession:
             s.check_outputs()
         s.harness  # noqa: B018 - build model, corpus and samples now, so errors surface once, clearly
     except HarnessError as exc:
-        from .options import for_pytest
+        from lcc_harness.options import for_pytest
 
         msg = f"lcc: {for_pytest(' '.join(str(exc).split()))}"
     else:
@@ -187,7 +187,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getvalue("dist") == "loadgroup":
-        from .xdist_sched import GroupScheduling
+        from lcc_harness.session.xdist_sched import GroupScheduling
 
         s = config.stash.get(_KEY, None)
         return GroupScheduling(config, log, s.method_ids if s is not None else [])
@@ -198,7 +198,7 @@ def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
     """A worker's record goes to the run folder after every test: the controller has it if the worker dies."""
     import contextlib
 
-    from .session import save_part
+    from lcc_harness.session.state import save_part
 
     s = _session_of_worker()
     if s is not None:
@@ -218,7 +218,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if s is None:
         return
     if s.is_worker:
-        from .session import save_part
+        from lcc_harness.session.state import save_part
 
         save_part(s)
         return
@@ -252,7 +252,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
     s.final_record = rec
     try:
-        from .report import write_reports
+        from lcc_harness.report.markdown import write_reports
 
         s.report_files = write_reports(rec.public(), s.report_dir)
         s.report_files.append(rec.write(s.report_dir))
@@ -268,7 +268,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.section("lcc-harness")
     try:
-        from .report import terminal_summary
+        from lcc_harness.report.markdown import terminal_summary
 
         tr.write_line(terminal_summary(rec.public()))
     except ImportError:

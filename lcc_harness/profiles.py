@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import HarnessError
+from lcc_harness.errors import HarnessError
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ class RunRecord:
         """The full record as RECORD_FILE in `report_dir` (atomic)."""
         import json
 
-        from .files import atomic_write
+        from lcc_harness.files import atomic_write
 
         return atomic_write(Path(report_dir) / RECORD_FILE, json.dumps(self.to_dict(), default=str).encode())
 

@@ -5,7 +5,7 @@ Whether a claim holds on the model is a measured fact recorded in the baseline; 
 
 import pytest
 
-from lcc_harness.findings import CLAIMS
+from lcc_harness.verdicts.claims import CLAIMS
 
 
 @pytest.mark.parametrize("claim", list(CLAIMS))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from _tiny import tiny_config
 
-from lcc_harness.models import LoadedModel, load_model
-from lcc_harness.run import Harness
+from lcc_harness.engines.torch.harness import Harness
+from lcc_harness.models.load import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
-from lcc_harness.anatomy import (
+from lcc_harness.engines.torch.harness import Harness, MethodResult
+from lcc_harness.errors import HarnessError
+from lcc_harness.measure.anatomy import (
     Anatomy,
     bucket_edges,
     bucket_index,
@@ -17,10 +19,8 @@ from lcc_harness.anatomy import (
     format_tables,
     relative_error,
 )
-from lcc_harness.errors import HarnessError
-from lcc_harness.measure import decoder_of, final_hidden
+from lcc_harness.measure.kl import decoder_of, final_hidden
 from lcc_harness.options import OptionError, run_fields
-from lcc_harness.run import Harness, MethodResult
 
 L_MAX = TINY_LENGTHS[-1]
 
@@ -169,7 +169,7 @@ def test_result_record_round_trip(with_anatomy):
 def test_reports_render_with_and_without_anatomy(with_anatomy, tmp_path):
     from test_report import make_record
 
-    from lcc_harness.report import ANATOMY_PNG, render_markdown, write_reports
+    from lcc_harness.report.markdown import ANATOMY_PNG, render_markdown, write_reports
 
     rec = make_record()
     assert "Error anatomy" not in render_markdown(rec)
@@ -233,7 +233,7 @@ def test_plugin_records_and_reports_the_anatomy(project):
 def test_gpt2_gets_the_residual_stream_and_an_unknown_body_a_note(tiny, monkeypatch):
     from test_numerics import _tiny_gpt2, loaded
 
-    import lcc_harness.anatomy as anatomy
+    import lcc_harness.measure.anatomy as anatomy
 
     a = Harness(tiny_config(anatomy=1), lm=loaded(_tiny_gpt2(), "gpt2")).run("rtn-w3-g32").anatomy
     assert set(a.error) == {"residual"} and a.layers == 2 and all(v > 0 for v in a.error["residual"][1])

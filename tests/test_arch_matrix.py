@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
+from lcc_harness.engines.torch.harness import Harness, RunConfig
 from lcc_harness.errors import MethodError, MethodRunError
 from lcc_harness.methods.registry import families
-from lcc_harness.models import TINY_ARCHS, load_model
-from lcc_harness.run import Harness, RunConfig
+from lcc_harness.models.load import TINY_ARCHS, load_model
 
 LENGTHS = (96, 192)  # beyond the tiny sliding windows (16) and the KV methods' exact newest block (64)
 ARCHS = list(TINY_ARCHS)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from _gguf_util import tiny_vocab, tiny_vocab_size, write_tiny_llama_gguf
 
-from lcc_harness.checkpoint import architecture_mismatch, tokenizer_mismatch
 from lcc_harness.cli import main
+from lcc_harness.engines.torch.checkpoint import architecture_mismatch, tokenizer_mismatch
 from lcc_harness.methods import CompressContext, parse_method
-from lcc_harness.models import build_tiny_llama
+from lcc_harness.models.load import build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("offline")  # every test: no network, empty HF cache (conftest)
 

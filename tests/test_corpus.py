@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from lcc_harness.corpus import TokenizedCorpus, default_corpus, ids_hash, load_corpus
 from lcc_harness.errors import CorpusError
-from lcc_harness.models import ByteTokenizer
+from lcc_harness.models.corpus import TokenizedCorpus, default_corpus, ids_hash, load_corpus
+from lcc_harness.models.load import ByteTokenizer
 
 
 def _tc(corpus=None):

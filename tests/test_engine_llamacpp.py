@@ -15,17 +15,22 @@ import pytest
 import torch
 from _gguf_util import tiny_vocab_size, write_tiny_llama_gguf
 
+from lcc_harness.engines.torch.harness import RunConfig
 from lcc_harness.errors import CheckpointError, HarnessError, MethodError
-from lcc_harness.models import build_tiny_llama
-from lcc_harness.run import RunConfig
+from lcc_harness.models.load import build_tiny_llama
 
 ll = pytest.importorskip(
     "llama_cpp", reason="the llama.cpp engine needs llama-cpp-python (make setup installs it)"
 )
 
-from lcc_harness.engines.gguf_files import EngineError  # noqa: E402
-from lcc_harness.engines.llamacpp import LlamaCppHarness, torch_agreement  # noqa: E402
-from lcc_harness.kld_base import KldBaseError, engine_chunk_kld, measure_kld_base, read_kld_base  # noqa: E402
+from lcc_harness.engines.llamacpp.gguf_files import EngineError  # noqa: E402
+from lcc_harness.engines.llamacpp.harness import LlamaCppHarness, torch_agreement  # noqa: E402
+from lcc_harness.engines.llamacpp.kld_base import (  # noqa: E402
+    KldBaseError,
+    engine_chunk_kld,
+    measure_kld_base,
+    read_kld_base,
+)
 
 LENGTHS = (64, 128, 256)
 # the torch and llama.cpp references of SmolLM2 at F32 (README, "Measure through llama.cpp": 5e-7 nats measured
@@ -189,7 +194,7 @@ def test_design_and_anatomy_are_refused(tiny_gguf, corpus):
 
 
 def test_a_missing_binding_names_the_install_command(monkeypatch):
-    import lcc_harness.engines.llamacpp as eng
+    import lcc_harness.engines.llamacpp.harness as eng
 
     monkeypatch.setattr(eng, "_LL", None)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import raises ImportError
@@ -219,7 +224,7 @@ def _write_base(path: Path, tokens: np.ndarray, logits_per_chunk: list[np.ndarra
 
 
 def test_kld_base_reproduces_the_engine_and_reports_a_position_curve(h, tmp_path):
-    from lcc_harness.engines.llamacpp import Context, ContextSpec, GGUFModel
+    from lcc_harness.engines.llamacpp.harness import Context, ContextSpec, GGUFModel
 
     n_ctx, n_chunk = 128, 3
     tokens = np.stack(
@@ -342,7 +347,7 @@ def _legacy_imatrix(path: Path, widths: dict[str, int]) -> Path:
 
 
 def test_an_importance_matrix_makes_the_types_that_need_one(tiny_gguf, corpus, tmp_path):
-    from lcc_harness.engines.gguf_files import load_imatrix
+    from lcc_harness.engines.llamacpp.gguf_files import load_imatrix
 
     widths = {}
     for i in range(2):

@@ -14,7 +14,7 @@ from _gguf_util import tiny_vocab_size, write_tiny_llama_gguf
 
 from lcc_harness.cli import main
 from lcc_harness.errors import MethodRunError
-from lcc_harness.models import build_tiny_llama
+from lcc_harness.models.load import build_tiny_llama
 
 BASE = [
     "measure",

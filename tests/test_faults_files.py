@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcc_harness import reference as reference_mod
-from lcc_harness.baselines import SCHEMA, BaselineFile, update
-from lcc_harness.corpus import TokenizedCorpus, default_corpus, load_corpus
 from lcc_harness.errors import BaselineError
-from lcc_harness.reference import build_reference
+from lcc_harness.gate.baselines import SCHEMA, BaselineFile, update
+from lcc_harness.measure.kl import reference as reference_mod
+from lcc_harness.measure.reference import build_reference
+from lcc_harness.models.corpus import TokenizedCorpus, default_corpus, load_corpus
 
 IDENTITY = {"model": "tiny-llama", "dtype": "float32", "device_type": "cpu", "profile": "smoke"}
 SPEC = {"lengths": [64, 128], "samples": 2, "seed": 0, "corpus_sha256": "c" * 64, "samples_sha256": "s" * 64}
@@ -116,7 +116,7 @@ def test_baseline_with_nan_is_never_written(tmp_path):
     with pytest.raises(BaselineError, match="refusing to write"):
         update(path, IDENTITY, SPEC, {}, {"m": bad}, {}, FLOOR)
     assert not path.exists()
-    from lcc_harness.baselines import write_json_atomic
+    from lcc_harness.gate.baselines import write_json_atomic
 
     with pytest.raises(BaselineError, match=r"a\.b\[1\] is NaN or Infinity"):
         write_json_atomic(path, {"a": {"b": [1.0, float("inf")]}})
@@ -150,7 +150,7 @@ def test_missing_baseline_is_none_and_valid_one_loads(tmp_path):
 CHILD = """
 import json, sys
 from pathlib import Path
-from lcc_harness.baselines import update
+from lcc_harness.gate.baselines import update
 ident, spec, entries, floor = json.loads(sys.argv[2])
 update(Path(sys.argv[1]), ident, spec, {"harness": "new"}, entries, {}, floor)
 """

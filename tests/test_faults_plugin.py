@@ -25,7 +25,7 @@ import pytest
 import torch
 from _gguf_util import tiny_vocab_size, write_tiny_llama_gguf
 
-from lcc_harness.models import build_tiny_llama
+from lcc_harness.models.load import build_tiny_llama
 
 TESTS = Path(__file__).resolve().parent
 SUITES = TESTS.parent / "suites"
@@ -356,7 +356,7 @@ def test_xdist_workers_update_baselines_without_losing_entries(project):
     project.makeconftest(
         textwrap.dedent(f"""
         import os
-        import lcc_harness.report as report
+        import lcc_harness.report.markdown as report
 
         _write = report.write_reports
 
@@ -390,7 +390,7 @@ COUNTING_CONFTEST = (
     FAULTY_CONFTEST
     + """
 import os
-import lcc_harness.run as run
+import lcc_harness.engines.torch.harness as run
 
 _compress = run.Harness._compress
 
@@ -570,7 +570,7 @@ def test_sigkill_while_the_plugin_writes_baselines_leaves_the_old_file(project):
 
 def test_method_of_a_node_id_takes_the_longest_matching_method():
     pytest.importorskip("xdist")
-    from lcc_harness.xdist_sched import method_of
+    from lcc_harness.session.xdist_sched import method_of
 
     ids = ["rtn-w4-g32", "rtn-w4-g32-sym", "wanda-s50"]
     assert method_of("t.py::test_kl_within_baseline[rtn-w4-g32-sym-64]", ids) == "rtn-w4-g32-sym"

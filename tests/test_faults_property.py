@@ -10,8 +10,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lcc_harness.baselines import IDENTITY_KEYS, SCHEMA, SPEC_KEYS, BaselineFile, update
 from lcc_harness.errors import HarnessError
+from lcc_harness.gate.baselines import IDENTITY_KEYS, SCHEMA, SPEC_KEYS, BaselineFile, update
 from lcc_harness.methods.registry import parse_method
 from lcc_harness.options import OPTIONS, OptionError, parse_lengths, run_fields
 

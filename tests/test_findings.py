@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from lcc_harness.findings import (
+from lcc_harness.measure.stats import betainc, paired_contrast, t_cdf, t_interval, t_quantile
+from lcc_harness.verdicts.claims import (
     CI_LEVEL,
     growth,
     rel_slopes,
     verdict,
 )
-from lcc_harness.stats import betainc, paired_contrast, t_cdf, t_interval, t_quantile
 
 LENGTHS = [256, 512, 1024, 2048]
 
@@ -161,7 +161,7 @@ def claim_curves(rng: np.random.Generator, n: int, **b: float) -> dict[str, dict
 
 def test_claim_verdicts_follow_the_paired_intervals() -> None:
     """yes when the interval lies on the claimed side of 0, no when on the other, inconclusive when it holds 0."""
-    from lcc_harness.findings import evaluate_claim
+    from lcc_harness.verdicts.claims import evaluate_claim
 
     rng = np.random.default_rng(0)
     c = claim_curves(rng, 8, rtn3=0.2, rtn4=0.1, random10=0.3, mixed3=0.2, mixed3_random=0.2)
@@ -185,7 +185,7 @@ def test_claim_verdicts_follow_the_paired_intervals() -> None:
 
 
 def test_a_claim_with_a_nonpositive_kl_is_inconclusive_not_a_pass() -> None:
-    from lcc_harness.findings import evaluate_claim
+    from lcc_harness.verdicts.claims import evaluate_claim
 
     c = claim_curves(np.random.default_rng(1), 4, rtn3=0.3)
     c["mag"][512][0] = 0.0
@@ -200,7 +200,7 @@ def test_crossed_seed_interval_covers_at_least_88_percent(n: int) -> None:
     """5 mask seeds × n samples, both random: y = μ + seed_s + sample_i + e. Nominal 90 %, coverage of μ over 4000
     runs for three variance mixes (seed-dominated, sample-dominated, balanced) is ≥ 0.88; averaging over seeds
     with df = S − 1 (ignoring that the seeds share samples) covers far less when samples dominate."""
-    from lcc_harness.stats import crossed_mean
+    from lcc_harness.measure.stats import crossed_mean
 
     rng = np.random.default_rng(7)
     for sd_seed, sd_sample, sd_e in ((0.3, 0.05, 0.05), (0.02, 0.3, 0.05), (0.1, 0.1, 0.1)):
@@ -221,7 +221,7 @@ def test_crossed_seed_interval_covers_at_least_88_percent(n: int) -> None:
 
 
 def test_crossed_mean_is_the_grand_mean_and_rejects_ragged_tables() -> None:
-    from lcc_harness.stats import crossed_mean
+    from lcc_harness.measure.stats import crossed_mean
 
     y = [[1.0, 2.0, 3.0], [2.0, 3.0, 4.5]]
     e = crossed_mean(y)
@@ -281,7 +281,7 @@ def test_method_verdict_is_directional_like_the_claims_with_a_stated_flat_margin
 
 
 def test_copy_claim_is_informative_paired_and_na_without_the_probe() -> None:
-    from lcc_harness.findings import CLAIMS, copy_ratio, evaluate_claim
+    from lcc_harness.verdicts.claims import CLAIMS, copy_ratio, evaluate_claim
 
     roles = {"rtn3": "q", "magnitude": "m", "wanda": "w"}
     window = {512: [1.0, 2.0, 1.5, 0.8], 1024: [1.1, 2.1, 1.4, 0.9]}

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from lcc_harness.gate import (
+from lcc_harness.gate.check import (
     DEFAULT_EPS,
     K_NOISE,
     Policy,

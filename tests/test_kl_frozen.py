@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcc_harness.measure import (
+from lcc_harness.measure.kl import (
     PositionStats,
     RefSummary,
     compare,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
+from lcc_harness.engines.torch.harness import Harness, MethodResult
 from lcc_harness.errors import LengthError
-from lcc_harness.findings import log_slope_contrast, matched_growth
+from lcc_harness.measure.reference import reference_key
 from lcc_harness.options import BY_KEY, OptionError, run_fields
-from lcc_harness.reference import reference_key
-from lcc_harness.run import Harness, MethodResult
+from lcc_harness.verdicts.claims import log_slope_contrast, matched_growth
 
 # kv with blocks of 16 so that its quantization reaches the shortest length; w8a8's KL is ~1e-3
 METHODS = ("rtn-w3-g32", "magnitude-s50", "w8a8", "kv-k4v4-g16", "random-s10")
@@ -58,7 +58,7 @@ def test_both_designs_reuse_the_longest_window_pass_exactly(tiny, monkeypatch):
     """With design both, the matched curve's longest length reuses the window measurement's last pass (the same
     ids through the same model): one forward fewer per sample, and the numbers of a matched-only run (whose
     reference is built by another path: equal to float rounding, ~1e-8 relative)."""
-    import lcc_harness.run as run_mod
+    import lcc_harness.engines.torch.harness as run_mod
 
     only = Harness(tiny_config(design="matched"), lm=tiny).run("rtn-w3-g32").matched
     both_h = Harness(tiny_config(design="both"), lm=tiny)
@@ -76,7 +76,7 @@ def test_both_designs_reuse_the_longest_window_pass_exactly(tiny, monkeypatch):
 
 def test_matched_targets_are_the_same_tokens(harness):
     """Every length scores the sample's last T tokens: the input at L ends where the sample ends."""
-    from lcc_harness.measure import matched_ids
+    from lcc_harness.measure.kl import matched_ids
 
     s = harness.samples[0]
     T = harness.target
@@ -165,7 +165,7 @@ def test_record_report_and_png_carry_matched_curves(both_result, tmp_path):
     from test_report import make_record
 
     from lcc_harness.record import MethodOutcome, RunRecord
-    from lcc_harness.report import render_markdown, write_reports
+    from lcc_harness.report.markdown import render_markdown, write_reports
 
     rec = _with_matched(make_record(), both_result)
     md = render_markdown(rec)
@@ -183,7 +183,7 @@ def test_record_report_and_png_carry_matched_curves(both_result, tmp_path):
 
 
 def test_matched_only_record_renders(both_result, tmp_path):
-    from lcc_harness.report import render_markdown, write_reports
+    from lcc_harness.report.markdown import render_markdown, write_reports
 
     rec = {
         "run": {

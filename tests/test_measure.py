@@ -8,10 +8,10 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
-from lcc_harness.measure import compare, final_hidden, output_head, passes_for, summarize
+from lcc_harness.engines.torch.harness import Harness
+from lcc_harness.measure.kl import compare, final_hidden, output_head, passes_for, summarize
 from lcc_harness.methods.basic import RTN
 from lcc_harness.methods.registry import CompressContext
-from lcc_harness.run import Harness
 
 LENGTHS = TINY_LENGTHS
 
@@ -85,7 +85,7 @@ def test_positions_do_not_depend_on_later_tokens(tiny):
 
 
 def test_summary_windows():
-    from lcc_harness.measure import PositionStats
+    from lcc_harness.measure.kl import PositionStats
 
     kl = torch.arange(8, dtype=torch.float32)  # position t has KL t
     st = PositionStats(kl, torch.tensor([True] * 4 + [False] * 4), torch.ones(7))

@@ -18,7 +18,7 @@ from _gguf_util import llama_permute, tiny_vocab, tiny_vocab_size, write_tiny_ll
 from torch import nn
 
 from lcc_harness.errors import ModelLoadError, ModelNotFoundError
-from lcc_harness.models import SMOLLM2_PACKAGE, build_tiny_llama, load_model
+from lcc_harness.models.load import SMOLLM2_PACKAGE, build_tiny_llama, load_model
 
 TEXT = "the cat and the hat, rather often: 42 ünïcödé\n  spaced"
 
@@ -349,7 +349,7 @@ def test_fingerprint_never_copies_a_whole_tensor_to_float64(monkeypatch):
     """The fingerprint sums in float64 block by block: no float64 tensor larger than a block is made."""
     import torch
 
-    import lcc_harness.models as models
+    import lcc_harness.models.load as models
 
     big = torch.nn.Linear(64, 64, bias=False)
     monkeypatch.setattr(models, "FINGERPRINT_BLOCK", 1000)

@@ -11,8 +11,9 @@ import torch
 from _tiny import tiny_config
 from torch import nn
 
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import MethodError, MethodRunError
-from lcc_harness.measure import (
+from lcc_harness.measure.kl import (
     check_head,
     compare,
     compare_summary,
@@ -24,8 +25,7 @@ from lcc_harness.measure import (
 )
 from lcc_harness.methods.basic import RTN
 from lcc_harness.methods.registry import CompressContext, Method
-from lcc_harness.models import ByteTokenizer, LoadedModel, build_tiny_llama, load_model
-from lcc_harness.run import Harness
+from lcc_harness.models.load import ByteTokenizer, LoadedModel, build_tiny_llama, load_model
 
 IDS = torch.arange(200, dtype=torch.long) * 37 % 256  # (200,) byte-range tokens
 
@@ -222,7 +222,7 @@ def _tiny_gpt2() -> nn.Module:
 
 
 def test_conv1d_layers_are_targets_and_linearizing_changes_nothing():
-    from lcc_harness.targets import iter_linears, linearize_conv1d
+    from lcc_harness.methods.targets import iter_linears, linearize_conv1d
 
     model = _tiny_gpt2()
     ids = IDS[:64].view(1, -1)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lcc_harness.errors import HarnessError
-from lcc_harness.options import OptionError, feasible_probes, parse_probes
-from lcc_harness.probes import (
+from lcc_harness.measure.probes import (
     DEPTHS,
     ProbeConfig,
     RefAnalysis,
@@ -18,6 +17,7 @@ from lcc_harness.probes import (
     score_rows,
     short_blocks,
 )
+from lcc_harness.options import OptionError, feasible_probes, parse_probes
 
 
 class WordTokenizer:
@@ -118,7 +118,7 @@ def test_probe_options_are_checked_in_one_line() -> None:
 
 @pytest.fixture(scope="module")
 def smol():
-    from lcc_harness.run import Harness, RunConfig
+    from lcc_harness.engines.torch.harness import Harness, RunConfig
 
     probes = parse_probes("probes", "all")
     return Harness(
@@ -174,8 +174,8 @@ def test_attention_lost_beyond_a_distance_shows_in_key_token_and_copy_kl_not_win
 
 
 def test_key_token_set_at_2048_is_non_empty_and_the_same_on_a_rerun(smol) -> None:
-    from lcc_harness.measure import final_hidden
-    from lcc_harness.probes import analyse_reference
+    from lcc_harness.measure.kl import final_hidden
+    from lcc_harness.measure.probes import analyse_reference
 
     model, head = smol.lm.model, smol.reference.head
     ids = torch.cat([s.ids for s in smol.tokens.draw(1, 2048, 7)])
@@ -195,7 +195,7 @@ def test_key_token_set_at_2048_is_non_empty_and_the_same_on_a_rerun(smol) -> Non
 
 
 def test_probe_cache_round_trips_and_a_damaged_or_foreign_entry_is_recomputed(tmp_path) -> None:
-    from lcc_harness.probes import ProbeReference, load_reference, save_reference
+    from lcc_harness.measure.probes import ProbeReference, load_reference, save_reference
 
     a = RefAnalysis(torch.rand(9), torch.rand(9), torch.rand(10))
     pr = ProbeReference([a], None, [torch.rand(4, 3)], 1.0)
@@ -216,7 +216,7 @@ def test_probe_cache_round_trips_and_a_damaged_or_foreign_entry_is_recomputed(tm
 def test_the_probe_sequence_does_not_depend_on_which_probes_are_scored() -> None:
     from types import SimpleNamespace
 
-    from lcc_harness.probes import probe_sequences
+    from lcc_harness.measure.probes import probe_sequences
 
     samples = [
         SimpleNamespace(ids=torch.arange(3000) % 997 + 1000),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcc_harness.corpus import TokenizedCorpus, default_corpus
-from lcc_harness.reference import build_reference
+from lcc_harness.measure.reference import build_reference
+from lcc_harness.models.corpus import TokenizedCorpus, default_corpus
 
 LENGTHS = (32, 64)
 
@@ -83,9 +83,9 @@ def test_length_dependent_model_is_measured_per_length(tiny, samples):
 
 CONCURRENT = """
 import json, os, sys, time
-import lcc_harness.reference as reference
-from lcc_harness.corpus import TokenizedCorpus, default_corpus
-from lcc_harness.models import load_model
+import lcc_harness.measure.reference as reference
+from lcc_harness.models.corpus import TokenizedCorpus, default_corpus
+from lcc_harness.models.load import load_model
 
 lm = load_model("tiny-llama", "cpu")
 samples = TokenizedCorpus(default_corpus(), lm.tokenizer).draw(2, 64, seed=0)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from lcc_harness.errors import HarnessError
-from lcc_harness.plot import mean_band
-from lcc_harness.report import (
+from lcc_harness.report.markdown import (
     REPORT_JSON,
     REPORT_MD,
     REPORT_PNG,
@@ -24,6 +23,7 @@ from lcc_harness.report import (
     terminal_summary,
     write_reports,
 )
+from lcc_harness.report.plot import mean_band
 
 LENGTHS = [256, 512, 1024, 2048]
 ERROR_MSG = "MethodError: gptq needs calibration data but --lcc-calib-samples is 0"
@@ -326,7 +326,7 @@ def test_run_record_round_trips_and_merges():
 
 
 def test_markdown_warns_when_a_method_zeroed_a_super_weight(record):
-    from lcc_harness.outliers import OutlierTally, changed_outliers
+    from lcc_harness.methods.outliers import OutlierTally, changed_outliers
 
     rec = copy.deepcopy(record)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))

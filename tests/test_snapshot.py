@@ -10,11 +10,11 @@ import torch
 from _faulty import register_all, unregister_all
 from _tiny import tiny_config
 
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import HarnessError
 from lcc_harness.methods import families
 from lcc_harness.methods.registry import CompressContext, Method, register, unregister
-from lcc_harness.run import Harness
-from lcc_harness.snapshot import Snapshot
+from lcc_harness.models.snapshot import Snapshot
 
 # one id per built-in family that applies to the tiny model (width 64: groups of 32)
 METHODS = [

@@ -10,7 +10,8 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
-from lcc_harness.measure import (
+from lcc_harness.engines.torch.harness import Harness
+from lcc_harness.measure.kl import (
     compare,
     compare_summary,
     final_hidden,
@@ -19,8 +20,7 @@ from lcc_harness.measure import (
     summarize_reference,
     summary_rows,
 )
-from lcc_harness.reference import build_reference
-from lcc_harness.run import Harness
+from lcc_harness.measure.reference import build_reference
 
 LENGTHS = TINY_LENGTHS
 
@@ -81,7 +81,7 @@ def test_summary_is_used_only_when_the_head_is_shared(harness, tiny, monkeypatch
         model.lm_head.weight.mul_(1.5)  # a "compressed" head: sharper distributions, KL > 0
     assert not shared_linear_head(tiny.model, model)
     used = []
-    import lcc_harness.run as run_mod
+    import lcc_harness.engines.torch.harness as run_mod
 
     for name in ("compare", "compare_summary"):
         fn = getattr(run_mod, name)

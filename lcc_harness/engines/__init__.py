@@ -12,10 +12,10 @@ from typing import Any
 def make_harness(cfg: Any) -> Any:
     """The harness of `cfg.engine` (options.engine): run.Harness (torch) or engines.llamacpp.LlamaCppHarness."""
     if cfg.engine == "llama.cpp":
-        from .llamacpp import LlamaCppHarness
+        from lcc_harness.engines.llamacpp.harness import LlamaCppHarness
 
         return LlamaCppHarness(cfg)
-    from ..run import Harness
+    from lcc_harness.engines.torch.harness import Harness
 
     return Harness(cfg)
 
@@ -34,7 +34,7 @@ DTYPE_NAMES = {
 
 def llamacpp_dtype(dtype: str | None) -> str:
     """The llama.cpp engine's dtype name for --dtype (default float32: the reference GGUF at F32)."""
-    from ..errors import HarnessError
+    from lcc_harness.errors import HarnessError
 
     name = DTYPE_NAMES.get(str(dtype or "float32").strip().lower())
     if name is None:
@@ -46,7 +46,7 @@ def llamacpp_gpu_layers(device: str | None, gpu_layers: int | None) -> int:
     """Layers the llama.cpp engine offloads: --gpu-layers when given (0 with --device cpu), else all (999) when
     the binding has a GPU backend and the device is auto or cuda, else 0. A HarnessError for --device cuda
     without a GPU build."""
-    from ..errors import HarnessError
+    from lcc_harness.errors import HarnessError
 
     dev = str(device or "auto").strip().lower()
     if dev not in ("auto", "cpu", "cuda"):

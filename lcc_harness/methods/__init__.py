@@ -1,6 +1,6 @@
 """Compression methods. Every module in this package that does not start with '_' is a built-in family."""
 
-from .registry import (
+from lcc_harness.methods.registry import (
     CompressContext,
     Method,
     WeightMethod,

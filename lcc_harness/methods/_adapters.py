@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ..outliers import OutlierWatch
-from .registry import CompressContext, Method, record_bits
+from lcc_harness.errors import MethodError
+from lcc_harness.methods.outliers import OutlierWatch
+from lcc_harness.methods.registry import CompressContext, Method, record_bits
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class InputStats:
 @torch.no_grad()
 def run_calibration(model: nn.Module, calibration: Sequence[torch.Tensor]) -> None:
     """Forward every calibration span (T,) through the model body (no LM head, no cache)."""
-    from ..measure import decoder_of
+    from lcc_harness.measure.kl import decoder_of
 
     dev = model.get_input_embeddings().weight.device
     body = decoder_of(model)
@@ -40,7 +40,7 @@ def collect_input_stats(
 ) -> dict[str, InputStats]:
     """One calibration pass with forward pre-hooks on `linears`; returns name → InputStats."""
     if not calibration:
-        from ..errors import MethodError
+        from lcc_harness.errors import MethodError
 
         raise MethodError(
             "this method needs calibration spans, but none were given; pass calibration "
@@ -82,7 +82,7 @@ def layer_stats(
 ) -> dict[str, InputStats]:
     """`collect_input_stats` for a method that needs every target's input statistics: no calibration spans, or a
     target the calibration forward never reached, is a MethodError naming the method and what to do."""
-    from ..errors import MethodError
+    from lcc_harness.errors import MethodError
 
     if not calibration:
         raise MethodError(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import param
+from lcc_harness.methods.registry import param
 
 SCALE_BITS = 16  # scales (and float zero points) are counted as fp16 when reporting effective bits
 
@@ -20,7 +20,7 @@ def resolve_group(in_features: int, group: int, where: str = "") -> int:
     if group <= 0:
         return in_features
     if in_features % group:
-        from ..errors import MethodError
+        from lcc_harness.errors import MethodError
 
         raise MethodError(
             f"group size {group} does not divide the input width {in_features}{where}; "

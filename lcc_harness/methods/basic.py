@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._quant import GroupGrid, effective_bits, fake_quant_groups, resolve_group
-from .registry import CompressContext, EngineSpec, Method, WeightMethod, register
+from lcc_harness.methods._quant import GroupGrid, effective_bits, fake_quant_groups, resolve_group
+from lcc_harness.methods.registry import CompressContext, EngineSpec, Method, WeightMethod, register
 
 
 @register

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from .registry import CompressContext, EngineSpec, WeightMethod, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods.registry import CompressContext, EngineSpec, WeightMethod, param, register
 
 # (bits, variant) → GGML type name; variant 0 = symmetric (scale only), 1 = scale and minimum.
 GGML_TYPES: dict[tuple[int, int], str] = {

@@ -19,12 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ..outliers import OutlierWatch
-from ..targets import decoder_layers
-from ._calib import run_calibration
-from ._quant import GroupGrid, effective_bits, quant_params, quantize_dequantize, resolve_group
-from .registry import CompressContext, Method, record_bits, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._calib import run_calibration
+from lcc_harness.methods._quant import (
+    GroupGrid,
+    effective_bits,
+    quant_params,
+    quantize_dequantize,
+    resolve_group,
+)
+from lcc_harness.methods.outliers import OutlierWatch
+from lcc_harness.methods.registry import CompressContext, Method, record_bits, register
+from lcc_harness.methods.targets import decoder_layers
 
 DAMP = 0.01  # λ = DAMP · mean(diag H), the reference default
 BLOCK_SIZE = 128  # columns per lazy batch update

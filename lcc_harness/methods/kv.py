@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ._quant import effective_bits, quant_params, quantize_dequantize, resolve_group
-from .registry import CompressContext, Method, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._quant import effective_bits, quant_params, quantize_dequantize, resolve_group
+from lcc_harness.methods.registry import CompressContext, Method, param, register
 
 DEFAULT_GROUP = 64
 ATTR = "lcc_kv_quant"  # attribute set on each attention module of the compressed copy

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ._adapters import LibraryMethod, Quantized, set_submodule
-from .registry import CompressContext, Library, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._adapters import LibraryMethod, Quantized, set_submodule
+from lcc_harness.methods.registry import CompressContext, Library, param, register
 
 BNB = Library("bitsandbytes", "bitsandbytes", "0.50.2")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import MethodError
-from ._adapters import LibraryMethod, Quantized, require_divisor, set_submodule
-from ._quant import SCALE_BITS
-from .registry import CompressContext, Library, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._adapters import LibraryMethod, Quantized, require_divisor, set_submodule
+from lcc_harness.methods._quant import SCALE_BITS
+from lcc_harness.methods.registry import CompressContext, Library, param, register
 
 HQQ = Library(
     "hqq.core.quantize", "hqq", "0.2.8.post1", pip="DISABLE_CUDA=1 pip install --no-build-isolation"

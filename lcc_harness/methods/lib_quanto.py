@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import MethodError
-from ._adapters import LibraryMethod, Quantized
-from ._quant import SCALE_BITS
-from .registry import CompressContext, Library, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._adapters import LibraryMethod, Quantized
+from lcc_harness.methods._quant import SCALE_BITS
+from lcc_harness.methods.registry import CompressContext, Library, param, register
 
 QUANTO = Library("optimum.quanto", "optimum-quanto", "0.2.7")
 QUANTO_BITS = (2, 4, 8)

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._adapters import LibraryMethod, Quantized, require_divisor
-from ._quant import effective_bits
-from .registry import CompressContext, Library, param, register
+from lcc_harness.methods._adapters import LibraryMethod, Quantized, require_divisor
+from lcc_harness.methods._quant import effective_bits
+from lcc_harness.methods.registry import CompressContext, Library, param, register
 
 TORCHAO = Library("torchao", "torchao", "0.18.0")
 

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..errors import MethodError
-from .registry import CompressContext, EngineSpec, Method, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods.registry import CompressContext, EngineSpec, Method, register
 
 # llama_ftype values (llama.h) of the weight types this family names; the legacy q4_0 … q8_0 are the `gguf`
 # family's. IMATRIX_REQUIRED: types llama.cpp refuses to make without an importance matrix.

@@ -23,11 +23,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ._calib import InputStats, layer_stats
-from ._quant import effective_bits, fake_quant_groups, resolve_group
-from .basic import group_token
-from .registry import MAX_MASK_SEED, CompressContext, WeightMethod, param, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._calib import InputStats, layer_stats
+from lcc_harness.methods._quant import effective_bits, fake_quant_groups, resolve_group
+from lcc_harness.methods.basic import group_token
+from lcc_harness.methods.registry import MAX_MASK_SEED, CompressContext, WeightMethod, param, register
 
 HIGH_BITS = 8  # precision of the kept groups
 DEFAULT_PCT = 2.0

@@ -25,9 +25,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ._calib import layer_stats
-from .registry import MAX_MASK_SEED, CompressContext, WeightMethod, check_range, register
+from lcc_harness.errors import MethodError
+from lcc_harness.methods._calib import layer_stats
+from lcc_harness.methods.registry import MAX_MASK_SEED, CompressContext, WeightMethod, check_range, register
 
 _NUM = r"-?\d+(?:\.\d+)?"
 

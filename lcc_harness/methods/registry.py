@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import MethodError
-from ..options import MAX_SEED
-from ..outliers import OutlierWatch
-from ..targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
+from lcc_harness.errors import MethodError
+from lcc_harness.methods.outliers import OutlierWatch
+from lcc_harness.methods.targets import DEFAULT_INCLUDE, iter_linears, linearize_conv1d
+from lcc_harness.options import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    from .. import methods as pkg
+    from lcc_harness import methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_") or info.name == "registry":

@@ -14,8 +14,8 @@ from lcc_harness.methods import CompressContext, parse_method
 from lcc_harness.methods._calib import collect_input_stats
 from lcc_harness.methods.act import ActQuantizer, ActQuantLinear, SmoothQuant, WeightActQuant, smooth_
 from lcc_harness.methods.act import smoothing_consumers as consumers
-from lcc_harness.models import build_tiny_llama
-from lcc_harness.targets import iter_linears
+from lcc_harness.methods.targets import iter_linears
+from lcc_harness.models.load import build_tiny_llama
 
 
 def calib(n: int = 4, length: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:

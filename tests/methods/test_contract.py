@@ -13,7 +13,7 @@ import torch
 from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, families, parse_method
 from lcc_harness.methods.registry import unregister
-from lcc_harness.models import plain_values
+from lcc_harness.models.load import plain_values
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLES = [(fam, ex) for fam, cls in families().items() for ex in cls.examples]

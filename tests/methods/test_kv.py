@@ -15,7 +15,7 @@ from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, kv, parse_method
 from lcc_harness.methods._quant import quant_params
 from lcc_harness.methods.kv import ATTR, DEFAULT_GROUP, KVQuant, _make_attention
-from lcc_harness.models import build_tiny_llama
+from lcc_harness.models.load import build_tiny_llama
 
 G = 8  # block size used on the tiny model (head_dim 16)
 T = 40  # 5 blocks

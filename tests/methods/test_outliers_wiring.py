@@ -13,8 +13,8 @@ from torch import nn
 from lcc_harness.methods import CompressContext, parse_method
 from lcc_harness.methods import act as act_mod
 from lcc_harness.methods import gptq as gptq_mod
+from lcc_harness.methods.outliers import K_SUPER
 from lcc_harness.methods.registry import WeightMethod
-from lcc_harness.outliers import K_SUPER
 
 LAYER = "model.layers.1.mlp.down_proj"
 

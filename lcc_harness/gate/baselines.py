@@ -20,9 +20,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import BaselineError
-from .files import atomic_write
-from .options import GATED_PROBES  # the probes whose KL the gate checks (probes.py)
+from lcc_harness.errors import BaselineError
+from lcc_harness.files import atomic_write
+from lcc_harness.options import GATED_PROBES  # the probes whose KL the gate checks (probes.py)
 
 SCHEMA = "lcc-baseline/3"  # 3: claims judged on matched-target curves, findings_basis
 # engine: absent for torch (every file before the llama.cpp engine), "llama.cpp" for that engine's baselines
@@ -461,7 +461,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 def update_from_record(baseline_dir: Path, rec: Any) -> None:
     """The record's staged entries and verdicts into its baseline file under `baseline_dir` (baselines.update:
     atomic, locked, other methods kept); what changed is appended to rec.baseline_changes."""
-    from . import __version__
+    from lcc_harness import __version__
 
     if not rec.entries and not rec.staged_findings:
         return

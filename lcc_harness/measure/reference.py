@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .corpus import Sample
-from .files import atomic_write
-from .measure import (
+from lcc_harness import __version__
+from lcc_harness.files import atomic_write
+from lcc_harness.measure.kl import (
     DEFAULT_CHUNK,
     Head,
     RefSummary,
@@ -43,7 +42,8 @@ from .measure import (
     summarize_reference,
     summary_rows,
 )
-from .models import LoadedModel, dtype_name
+from lcc_harness.models.corpus import Sample
+from lcc_harness.models.load import LoadedModel, dtype_name
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .anatomy import Anatomy
-from .errors import LengthError, first_line
-from .measure import DEFAULT_CHUNK, LengthStats
-from .targets import DEFAULT_INCLUDE
+from lcc_harness.errors import LengthError, first_line
+from lcc_harness.measure.anatomy import Anatomy
+from lcc_harness.measure.kl import DEFAULT_CHUNK, LengthStats
+from lcc_harness.methods.targets import DEFAULT_INCLUDE
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, ModelNotFoundError, first_line
+from lcc_harness.errors import ModelLoadError, ModelNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -18,20 +18,20 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .errors import ReportDirError
-from .files import atomic_write
-from .findings import fmt_part_value
-from .plot import render_anatomy_png, render_png
-from .record import anatomy as _anatomy
-from .record import bits as _bits
-from .record import curves as _curves
-from .record import finite as _finite
-from .record import lengths as _lengths
-from .record import matched as _matched
-from .record import methods as _methods
-from .record import outliers as _outliers
-from .record import run_title as _run_title
-from .record import super_weights_zeroed as _super_weights_zeroed
+from lcc_harness.errors import ReportDirError
+from lcc_harness.files import atomic_write
+from lcc_harness.record import anatomy as _anatomy
+from lcc_harness.record import bits as _bits
+from lcc_harness.record import curves as _curves
+from lcc_harness.record import finite as _finite
+from lcc_harness.record import lengths as _lengths
+from lcc_harness.record import matched as _matched
+from lcc_harness.record import methods as _methods
+from lcc_harness.record import outliers as _outliers
+from lcc_harness.record import run_title as _run_title
+from lcc_harness.record import super_weights_zeroed as _super_weights_zeroed
+from lcc_harness.report.plot import render_anatomy_png, render_png
+from lcc_harness.verdicts.claims import fmt_part_value
 
 REPORT_MD = "kl_report.md"
 REPORT_JSON = "kl_report.json"
@@ -752,7 +752,7 @@ def _run_table(record: Mapping[str, Any]) -> str:
 
 def _anatomy_sections(record: Mapping[str, Any]) -> list[str]:
     """The report's error-anatomy section, one subsection per method that has one (empty when none has)."""
-    from .anatomy import format_tables
+    from lcc_harness.measure.anatomy import format_tables
 
     found = [(m, a) for m, e in _methods(record).items() if (a := _anatomy(e)) is not None]
     if not found:
@@ -951,7 +951,7 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
         paths.append(out / ANATOMY_PNG)
         renderers.append(lambda: render_anatomy_png(record))
     if probes_png:
-        from .plot import render_probes_png
+        from lcc_harness.report.plot import render_probes_png
 
         paths.append(out / PROBES_PNG)
         renderers.append(lambda: render_probes_png(record))

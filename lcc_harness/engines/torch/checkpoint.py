@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .errors import CheckpointError, HarnessError
-from .models import LoadedModel, load_model
-from .targets import linearize_conv1d
+from lcc_harness.errors import CheckpointError, HarnessError
+from lcc_harness.methods.targets import linearize_conv1d
+from lcc_harness.models.load import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from .run import Harness, MethodResult
+    from lcc_harness.engines.torch.harness import Harness, MethodResult
 
 # Config fields that must agree: together with the parameter shapes they fix what a position's output depends on.
 ARCH_FIELDS: tuple[str, ...] = (
@@ -148,7 +148,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 def check_name(name: str, what: str) -> str:
     """A checkpoint's name in results and baselines: one word that is not a method id."""
-    from .methods.registry import parse_method
+    from lcc_harness.methods.registry import parse_method
 
     if not name.strip() or any(c.isspace() for c in name) or "=" in name:
         raise HarnessError(f"{what} {name!r} must be one word (it is the method's name in the results)")

@@ -16,11 +16,16 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .anatomy import Anatomy, Captured, ErrorTally, capture
-from .baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
-from .corpus import Sample, TokenizedCorpus, load_corpus
-from .errors import (
+from lcc_harness import __version__
+from lcc_harness.engines.results import (  # noqa: F401 - re-exported: callers import the run's records from here too
+    MatchedCurves,
+    MethodResult,
+    RunConfig,
+    is_oom,
+    oom_message,
+    validate_lengths,
+)
+from lcc_harness.errors import (
     HarnessError,
     LengthError,
     MethodError,
@@ -29,7 +34,9 @@ from .errors import (
     OOMError,
     first_line,
 )
-from .measure import (
+from lcc_harness.gate.baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
+from lcc_harness.measure.anatomy import Anatomy, Captured, ErrorTally, capture
+from lcc_harness.measure.kl import (
     Head,
     LengthStats,
     PositionStats,
@@ -45,10 +52,7 @@ from .measure import (
     shared_linear_head,
     summarize,
 )
-from .methods.registry import CompressContext, Method, parse_method
-from .models import LoadedModel, dtype_name, load_model, plain_values
-from .options import DESIGNS, parse_lengths  # parse_lengths re-exported: the CLI and tests use it here
-from .probes import (
+from lcc_harness.measure.probes import (
     ProbeConfig,
     ProbeReference,
     analyse_reference,
@@ -57,16 +61,16 @@ from .probes import (
     score_rows,
     summarize_probes,
 )
-from .probes import (
+from lcc_harness.measure.probes import (
     cache_key as probe_cache_key,
 )
-from .probes import (
+from lcc_harness.measure.probes import (
     load_reference as load_probe_reference,
 )
-from .probes import (
+from lcc_harness.measure.probes import (
     save_reference as save_probe_reference,
 )
-from .reference import (
+from lcc_harness.measure.reference import (
     LENGTH_PROBE_TOL,
     MatchedReference,
     Reference,
@@ -75,16 +79,15 @@ from .reference import (
     default_cache_dir,
     probe_length_dependence,
 )
-from .results import (  # noqa: F401 - re-exported: callers import the run's records from here too
-    MatchedCurves,
-    MethodResult,
-    RunConfig,
-    is_oom,
-    oom_message,
-    validate_lengths,
+from lcc_harness.methods.registry import CompressContext, Method, parse_method
+from lcc_harness.methods.targets import linearize_conv1d
+from lcc_harness.models.corpus import Sample, TokenizedCorpus, load_corpus
+from lcc_harness.models.load import LoadedModel, dtype_name, load_model, plain_values
+from lcc_harness.models.snapshot import Snapshot
+from lcc_harness.options import (  # parse_lengths re-exported: the CLI and tests use it here
+    DESIGNS,
+    parse_lengths,
 )
-from .snapshot import Snapshot
-from .targets import linearize_conv1d
 
 # sample index → (its ids over the longest length (Lmax,), the last T hidden states of that pass (T, H)): the window
 # measurement's longest pass handed to the matched one under design both, which scores the same targets on it
@@ -477,8 +480,8 @@ class Harness:
         when both heads are the same linear map, else both heads: `compare`). A length that runs out of memory
         is recorded in `errors`, and longer lengths are not tried. `tails`: what `measure_lengths` kept of the
         same model's longest pass; a sample whose kept ids equal its longest matched input reuses it."""
-        from .findings import matched_growth
-        from .gate import FLOOR_MIN, GROWTH_MIN_FLOORS
+        from lcc_harness.gate.check import FLOOR_MIN, GROWTH_MIN_FLOORS
+        from lcc_harness.verdicts.claims import matched_growth
 
         mref = self.matched_reference
         T = mref.target
@@ -748,7 +751,7 @@ class Harness:
         """Compress a copy, measure it; with `noise_probe`, also measure the float noise (see float_noise)."""
         m = parse_method(method) if isinstance(method, str) else method
         if "torch" not in m.engines:
-            from .methods.llamacpp import engine_only
+            from lcc_harness.methods.llamacpp import engine_only
 
             raise MethodError(engine_only(m.id, "llama.cpp"))
         window = self.cfg.design != "matched"

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HarnessError
-from .record import RECORD_FILE, RunRecord
+from lcc_harness.errors import HarnessError
+from lcc_harness.record import RECORD_FILE, RunRecord
 
 
 def load_records(paths: Sequence[str | Path]) -> list[RunRecord]:
@@ -63,8 +63,8 @@ def check_compatible(records: Sequence[RunRecord], paths: Sequence[str | Path]) 
 def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
     """Every claim of the record's profile whose methods all have complete matched-target curves: Finding dicts;
     and a line for each claim left out."""
-    from .findings import CLAIMS, claim_methods, evaluate_claim
-    from .profiles import get_profile
+    from lcc_harness.profiles import get_profile
+    from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim
 
     roles = get_profile(rec.identity["profile"]).roles
     lengths = [int(L) for L in rec.spec["lengths"]]
@@ -97,7 +97,7 @@ def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _copy_claim(name: str, roles: Any, needed: list[str], rec: RunRecord, lengths: list[int]) -> dict | None:
     """The copy-probe claim from the record's methods (findings.copy_ratio), or None when one lacks the probe."""
-    from .findings import copy_ratio, evaluate_claim
+    from lcc_harness.verdicts.claims import copy_ratio, evaluate_claim
 
     curves = {}
     for m in needed:
@@ -124,8 +124,14 @@ def merge(
 ) -> tuple[RunRecord, int]:
     """Join the records, evaluate the claims, write the reports (and with `update` the baselines); returns the
     merged record and the exit status: 1 when a record has a failed check or a claim's verdict changed."""
-    from .baselines import BaselineError, BaselineFile, findings_basis, identity_path, update_from_record
-    from .report import check_writable, write_reports
+    from lcc_harness.gate.baselines import (
+        BaselineError,
+        BaselineFile,
+        findings_basis,
+        identity_path,
+        update_from_record,
+    )
+    from lcc_harness.report.markdown import check_writable, write_reports
 
     records = load_records(paths)
     check_compatible(records, paths)

@@ -31,33 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..corpus import Sample, TokenizedCorpus, load_corpus
-from ..errors import CheckpointError, HarnessError, MethodError, ModelLoadError, ModelNotFoundError
-from ..measure import (
-    PositionStats,
-    cat_stats,
-    check_finite,
-    compare,
-    identity_head,
-    summarize,
-)
-from ..methods.llamacpp import IMATRIX_REQUIRED, KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
-from ..methods.registry import Method, parse_method
-from ..options import DESIGNS, parse_lengths
-from ..probes import (
-    ProbeConfig,
-    ProbeReference,
-    analyse_reference,
-    check_probe_lengths,
-    probe_sequences,
-    rows_in_blocks,
-    score_rows,
-    summarize_probes,
-)
-from . import _log, llamacpp_dtype, llamacpp_gpu_layers
-from ._log import last_log_error
-from .gguf_files import (
+from lcc_harness import __version__
+from lcc_harness.engines import llamacpp_dtype, llamacpp_gpu_layers
+from lcc_harness.engines.llamacpp import _log
+from lcc_harness.engines.llamacpp._log import last_log_error
+from lcc_harness.engines.llamacpp.gguf_files import (
     REFERENCE_TYPES,
     EngineError,
     cache_root,
@@ -70,6 +48,29 @@ from .gguf_files import (
     quantized_gguf,
     reference_gguf,
 )
+from lcc_harness.errors import CheckpointError, HarnessError, MethodError, ModelLoadError, ModelNotFoundError
+from lcc_harness.measure.kl import (
+    PositionStats,
+    cat_stats,
+    check_finite,
+    compare,
+    identity_head,
+    summarize,
+)
+from lcc_harness.measure.probes import (
+    ProbeConfig,
+    ProbeReference,
+    analyse_reference,
+    check_probe_lengths,
+    probe_sequences,
+    rows_in_blocks,
+    score_rows,
+    summarize_probes,
+)
+from lcc_harness.methods.llamacpp import IMATRIX_REQUIRED, KV_TYPES, LEGACY_FTYPES, LLAMA_FTYPES, engine_only
+from lcc_harness.methods.registry import Method, parse_method
+from lcc_harness.models.corpus import Sample, TokenizedCorpus, load_corpus
+from lcc_harness.options import DESIGNS, parse_lengths
 
 PIN = "0.3.36"
 INSTALL = f"pip install 'lcc-harness[llamacpp]' (llama-cpp-python=={PIN}; builds llama.cpp from source, ~7 min on 2 cores)"
@@ -300,7 +301,7 @@ class EngineInfo:
 def resolve_source(spec: str) -> Path:
     """The file or folder a model spec names for the llama.cpp engine: the embedded model's GGUF, a .gguf path,
     or a transformers folder (written as a GGUF by gguf_files.hf_reference_gguf)."""
-    from ..models import DEFAULT_MODEL, smollm2_gguf_path
+    from lcc_harness.models.load import DEFAULT_MODEL, smollm2_gguf_path
 
     if spec == DEFAULT_MODEL:
         return smollm2_gguf_path()
@@ -325,7 +326,7 @@ class LlamaCppHarness:
     engine = "llama.cpp"
 
     def __init__(self, cfg: Any) -> None:
-        from ..results import validate_lengths
+        from lcc_harness.engines.results import validate_lengths
 
         self.cfg = cfg
         binding()  # one line naming the install command when the binding is missing
@@ -351,7 +352,7 @@ class LlamaCppHarness:
             load_imatrix(Path(cfg.imatrix))  # a bad file fails now, not at the first method that uses it
         self.source = resolve_source(cfg.model)
         t0 = time.perf_counter()
-        from ..models import DEFAULT_MODEL
+        from lcc_harness.models.load import DEFAULT_MODEL
 
         # a GGUF --model is the reference as it is; the embedded model's file holds Q4_1 linears, and its torch
         # reference is their dequantized values: written at the run's dtype, so both engines measure the same model
@@ -503,7 +504,7 @@ class LlamaCppHarness:
         t_compress: float,
         noise: bool,
     ) -> Any:
-        from ..results import MethodResult
+        from lcc_harness.engines.results import MethodResult
 
         pr = self.probe_reference() if self.probe_cfg is not None else None
         ref = self.ref_context()
@@ -709,8 +710,8 @@ def torch_agreement(h: LlamaCppHarness, samples: int = FLOOR_SAMPLES) -> dict[st
     source at the same dtype, against llama.cpp's reference GGUF): per length, the mean window KL(P_torch ‖
     P_llama.cpp) and the largest per-position KL over the first `samples` samples. Part of the engine floor: a
     torch number and a llama.cpp number can only be compared beyond it."""
-    from ..measure import final_hidden, output_head
-    from ..models import load_model
+    from lcc_harness.measure.kl import final_hidden, output_head
+    from lcc_harness.models.load import load_model
 
     lm = load_model(h.cfg.model, "cpu", h.dtype_name)
     head = output_head(lm.model)

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
-from .record import RunRecord, died_message
+from lcc_harness.files import atomic_write
+from lcc_harness.record import RunRecord, died_message
 
 Outcome = dict[str, Any]  # {'status', 'error', 'result': MethodResult | None}
 
@@ -96,7 +96,7 @@ def _dump_outcome(method_id: str, o: Outcome) -> dict[str, Any]:
 
 
 def _load_outcome(d: dict[str, Any]) -> Outcome:
-    from .run import MethodResult
+    from lcc_harness.engines.torch.harness import MethodResult
 
     res = d.get("result")
     return {

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .stats import Contrast, Estimate, crossed_mean, one_sample, paired_contrast, t_interval
+from lcc_harness.measure.stats import (
+    Contrast,
+    Estimate,
+    crossed_mean,
+    one_sample,
+    paired_contrast,
+    t_interval,
+)
 
 RISING = 0.0  # directional, as the claims: the interval lies wholly above 0
 FLAT = 0.02  # the margin of 'flat': |relative slope| < 2 % of the level per doubling, the whole interval
@@ -69,7 +76,7 @@ def growth(per_sample: Mapping[int, Sequence[float]], lengths: Sequence[int], fl
     """Growth statistics from per-sample window KL at each length; undefined (None, 'n/a') when the mean at
     the shortest length is not above gate.GROWTH_MIN_FLOORS × `floor` (0/0, or a ratio of float noise), or
     when some sample's mean KL is not positive (its relative slope is undefined)."""
-    from .gate import growth_ratio
+    from lcc_harness.gate.check import growth_ratio
 
     lengths = sorted(lengths)
     m = _matrix(per_sample, lengths)  # (n, k)

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HarnessError
-from .files import read_head
+from lcc_harness.errors import HarnessError
+from lcc_harness.files import read_head
 
 MAGIC = b"_logits_"
 
@@ -128,9 +128,15 @@ def measure_kld_base(
     """The compressed GGUF measured against a base file through the llama.cpp engine, with llama-perplexity's
     defaults (f16 KV cache, flash attention, micro-batches of 512): its statistics over every chunk, and the mean
     KL per position within a chunk (the curve)."""
-    from .engines.gguf_files import check_gguf_file
-    from .engines.llamacpp import MAX_BATCH, Context, ContextSpec, GGUFModel, physical_cores
-    from .measure import statistics_block
+    from lcc_harness.engines.llamacpp.gguf_files import check_gguf_file
+    from lcc_harness.engines.llamacpp.harness import (
+        MAX_BATCH,
+        Context,
+        ContextSpec,
+        GGUFModel,
+        physical_cores,
+    )
+    from lcc_harness.measure.kl import statistics_block
 
     check_gguf_file(compressed, "compressed GGUF")
     model = GGUFModel(compressed, n_gpu_layers, "compressed GGUF")
@@ -192,10 +198,10 @@ def measure_kld_base(
 def cmd_kld(args: Any, cfg: Any) -> int:
     """`lcc measure --kld-base FILE --compressed x.gguf`: print llama-perplexity's statistics and the per-position
     curve (in position buckets); --json writes the full result."""
-    from .engines import llamacpp_gpu_layers
-    from .engines.llamacpp import binding
-    from .report import stats_block_tables
-    from .run import write_json_atomic
+    from lcc_harness.engines import llamacpp_gpu_layers
+    from lcc_harness.engines.llamacpp.harness import binding
+    from lcc_harness.engines.torch.harness import write_json_atomic
+    from lcc_harness.report.markdown import stats_block_tables
 
     if not args.compressed:
         raise HarnessError("--kld-base needs --compressed x.gguf: the model measured against the base file")
@@ -237,8 +243,15 @@ def engine_chunk_kld(
     `kv`), KL(P_ref ‖ P_cmp) from both float32 logits (measure.compare), scored at positions n_ctx/2 … n_ctx − 2.
     Differs from llama-perplexity only in how the reference is kept (it stores 16-bit log-probabilities and leaves
     out those below e^-16). Returns the statistics block and the mean KLD."""
-    from .engines.llamacpp import MAX_BATCH, Context, ContextSpec, GGUFModel, paired_pass, physical_cores
-    from .measure import statistics_block
+    from lcc_harness.engines.llamacpp.harness import (
+        MAX_BATCH,
+        Context,
+        ContextSpec,
+        GGUFModel,
+        paired_pass,
+        physical_cores,
+    )
+    from lcc_harness.measure.kl import statistics_block
 
     n_chunk, n_ctx = tokens.shape
     ref_m, cmp_m = GGUFModel(reference, 0, "reference GGUF"), GGUFModel(compressed, 0, "compressed GGUF")

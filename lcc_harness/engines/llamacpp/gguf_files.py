@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, HarnessError, ModelLoadError
-from ..files import atomic_write, read_head
+from lcc_harness.errors import CheckpointError, HarnessError, ModelLoadError
+from lcc_harness.files import atomic_write, read_head
 
 # --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
 # cache type the reference runs with (the uncompressed model keeps its activations at its own precision)
@@ -250,7 +250,7 @@ def quantized_gguf(
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(ll.llama_model_imatrix_data))
 
     def write(tmp: str) -> None:
-        from ._log import last_log_error
+        from lcc_harness.engines.llamacpp._log import last_log_error
 
         rc = ll.llama_model_quantize(str(reference).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
@@ -271,7 +271,7 @@ def quantized_gguf(
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    from ..reference import default_cache_dir
+    from lcc_harness.measure.reference import default_cache_dir
 
     return Path(cache_dir) if cache_dir else default_cache_dir()
 

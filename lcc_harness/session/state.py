@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from .errors import BaselineError, HarnessError, NonFiniteError
-from .record import MethodOutcome, RunRecord
+from lcc_harness.errors import BaselineError, HarnessError, NonFiniteError
+from lcc_harness.record import MethodOutcome, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _opt(config: pytest.Config, dest: str) -> str | None:
 
 def _policy(config: pytest.Config):
     """The gate's tolerances from --lcc-tolerance / --lcc-growth-tolerance and the per-method ini lists."""
-    from .gate import DEFAULT_EPS, DEFAULT_GROWTH_EPS, Policy, check_eps, parse_method_eps
+    from lcc_harness.gate.check import DEFAULT_EPS, DEFAULT_GROWTH_EPS, Policy, check_eps, parse_method_eps
 
     try:
         eps, geps = (_opt(config, f"lcc_{k}") for k in ("tolerance", "growth_tolerance"))
@@ -49,7 +49,7 @@ def _policy(config: pytest.Config):
 
 def _positive_int(config: pytest.Config, name: str, default: int) -> int:
     """--lcc-<name> as an integer ≥ 1, or `default` when not given; anything else is an OptionError."""
-    from .options import positive_int
+    from lcc_harness.options import positive_int
 
     text = _opt(config, f"lcc_{name.replace('-', '_')}")
     return default if text is None else positive_int(name, text)
@@ -59,8 +59,8 @@ class LccSession:
     """Per-process state: options, the Harness (lazy), results per method, checks, and the run record."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from .options import DEFAULT_CHUNK, parse_lengths
-        from .profiles import get_profile
+        from lcc_harness.options import DEFAULT_CHUNK, parse_lengths
+        from lcc_harness.profiles import get_profile
 
         self.config = config
         self.profile = get_profile(_opt(config, "lcc_profile") or "default")
@@ -89,7 +89,7 @@ class LccSession:
         self.store = self._run_store()
         self.shard: tuple[int, int] | None = None
         if _opt(config, "lcc_shard"):
-            from .options import parse_shard, shard_of
+            from lcc_harness.options import parse_shard, shard_of
 
             self.shard = parse_shard(_opt(config, "lcc_shard"))
             self.method_ids = shard_of(self.method_ids, self.shard)
@@ -117,7 +117,7 @@ class LccSession:
         """--lcc-gpus-per-worker K: the controller splits the visible GPUs into one group of K per xdist worker
         (handed out in pytest_configure_node, taken back when a worker goes down); a worker, or a plain run,
         restricts itself to its group through CUDA_VISIBLE_DEVICES before anything initializes CUDA."""
-        from .options import gpu_groups, positive_int
+        from lcc_harness.options import gpu_groups, positive_int
 
         if self.is_worker:
             gpus = self.config.workerinput.get("lcc_gpus")
@@ -148,7 +148,7 @@ class LccSession:
     def _run_store(self):
         """The folder that xdist's processes of this run share (share.RunStore): created by the controller when
         the run is distributed, handed to each worker in its workerinput; None for a plain run."""
-        from .share import RunStore
+        from lcc_harness.session.share import RunStore
 
         if self.is_worker:
             path = self.config.workerinput.get("lcc_store")
@@ -165,12 +165,12 @@ class LccSession:
 
     def _check_device(self) -> None:
         """Refuse a device or dtype this machine cannot use now, before any test runs (cheap: no model)."""
-        from .models import dtype_name, resolve_device, resolve_dtype
-        from .options import for_pytest
+        from lcc_harness.models.load import dtype_name, resolve_device, resolve_dtype
+        from lcc_harness.options import for_pytest
 
         try:
             if self.engine != "torch":
-                from .engines import expected_identity
+                from lcc_harness.engines import expected_identity
 
                 self._expected = expected_identity(
                     _opt(self.config, "lcc_device"),
@@ -187,7 +187,7 @@ class LccSession:
         """Ids a --lcc-methods glob selects: those of the profile and of this run's baseline file (read
         leniently) that match; when none do, the matching examples of every registered family (built-ins and
         plugins), so that 'myquant-*' finds a plugin's methods while 'rtn-*' keeps to the profile's."""
-        from .methods.registry import examples
+        from lcc_harness.methods.registry import examples
 
         ids = list(self.profile.methods)
         with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the checks report it
@@ -198,7 +198,7 @@ class LccSession:
     def _select_methods(self, text: str | None) -> list[str]:
         if text is None:  # the profile's own ids: valid by construction, nothing to import
             return list(self.profile.methods)
-        from .methods.registry import parse_method
+        from lcc_harness.methods.registry import parse_method
 
         out: list[str] = []
         for tok in (t.strip() for t in text.split(",")):
@@ -226,12 +226,12 @@ class LccSession:
     def _run_options(self) -> dict[str, Any]:
         """The run options given (--lcc-<key> or ini), converted and checked (options.run_fields; light: no
         torch, so a plain pytest run stays light)."""
-        from .options import OPTIONS, run_fields
+        from lcc_harness.options import OPTIONS, run_fields
 
         return run_fields({o.key: _opt(self.config, o.dest) for o in OPTIONS if o.where == "both"})
 
     def run_config(self):
-        from .run import RunConfig
+        from lcc_harness.engines.torch.harness import RunConfig
 
         return RunConfig(
             **{
@@ -254,14 +254,14 @@ class LccSession:
     def probes(self) -> tuple[str, ...]:
         """The probes this run measures: --lcc-probes, else the profile's that can run at these lengths (light: the
         options alone, no torch — collection calls it)."""
-        from .options import feasible_probes
+        from lcc_harness.options import feasible_probes
 
         given = self.run_options.get("probes")
         return tuple(given) if given is not None else feasible_probes(self.profile.probes, self.lengths)
 
     def gated_probes(self) -> list[str]:
         """The gated probes (baselines.GATED_PROBES) this run measures."""
-        from .options import GATED_PROBES
+        from lcc_harness.options import GATED_PROBES
 
         return [p for p in GATED_PROBES if p in self.probes()]
 
@@ -269,8 +269,8 @@ class LccSession:
         """Every place this session writes, checked before any model is loaded: the report directory (writable),
         the baseline directory and file (a folder and a file, writable when updating), the reference cache (a
         folder). A HarnessError names the place and the option that moves it."""
-        from .reference import default_cache_dir
-        from .report import check_writable
+        from lcc_harness.measure.reference import default_cache_dir
+        from lcc_harness.report.markdown import check_writable
 
         check_writable(self.report_dir)
         b = self.baseline_path
@@ -293,7 +293,7 @@ class LccSession:
     @property
     def harness(self):
         if self._harness is None:
-            from .engines import make_harness
+            from lcc_harness.engines import make_harness
 
             self._harness = make_harness(self.run_config())
             self.used = True
@@ -301,7 +301,7 @@ class LccSession:
 
     # ---- identity / baselines -----------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        from .models import dtype_name
+        from lcc_harness.models.load import dtype_name
 
         h = self.harness
         return {
@@ -331,7 +331,7 @@ class LccSession:
     def baseline_path(self) -> Path:
         """This run's baseline file, from the options alone (model, resolved dtype and device type, profile): known
         before the model loads, and the same file `identity()` names once it has."""
-        from .baselines import baseline_path
+        from lcc_harness.gate.baselines import baseline_path
 
         if self._expected is None:
             self._check_device()
@@ -347,7 +347,7 @@ class LccSession:
     @property
     def baseline(self):
         """The loaded BaselineFile (None if missing). A corrupt or foreign file raises BaselineError."""
-        from .baselines import BaselineFile
+        from lcc_harness.gate.baselines import BaselineFile
 
         if not self._baseline_loaded:
             self._baseline = BaselineFile.load(self.baseline_path, self.identity(), self.spec())
@@ -376,12 +376,12 @@ class LccSession:
         return self.outcomes[method_id]
 
     def _compute(self, method_id: str) -> dict[str, Any]:
-        from .options import for_pytest
-        from .run import is_oom, oom_message
+        from lcc_harness.engines.torch.harness import is_oom, oom_message
+        from lcc_harness.options import for_pytest
 
         try:
             if method_id in self.checkpoints:
-                from .checkpoint import measure_checkpoint
+                from lcc_harness.engines.torch.checkpoint import measure_checkpoint
 
                 res = measure_checkpoint(self.harness, self.checkpoints[method_id], method_id)
             else:
@@ -421,7 +421,7 @@ class LccSession:
         return res
 
     def growth_of(self, method_id: str) -> dict[str, Any]:
-        from .findings import growth
+        from lcc_harness.verdicts.claims import growth
 
         if method_id not in self.growth:
             res = self.complete_result(method_id, "growth")
@@ -433,8 +433,8 @@ class LccSession:
     def floor(self) -> float:
         """The gate's absolute KL floor: measured now when updating baselines (gate.floor_from_self_noise),
         else the stored baseline's, else the dtype's minimum."""
-        from .gate import floor_from_self_noise
-        from .models import dtype_name
+        from lcc_harness.gate.check import floor_from_self_noise
+        from lcc_harness.models.load import dtype_name
 
         if self._floor is None:
             dtype = dtype_name(self.harness.lm.dtype)
@@ -450,7 +450,7 @@ class LccSession:
         return self._floor["kl"]
 
     def _stage_entry(self, method_id: str) -> None:
-        from .baselines import method_entry
+        from lcc_harness.gate.baselines import method_entry
 
         res = self.complete_result(method_id, "a baseline entry")
         curves = {str(L): res.stats[L].to_dict() for L in self.lengths}
@@ -462,7 +462,7 @@ class LccSession:
         self.checks.append({"method": method_id, "length": length, "kind": kind, **chk.to_dict()})
 
     def _record_plain(self, method_id: str, length: int | None, kind: str, outcome: str, value=None) -> None:
-        from .gate import Check
+        from lcc_harness.gate.check import Check
 
         self._record_check(method_id, length, kind, Check(outcome, value, None, None))
 
@@ -482,7 +482,7 @@ class LccSession:
         the method's stored float noise. Skips when this run does not measure the probe; n/a (passes, recorded)
         where the probe is n/a in this run or the baseline (no key token in the window, the reference fails to
         copy)."""
-        from .gate import check_kl
+        from lcc_harness.gate.check import check_kl
 
         self._require_window("the probes")
         res = self.result(method_id)
@@ -509,7 +509,7 @@ class LccSession:
                 pytrace=False,
             )
         if old is None or value is None:
-            from .gate import Check
+            from lcc_harness.gate.check import Check
 
             why = cell.get("na") or "n/a in the baseline"
             self._record_check(method_id, length, kind, Check("n/a", value, None, None, note=why))
@@ -533,7 +533,7 @@ class LccSession:
         """One gate case, in the spirit of pytest-regressions' perform_regression_check: obtain the value; when
         updating, stage the method's entry; else compare with the stored per-sample values (gate.check_kl /
         gate.check_growth), record the check and fail the test with its message."""
-        from .gate import check_growth, check_kl, growth_ratio
+        from lcc_harness.gate.check import check_growth, check_kl, growth_ratio
 
         self._require_window("the baseline gate")
 
@@ -594,8 +594,8 @@ class LccSession:
     def check_finding(self, claim: str) -> dict[str, Any]:
         """Evaluate one of the paper's claims on the matched-target curves and assert it reproduces the verdict
         stored in the baseline (and was judged on the same target tokens)."""
-        from .baselines import findings_basis
-        from .findings import CLAIMS, claim_methods, evaluate_claim
+        from lcc_harness.gate.baselines import findings_basis
+        from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim
 
         if CLAIMS[claim].data == "copy-ratio":
             return self._check_copy_claim(claim)
@@ -663,7 +663,7 @@ class LccSession:
         """An informative claim on the copy probe (findings.copy_ratio): evaluated, recorded and stored when
         updating; a changed verdict is reported, never a failure. Skips when a method is not selected or the run
         has no copy probe."""
-        from .findings import claim_methods, copy_ratio, evaluate_claim
+        from lcc_harness.verdicts.claims import claim_methods, copy_ratio, evaluate_claim
 
         roles = self.profile.roles
         needed = claim_methods(claim, roles)
@@ -691,7 +691,7 @@ class LccSession:
         import torch
         import transformers
 
-        from . import __version__
+        from lcc_harness import __version__
 
         h = self._harness
         run: dict[str, Any] = {
@@ -766,7 +766,9 @@ def _checkpoints(config: pytest.Config) -> dict[str, str]:
     items = config.getoption("lcc_compressed", default=None) or config.getini("lcc_compressed") or []
     if not items:
         return {}
-    from .checkpoint import check_name  # imports torch: only when checkpoints are given
+    from lcc_harness.engines.torch.checkpoint import (
+        check_name,  # imports torch: only when checkpoints are given
+    )
 
     out: dict[str, str] = {}
     for item in items:
@@ -819,7 +821,7 @@ def partial_record(s: LccSession) -> RunRecord:
 
 
 def write_baselines(s: LccSession, rec: RunRecord) -> None:
-    from .baselines import update_from_record
+    from lcc_harness.gate.baselines import update_from_record
 
     update_from_record(s.baseline_dir, rec)
 

@@ -10,17 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from .findings import CI_LEVEL
-from .record import anatomy as _anatomy
-from .record import baseline_kl as _baseline_kl
-from .record import bits as _bits
-from .record import curves as _curves
-from .record import finite as _finite
-from .record import lengths as _lengths
-from .record import matched as _matched
-from .record import methods as _methods
-from .record import run_title as _run_title
-from .stats import t_interval
+from lcc_harness.measure.stats import t_interval
+from lcc_harness.record import anatomy as _anatomy
+from lcc_harness.record import baseline_kl as _baseline_kl
+from lcc_harness.record import bits as _bits
+from lcc_harness.record import curves as _curves
+from lcc_harness.record import finite as _finite
+from lcc_harness.record import lengths as _lengths
+from lcc_harness.record import matched as _matched
+from lcc_harness.record import methods as _methods
+from lcc_harness.record import run_title as _run_title
+from lcc_harness.verdicts.claims import CI_LEVEL
 
 
 def mean_band(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
@@ -242,7 +242,7 @@ def render_anatomy_png(record: Mapping[str, Any]) -> bytes:
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    from .anatomy import QUANTITIES, Anatomy, bucket_label
+    from lcc_harness.measure.anatomy import QUANTITIES, Anatomy, bucket_label
 
     found = [
         (mid, Anatomy.from_dict(a)) for mid, e in _methods(record).items() if (a := _anatomy(e)) is not None

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import NonFiniteError
-from .options import DEFAULT_CHUNK  # one definition, shared with the option table
+from lcc_harness.errors import NonFiniteError
+from lcc_harness.options import DEFAULT_CHUNK  # one definition, shared with the option table
 
 # CPU: positions per block are capped so that one (rows, V) float32 block stays below glibc's largest
 # mmap threshold (32 MiB): blocks are then reused from the heap instead of page-faulted in afresh.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorpusError
+from lcc_harness.errors import CorpusError
 
 DEFAULT_CORPUS = "embedded"
 # Named corpora that need no file: the default is both of the others.

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from .errors import HarnessError
-from .options import KEYTOKEN_WINDOW, PROBE_MIN_LENGTH, PROBES, feasible_probes
+from lcc_harness.errors import HarnessError
+from lcc_harness.options import KEYTOKEN_WINDOW, PROBE_MIN_LENGTH, PROBES, feasible_probes
 
 DEPTHS = (0.1, 0.5, 0.9)
 NA_ACCURACY = 0.5  # the reference's own accuracy below which a copy / passkey cell is n/a
@@ -383,7 +383,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def _interval(xs: Sequence[float]) -> list[float | None]:
     """The 90 % Student-t interval of the mean over the values (samples); [None, None] with fewer than two."""
-    from .stats import t_interval
+    from lcc_harness.measure.stats import t_interval
 
     if len(xs) < 2:
         return [None, None]
@@ -572,7 +572,7 @@ def save_reference(path: Any, key: str, pr: ProbeReference) -> None:
     that cannot be written is skipped (the next run recomputes)."""
     from safetensors.torch import save_file
 
-    from .files import atomic_write
+    from lcc_harness.files import atomic_write
 
     t: dict[str, torch.Tensor] = {}
     for i, a in enumerate(pr.analyses or ()):
