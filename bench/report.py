@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from lcc_harness.engines.torch.harness import write_json_atomic
+from lcc_harness.files import write_json
 
 if TYPE_CHECKING:
     from bench.session import Bench
@@ -346,7 +346,7 @@ def write_report(b: Bench, machine: dict[str, Any], wall_s: float) -> list[Path]
     s = summarize(b, machine, wall_s)
     stem = Path(b.cfg.report)
     js, md = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
-    write_json_atomic(js, s)
+    write_json(js, s)
     tmp = md.parent / f".{md.name}.tmp"
     tmp.write_text(markdown(s) + "\n")
     tmp.replace(md)

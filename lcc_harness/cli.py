@@ -49,7 +49,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
     """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, reverse KL) as a table, then
     lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
-    from lcc_harness.report.markdown import DP_COLUMNS, fmt_dp, fmt_kl
+    from lcc_harness.report import DP_COLUMNS, fmt_dp, fmt_kl
 
     rows = [
         [
@@ -121,7 +121,9 @@ def format_matched(matched, fmt: str = "github") -> str:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from lcc_harness.engines.torch.harness import RunConfig, parse_lengths, write_json_atomic
+    from lcc_harness.engines.results import RunConfig
+    from lcc_harness.files import write_json
+    from lcc_harness.options import parse_lengths
 
     values = {o.key: getattr(args, o.dest) for o in OPTIONS if o.where != "pytest"}
     cfg = RunConfig(
@@ -170,7 +172,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             for r in [obj] if len(results) == 1 else obj["methods"]:
                 r["engine_floor"] = harness.engine_floor()
         try:
-            write_json_atomic(args.json, obj)
+            write_json(args.json, obj)
         except OSError as exc:
             raise HarnessError(
                 f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"
@@ -184,7 +186,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 def format_engine_floor(floor: dict) -> str:
     """The llama.cpp engine floor (LlamaCppHarness.engine_floor) as a table: lengths × variants, window KL."""
-    from lcc_harness.report.markdown import engine_floor_table
+    from lcc_harness.report import engine_floor_table
 
     table = engine_floor_table(floor)
     return (
@@ -195,7 +197,7 @@ def format_engine_floor(floor: dict) -> str:
 
 def _print_result(cfg, result: MethodResult) -> None:
     """One method's curves, statistics block, notes and timings, as `lcc measure` prints them."""
-    from lcc_harness.report.markdown import stats_block_tables
+    from lcc_harness.report import stats_block_tables
 
     t = result.timings
     engine = f", engine {cfg.engine}" if cfg.engine != "torch" else ""
@@ -212,7 +214,7 @@ def _print_result(cfg, result: MethodResult) -> None:
     if result.matched is not None:
         print(format_matched(result.matched))
     if result.probes is not None:
-        from lcc_harness.report.markdown import probe_tables
+        from lcc_harness.report import probe_tables
 
         print()
         print(probe_tables([(result.method, result.probes)], fmt="simple"))
@@ -225,7 +227,7 @@ def _print_result(cfg, result: MethodResult) -> None:
     for note in [*result.info.get("notes", []), result.info.get("length_dependent")]:
         if note:
             print(f"note: {note}")
-    from lcc_harness.report.markdown import super_weight_warning
+    from lcc_harness.report import super_weight_warning
 
     warn = super_weight_warning(result.method, {"method_info": result.info.get("method_info")})
     if warn:
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from lcc_harness.report.markdown import terminal_summary
+    from lcc_harness.report import terminal_summary
     from lcc_harness.session.merge import merge
 
     rec, status = merge(args.records, args.report_dir, args.baseline_dir, update=args.update_baselines)

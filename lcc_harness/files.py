@@ -2,6 +2,9 @@
 
 One writer for everything the harness keeps (baselines, reports, the reference cache, `lcc measure --json`):
 the bytes go to a temp file in the same folder, are fsynced, and the temp file is renamed over the target.
+`write_json` is the one JSON writer, with one policy for what JSON cannot hold: NaN and ±Infinity are written as
+null (a non-finite measurement is already a failed check or an error, reported as such), anything else that is
+not JSON as its str(). Baselines refuse non-finite values before they reach it (gate.baselines).
 Files get the permissions the umask gives a new file (mkstemp alone would make them 0600, so a cache shared
 between users would not work).
 """
@@ -9,11 +12,14 @@ between users would not work).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -89,3 +95,38 @@ def read_head(
             return st.st_size, f.read(n)
     except OSError as exc:
         raise error(f"{what} '{p}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN/±Infinity floats as None and tuples as lists, so the JSON is valid for every reader."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 1, sort_keys: bool = True, ascii_only: bool = True) -> str:
+    """The JSON text `write_json` writes (without its final newline): non-finite floats as null, other objects
+    JSON cannot hold as their str()."""
+    return json.dumps(
+        json_safe(obj),
+        indent=indent,
+        sort_keys=sort_keys,
+        ensure_ascii=ascii_only,
+        allow_nan=False,
+        default=str,
+    )
+
+
+def write_json(
+    path: str | os.PathLike[str],
+    obj: Any,
+    indent: int | None = 1,
+    sort_keys: bool = True,
+    ascii_only: bool = True,
+) -> Path:
+    """Write `obj` as JSON to `path` atomically (json_text, then a newline); returns the path."""
+    return atomic_write(path, (json_text(obj, indent, sort_keys, ascii_only) + "\n").encode())

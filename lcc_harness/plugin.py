@@ -252,7 +252,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
     s.final_record = rec
     try:
-        from lcc_harness.report.markdown import write_reports
+        from lcc_harness.report import write_reports
 
         s.report_files = write_reports(rec.public(), s.report_dir)
         s.report_files.append(rec.write(s.report_dir))
@@ -268,7 +268,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.section("lcc-harness")
     try:
-        from lcc_harness.report.markdown import terminal_summary
+        from lcc_harness.report import terminal_summary
 
         tr.write_line(terminal_summary(rec.public()))
     except ImportError:

@@ -149,11 +149,9 @@ class RunRecord:
 
     def write(self, report_dir: str | Path) -> Path:
         """The full record as RECORD_FILE in `report_dir` (atomic)."""
-        import json
+        from lcc_harness.files import write_json
 
-        from lcc_harness.files import atomic_write
-
-        return atomic_write(Path(report_dir) / RECORD_FILE, json.dumps(self.to_dict(), default=str).encode())
+        return write_json(Path(report_dir) / RECORD_FILE, self.to_dict(), indent=None, sort_keys=False)
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in _STAGED}

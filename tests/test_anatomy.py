@@ -169,7 +169,7 @@ def test_result_record_round_trip(with_anatomy):
 def test_reports_render_with_and_without_anatomy(with_anatomy, tmp_path):
     from test_report import make_record
 
-    from lcc_harness.report.markdown import ANATOMY_PNG, render_markdown, write_reports
+    from lcc_harness.report import ANATOMY_PNG, render_markdown, write_reports
 
     rec = make_record()
     assert "Error anatomy" not in render_markdown(rec)

@@ -356,7 +356,7 @@ def test_xdist_workers_update_baselines_without_losing_entries(project):
     project.makeconftest(
         textwrap.dedent(f"""
         import os
-        import lcc_harness.report.markdown as report
+        import lcc_harness.report as report
 
         _write = report.write_reports
 

@@ -165,7 +165,7 @@ def test_record_report_and_png_carry_matched_curves(both_result, tmp_path):
     from test_report import make_record
 
     from lcc_harness.record import MethodOutcome, RunRecord
-    from lcc_harness.report.markdown import render_markdown, write_reports
+    from lcc_harness.report import render_markdown, write_reports
 
     rec = _with_matched(make_record(), both_result)
     md = render_markdown(rec)
@@ -183,7 +183,7 @@ def test_record_report_and_png_carry_matched_curves(both_result, tmp_path):
 
 
 def test_matched_only_record_renders(both_result, tmp_path):
-    from lcc_harness.report.markdown import render_markdown, write_reports
+    from lcc_harness.report import render_markdown, write_reports
 
     rec = {
         "run": {

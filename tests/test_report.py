@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lcc_harness.errors import HarnessError
-from lcc_harness.report.markdown import (
+from lcc_harness.report import (
     REPORT_JSON,
     REPORT_MD,
     REPORT_PNG,

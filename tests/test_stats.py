@@ -133,7 +133,7 @@ def _record_with(curves: dict) -> dict:
 
 
 def test_markdown_shows_reverse_kl_top1_se_and_dp(harness):
-    from lcc_harness.report.markdown import render_markdown
+    from lcc_harness.report import render_markdown
 
     res = harness.run("rtn-w3-g32")
     curves = {str(L): s.to_dict() for L, s in res.stats.items()}
@@ -157,7 +157,7 @@ def test_markdown_shows_reverse_kl_top1_se_and_dp(harness):
 
 def test_markdown_of_a_record_without_the_new_statistics():
     """Records written before these statistics existed still render: dashes, and no Δp rows."""
-    from lcc_harness.report.markdown import render_markdown
+    from lcc_harness.report import render_markdown
 
     old = {"length": 32, "window_kl": 0.3, "cumulative_kl": 0.3, "p50": 0.1, "p90": 0.5, "p99": 0.8, "max": 1.0,
            "top1": 0.5, "dnll": 0.01, "per_sample": {"window_kl": [0.3]}}  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lcc_harness.errors import BaselineError
-from lcc_harness.files import atomic_write
+from lcc_harness.files import write_json
 from lcc_harness.options import GATED_PROBES  # the probes whose KL the gate checks (probes.py)
 
 SCHEMA = "lcc-baseline/3"  # 3: claims judged on matched-target curves, findings_basis
@@ -449,13 +449,13 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON (sorted keys, indent 1) atomically (files.atomic_write); NaN/Infinity are refused with a
-    BaselineError naming the key."""
+    """A baseline file written (files.write_json: sorted keys, indent 1, atomic); NaN/Infinity are refused with a
+    BaselineError naming the key (a tolerance cannot rest on them)."""
     path = Path(path)
     bad = _nonfinite_key(obj)
     if bad:
         raise BaselineError(f"refusing to write '{path}': {bad} is NaN or Infinity, which JSON cannot hold")
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+    write_json(path, obj)
 
 
 def update_from_record(baseline_dir: Path, rec: Any) -> None:

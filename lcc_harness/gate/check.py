@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -212,3 +212,36 @@ def check_growth(new: float | None, old: float | None, eps: float, rel_noise: fl
     band = K_NOISE * 2 * rel_noise * abs(old)
     tol = max(eps * abs(old), band)
     return compare(new, old, tol, band)
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    """A claim's verdict against the stored one: outcome 'pass', 'changed' (the verdict differs), 'missing' (no
+    stored verdict), 'basis' (stored on other target tokens: not compared) or 'informative' (never fails)."""
+
+    outcome: str
+    stored: str | None
+    then: Mapping[str, Any] | None = None
+
+    @property
+    def fails(self) -> bool:
+        return self.outcome in ("changed", "missing", "basis")
+
+
+def check_claim(finding: dict[str, Any], baseline: Any, basis: Mapping[str, Any]) -> ClaimCheck:
+    """The one rule for a claim's verdict, in the pytest session and in `lcc merge`: `finding` (a Finding dict)
+    against `baseline` (a BaselineFile, or None when there is none or it is being rewritten), judged on `basis`
+    (baselines.findings_basis of this run). Sets finding['stored'] and finding['reproduced']."""
+    stored = None if baseline is None else baseline.findings.get(finding["claim"])
+    then = None if baseline is None else baseline.findings_basis
+    informative = bool(finding.get("informative"))
+    if not informative and then is not None and then != basis:
+        finding["stored"], finding["reproduced"] = None, None
+        return ClaimCheck("basis", stored, then)
+    finding["stored"] = stored
+    finding["reproduced"] = None if stored is None else stored == finding["holds"]
+    if informative:
+        return ClaimCheck("informative", stored, then)
+    if stored is None:
+        return ClaimCheck("missing", None, then)
+    return ClaimCheck("pass" if finding["reproduced"] else "changed", stored, then)

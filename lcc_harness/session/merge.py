@@ -131,7 +131,8 @@ def merge(
         identity_path,
         update_from_record,
     )
-    from lcc_harness.report.markdown import check_writable, write_reports
+    from lcc_harness.gate.check import check_claim
+    from lcc_harness.report import check_writable, write_reports
 
     records = load_records(paths)
     check_compatible(records, paths)
@@ -150,21 +151,18 @@ def merge(
         except BaselineError as exc:
             raise HarnessError(str(exc)) from None
         basis = findings_basis(rec.run.get("target_tokens"))
-        then = None if stored is None else stored.findings_basis
-        if rec.findings and then is not None and then != basis:
+        checks = [check_claim(f, stored, basis) for f in rec.findings]
+        then = next((c.then for c in checks if c.outcome == "basis"), None)
+        if then is not None:
             status = 1
             rec.baseline_changes.append(
                 f"claims: the stored verdicts were judged on {then}, these records on {basis}; not compared"
             )
-        for f in rec.findings:
-            f["stored"] = (
-                None if stored is None or then not in (None, basis) else stored.findings.get(f["claim"])
-            )
-            f["reproduced"] = None if f["stored"] is None else f["stored"] == f["holds"]
-            if f["reproduced"] is False:
+        for f, c in zip(rec.findings, checks, strict=True):
+            if c.outcome == "changed":
                 status = 1
                 rec.baseline_changes.append(
-                    f"claim {f['claim']}: verdict changed from '{f['stored']}' to '{f['holds']}'"
+                    f"claim {f['claim']}: verdict changed from '{c.stored}' to '{f['holds']}'"
                 )
     rec.baseline_changes.extend(skipped)
     rec.run["merged_from"] = [str(p) for p in paths]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lcc_harness.files import atomic_write
+from lcc_harness.files import write_json
 from lcc_harness.record import RunRecord, died_message
 
 Outcome = dict[str, Any]  # {'status', 'error', 'result': MethodResult | None}
@@ -63,9 +63,11 @@ class RunStore:
             if started.exists():
                 who_died = json.loads(started.read_text()).get("who", "?")
                 return {"status": "error", "error": died_message(method_id, who_died), "result": None}
-            atomic_write(started, json.dumps({"method": method_id, "who": who, "pid": os.getpid()}).encode())
+            write_json(
+                started, {"method": method_id, "who": who, "pid": os.getpid()}, indent=None, sort_keys=False
+            )
             out = compute()
-            atomic_write(done, json.dumps(_dump_outcome(method_id, out), default=str).encode())
+            write_json(done, _dump_outcome(method_id, out), indent=None, sort_keys=False)
             return out
 
     def unfinished(self) -> dict[str, str]:
@@ -79,7 +81,7 @@ class RunStore:
 
     # ---- per-worker records ---------------------------------------------------------------------------------
     def save_part(self, who: str, record: RunRecord) -> None:
-        atomic_write(self.path / f"part-{who}.json", json.dumps(record.to_dict(), default=str).encode())
+        write_json(self.path / f"part-{who}.json", record.to_dict(), indent=None, sort_keys=False)
 
     def parts(self) -> list[RunRecord]:
         return [RunRecord.from_dict(json.loads(f.read_text())) for f in sorted(self.path.glob("part-*.json"))]

@@ -270,7 +270,7 @@ class LccSession:
         the baseline directory and file (a folder and a file, writable when updating), the reference cache (a
         folder). A HarnessError names the place and the option that moves it."""
         from lcc_harness.measure.reference import default_cache_dir
-        from lcc_harness.report.markdown import check_writable
+        from lcc_harness.report import check_writable
 
         check_writable(self.report_dir)
         b = self.baseline_path
@@ -595,6 +595,7 @@ class LccSession:
         """Evaluate one of the paper's claims on the matched-target curves and assert it reproduces the verdict
         stored in the baseline (and was judged on the same target tokens)."""
         from lcc_harness.gate.baselines import findings_basis
+        from lcc_harness.gate.check import check_claim
         from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim
 
         if CLAIMS[claim].data == "copy-ratio":
@@ -632,29 +633,26 @@ class LccSession:
             curves[m] = {L: res.matched.stats[L].per_sample["window_kl"] for L in self.lengths}
         f = evaluate_claim(claim, roles, curves, self.lengths, self._harness.target)
         basis = findings_basis(self._harness.target)
-        baseline = None if self.update else self.stored()
-        stored = None if baseline is None else baseline.findings.get(claim)
-        f["stored"] = stored
-        f["reproduced"] = None if stored is None else stored == f["holds"]
+        chk = check_claim(f, None if self.update else self.stored(), basis)
         self.findings.append(f)
         if self.update:
             return f
-        if stored is None:
+        if chk.outcome == "missing":
             pytest.fail(
                 f"no stored verdict for claim {claim} in {self.baseline_path}; create it with: "
                 f"{self.update_command(needed)}",
                 pytrace=False,
             )
-        then = baseline.findings_basis
-        if then is not None and then != basis:
+        if chk.outcome == "basis":
             pytest.fail(
-                f"claim {claim}: the stored verdict was judged on {then}, this run on {basis}; run with "
-                f"--lcc-target-tokens {then.get('target_tokens')} or re-create it with {self.update_command(needed)}",
+                f"claim {claim}: the stored verdict was judged on {chk.then}, this run on {basis}; run with "
+                f"--lcc-target-tokens {chk.then.get('target_tokens')} or re-create it with "
+                f"{self.update_command(needed)}",
                 pytrace=False,
             )
-        if stored != f["holds"]:
+        if chk.outcome == "changed":
             pytest.fail(
-                f"claim {claim}: verdict changed from '{stored}' to '{f['holds']}' — {f['measured']}",
+                f"claim {claim}: verdict changed from '{chk.stored}' to '{f['holds']}' — {f['measured']}",
                 pytrace=False,
             )
         return f
@@ -663,6 +661,8 @@ class LccSession:
         """An informative claim on the copy probe (findings.copy_ratio): evaluated, recorded and stored when
         updating; a changed verdict is reported, never a failure. Skips when a method is not selected or the run
         has no copy probe."""
+        from lcc_harness.gate.baselines import findings_basis
+        from lcc_harness.gate.check import check_claim
         from lcc_harness.verdicts.claims import claim_methods, copy_ratio, evaluate_claim
 
         roles = self.profile.roles
@@ -678,10 +678,7 @@ class LccSession:
             window = {L: s.per_sample["window_kl"] for L, s in res.stats.items()}
             curves[m] = copy_ratio(res.probes, window, self.lengths)
         f = evaluate_claim(claim, roles, curves, self.lengths)
-        baseline = None if self.update else self.stored()
-        stored = None if baseline is None else baseline.findings.get(claim)
-        f["stored"] = stored
-        f["reproduced"] = None if stored is None else stored == f["holds"]
+        check_claim(f, None if self.update else self.stored(), findings_basis(self._harness.target))
         self.findings.append(f)
         return f
 

@@ -200,8 +200,8 @@ def cmd_kld(args: Any, cfg: Any) -> int:
     curve (in position buckets); --json writes the full result."""
     from lcc_harness.engines import llamacpp_gpu_layers
     from lcc_harness.engines.llamacpp.harness import binding
-    from lcc_harness.engines.torch.harness import write_json_atomic
-    from lcc_harness.report.markdown import stats_block_tables
+    from lcc_harness.files import write_json
+    from lcc_harness.report import stats_block_tables
 
     if not args.compressed:
         raise HarnessError("--kld-base needs --compressed x.gguf: the model measured against the base file")
@@ -229,7 +229,7 @@ def cmd_kld(args: Any, cfg: Any) -> int:
     print("mean KLD by position within a chunk (mean over chunks):")
     print(tabulate(rows, headers=["positions", "mean KLD"], tablefmt="github", disable_numparse=True))
     if args.json:
-        write_json_atomic(args.json, out)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     sys.stdout.flush()
     return 0

@@ -34,7 +34,6 @@ from lcc_harness.errors import (
     OOMError,
     first_line,
 )
-from lcc_harness.gate.baselines import write_json_atomic  # noqa: F401 - re-exported: the CLI writes --json with it
 from lcc_harness.measure.anatomy import Anatomy, Captured, ErrorTally, capture
 from lcc_harness.measure.kl import (
     Head,
