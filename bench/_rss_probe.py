@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lcc_harness.engines.torch.harness import Harness, RunConfig
+    from lcc_harness.engines.results import RunConfig
+    from lcc_harness.engines.torch.harness import Harness
     from lcc_harness.models.load import load_model
 
     if args.threads:

@@ -13,7 +13,8 @@ import json
 
 import torch
 
-from lcc_harness.engines.torch.harness import Harness, RunConfig
+from lcc_harness.engines.results import RunConfig
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.models.load import load_model
 
 METHODS = ("none", "rtn-w3-g32", "magnitude-s50", "w8a8", "kv-k4v4")

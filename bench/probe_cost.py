@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from bench.matched_cost import plain_forward_s
-from lcc_harness.engines.torch.harness import Harness, RunConfig
+from lcc_harness.engines.results import RunConfig
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.options import PROBES, parse_lengths
 
 

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     a = p.parse_args(argv)
 
-    from lcc_harness.engines.torch.harness import Harness, RunConfig
+    from lcc_harness.engines.results import RunConfig
+    from lcc_harness.engines.torch.harness import Harness
 
     h = Harness(RunConfig(model=a.model, lengths=(256,), samples=1, device="cpu", use_cache=False))
     model, ctx, seconds = h.compress(a.method)  # a deep copy: the harness's own model stays as loaded

@@ -6,7 +6,8 @@ and the per-position KL of the length-dependence probe (256-token pass vs the pr
     python bench/self_noise.py
 """
 
-from lcc_harness.engines.torch.harness import Harness, RunConfig
+from lcc_harness.engines.results import RunConfig
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.measure.kl import compare
 
 for dt in ("float32", "bfloat16"):

@@ -180,7 +180,7 @@ class Bench:
         return self._lm
 
     def run_config(self, **kw: Any) -> Any:
-        from lcc_harness.engines.torch.harness import RunConfig
+        from lcc_harness.engines.results import RunConfig
 
         extra = {"chunk_size": self.cfg.chunk_size} if self.cfg.chunk_size else {}
         return RunConfig(

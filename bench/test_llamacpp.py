@@ -49,7 +49,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, h.ref_path.sta
 @pytest.fixture(scope="module")
 def h():
     from lcc_harness.engines.llamacpp.harness import LlamaCppHarness
-    from lcc_harness.engines.torch.harness import RunConfig
+    from lcc_harness.engines.results import RunConfig
 
     harness = LlamaCppHarness(RunConfig(engine="llama.cpp", lengths=(LENGTH,), samples=1, design="window"))
     yield harness

@@ -15,7 +15,8 @@ from lcc_harness.models.load import DEFAULT_MODEL
 from lcc_harness.options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
 
 if TYPE_CHECKING:  # for annotations only: _cmd_measure imports run.py when it runs
-    from lcc_harness.engines.torch.harness import Harness, MethodResult
+    from lcc_harness.engines.results import MethodResult
+    from lcc_harness.engines.torch.harness import Harness
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lcc_harness.engines.torch.harness import RunConfig
+from lcc_harness.engines.results import RunConfig
 
 TINY_LENGTHS = (32, 64, 128)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
-from lcc_harness.engines.torch.harness import Harness, MethodResult
+from lcc_harness.engines.results import MethodResult
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import HarnessError
 from lcc_harness.measure.anatomy import (
     Anatomy,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from lcc_harness.engines.torch.harness import Harness, RunConfig
+from lcc_harness.engines.results import RunConfig
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import MethodError, MethodRunError
 from lcc_harness.methods.registry import families
 from lcc_harness.models.load import TINY_ARCHS, load_model

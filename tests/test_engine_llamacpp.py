@@ -15,7 +15,7 @@ import pytest
 import torch
 from _gguf_util import tiny_vocab_size, write_tiny_llama_gguf
 
-from lcc_harness.engines.torch.harness import RunConfig
+from lcc_harness.engines.results import RunConfig
 from lcc_harness.errors import CheckpointError, HarnessError, MethodError
 from lcc_harness.models.load import build_tiny_llama
 

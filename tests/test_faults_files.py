@@ -17,7 +17,7 @@ import torch
 
 from lcc_harness.errors import BaselineError
 from lcc_harness.gate.baselines import SCHEMA, BaselineFile, update
-from lcc_harness.measure.kl import reference as reference_mod
+from lcc_harness.measure import reference as reference_mod
 from lcc_harness.measure.reference import build_reference
 from lcc_harness.models.corpus import TokenizedCorpus, default_corpus, load_corpus
 

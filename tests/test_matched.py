@@ -9,7 +9,8 @@ import pytest
 import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
-from lcc_harness.engines.torch.harness import Harness, MethodResult
+from lcc_harness.engines.results import MethodResult
+from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import LengthError
 from lcc_harness.measure.reference import reference_key
 from lcc_harness.options import BY_KEY, OptionError, run_fields
@@ -58,7 +59,7 @@ def test_both_designs_reuse_the_longest_window_pass_exactly(tiny, monkeypatch):
     """With design both, the matched curve's longest length reuses the window measurement's last pass (the same
     ids through the same model): one forward fewer per sample, and the numbers of a matched-only run (whose
     reference is built by another path: equal to float rounding, ~1e-8 relative)."""
-    import lcc_harness.engines.torch.harness as run_mod
+    import lcc_harness.engines.torch.curves as run_mod
 
     only = Harness(tiny_config(design="matched"), lm=tiny).run("rtn-w3-g32").matched
     both_h = Harness(tiny_config(design="both"), lm=tiny)

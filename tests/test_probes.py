@@ -118,7 +118,8 @@ def test_probe_options_are_checked_in_one_line() -> None:
 
 @pytest.fixture(scope="module")
 def smol():
-    from lcc_harness.engines.torch.harness import Harness, RunConfig
+    from lcc_harness.engines.results import RunConfig
+    from lcc_harness.engines.torch.harness import Harness
 
     probes = parse_probes("probes", "all")
     return Harness(

@@ -81,7 +81,7 @@ def test_summary_is_used_only_when_the_head_is_shared(harness, tiny, monkeypatch
         model.lm_head.weight.mul_(1.5)  # a "compressed" head: sharper distributions, KL > 0
     assert not shared_linear_head(tiny.model, model)
     used = []
-    import lcc_harness.engines.torch.harness as run_mod
+    import lcc_harness.engines.torch.curves as run_mod
 
     for name in ("compare", "compare_summary"):
         fn = getattr(run_mod, name)

@@ -98,7 +98,7 @@ def _dump_outcome(method_id: str, o: Outcome) -> dict[str, Any]:
 
 
 def _load_outcome(d: dict[str, Any]) -> Outcome:
-    from lcc_harness.engines.torch.harness import MethodResult
+    from lcc_harness.engines.results import MethodResult
 
     res = d.get("result")
     return {

@@ -295,7 +295,8 @@ HARNESS = [
 @pytest.fixture(scope="module")
 def pair():
     """Two harnesses on the tiny model (lengths 32, 64, 128; 2 samples): in place, and on a deep copy."""
-    from lcc_harness.engines.torch.harness import Harness, RunConfig
+    from lcc_harness.engines.results import RunConfig
+    from lcc_harness.engines.torch.harness import Harness
     from lcc_harness.models.load import load_model
 
     def cfg(**kw):

@@ -23,7 +23,8 @@ from lcc_harness.methods.targets import linearize_conv1d
 from lcc_harness.models.load import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from lcc_harness.engines.torch.harness import Harness, MethodResult
+    from lcc_harness.engines.results import MethodResult
+    from lcc_harness.engines.torch.harness import Harness
 
 # Config fields that must agree: together with the parameter shapes they fix what a position's output depends on.
 ARCH_FIELDS: tuple[str, ...] = (
