@@ -46,16 +46,14 @@ def relative_links() -> list[tuple[Path, str]]:
     return out
 
 
-def test_the_check_finds_links_and_sees_a_dead_one(tmp_path: Path) -> None:
+def test_the_check_finds_links_and_sees_a_dead_one() -> None:
     assert len(relative_links()) > 20
     assert links("a [x](nope.md) and `[y](code.md)`\n```\n[z](fence.md)\n```\n") == ["nope.md"]
     assert slug("Error anatomy (`--anatomy N`)") == "error-anatomy---anatomy-n"
     assert not (ROOT / "docs" / "nope.md").exists()
 
 
-@pytest.mark.parametrize(
-    "doc,target", relative_links(), ids=lambda v: v.name if isinstance(v, Path) else v
-)
+@pytest.mark.parametrize("doc,target", relative_links(), ids=lambda v: v.name if isinstance(v, Path) else v)
 def test_relative_link_resolves(doc: Path, target: str) -> None:
     path, _, anchor = target.partition("#")
     dest = (doc.parent / path).resolve() if path else doc
@@ -63,4 +61,6 @@ def test_relative_link_resolves(doc: Path, target: str) -> None:
         pytest.skip(f"{dest.relative_to(ROOT)} is written on another branch")
     assert dest.exists(), f"{doc.relative_to(ROOT)} links to {target}, which does not exist"
     if anchor and dest.suffix == ".md":
-        assert anchor in anchors(dest), f"{doc.relative_to(ROOT)} links to #{anchor}, not a heading of {dest.name}"
+        assert anchor in anchors(dest), (
+            f"{doc.relative_to(ROOT)} links to #{anchor}, not a heading of {dest.name}"
+        )
