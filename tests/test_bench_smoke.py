@@ -1,4 +1,4 @@
-"""bench/ on the tiny model, in a subprocess: the benchmark suite runs and writes every key the README quotes
+"""bench/ on the tiny model, in a subprocess: the benchmark suite runs and writes every key docs/benchmarks.md quotes
 (so that `make bench` cannot rot unnoticed between the long documented runs)."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ def _tc(corpus=None):
 
 def test_default_corpus_is_embedded_and_large():
     """The Python reference (one document) plus the ASV Bible (66 books): with SmolLM2's tokenizer ~1.1M tokens,
-    103 disjoint spans of 8192 (README); bytes here, so the count is larger."""
+    103 disjoint spans of 8192 (docs/measure.md); bytes here, so the count is larger."""
     c = load_corpus(None)
     py, asv = load_corpus("python-reference"), load_corpus("asv-bible")
     assert c.name == "embedded" and c.documents == py.documents + asv.documents

@@ -1,4 +1,5 @@
-"""One contract for every registered method family (built-ins and plugins), and the README's ≤ 10-line method."""
+"""One contract for every registered method family (built-ins and plugins), and the ≤ 10-line method of
+docs/methods.md (*Your own quantizer*)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lcc_harness.methods import CompressContext, families, parse_method
 from lcc_harness.methods.registry import unregister
 from lcc_harness.models.load import plain_values
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METHODS_DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 EXAMPLES = [(fam, ex) for fam, cls in families().items() for ex in cls.examples]
 # the torch engine's contract: every example of a family it runs changes the tiny model (or is `none`)
 TORCH_EXAMPLES = [(fam, ex) for fam, ex in EXAMPLES if "torch" in families()[fam].engines]
@@ -83,14 +84,14 @@ def test_every_weight_changing_example_records_outliers(family, example, tiny):
     assert ("super_weights_zeroed" in ctx.info) == changed
 
 
-def _readme_block() -> str:
-    text = README.read_text()
-    start = text.index("### Your own quantizer")
+def _doc_block() -> str:
+    text = METHODS_DOC.read_text()
+    start = text.index("## Your own quantizer")
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
-def test_the_readme_method_is_ten_lines_and_runs(tiny):
-    block = _readme_block()
+def test_the_documented_method_is_ten_lines_and_runs(tiny):
+    block = _doc_block()
     body = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith(("from ", "import "))]
     assert len(body) <= 10, body
     ns = {
@@ -102,7 +103,7 @@ def test_the_readme_method_is_ten_lines_and_runs(tiny):
         )
     }
     try:
-        exec(compile(block, "README.md", "exec"), ns)
+        exec(compile(block, "docs/methods.md", "exec"), ns)
         m = parse_method("myquant-w4")
         assert m.id == "myquant-w4" and type(m).__name__ == "MyQuant"
         ctx = CompressContext()
