@@ -19,7 +19,7 @@ import time
 import torch
 
 from lcc_harness.measure.anatomy import ErrorTally, capture
-from lcc_harness.measure.kl import final_hidden
+from lcc_harness.measure.head import final_hidden
 from lcc_harness.models.corpus import TokenizedCorpus, load_corpus
 from lcc_harness.models.load import load_model
 

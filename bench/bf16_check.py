@@ -7,7 +7,8 @@ import copy
 import numpy as np
 import torch
 
-from lcc_harness.measure.kl import compare, compare_summary, final_hidden, output_head, summarize_reference
+from lcc_harness.measure.head import compare_summary, final_hidden, output_head, summarize_reference
+from lcc_harness.measure.kl import compare
 from lcc_harness.methods import CompressContext, parse_method
 from lcc_harness.models.corpus import TokenizedCorpus, load_corpus
 from lcc_harness.models.load import load_model

@@ -8,7 +8,7 @@ lock-step, KL from both float32 logits.
 import sys
 from pathlib import Path
 
-from lcc_harness.engines.llamacpp.harness import binding
+from lcc_harness.engines.llamacpp.binding import binding
 from lcc_harness.engines.llamacpp.kld_base import engine_chunk_kld, read_kld_base
 
 binding()

@@ -23,7 +23,7 @@ import torch
 
 from lcc_harness.engines.results import RunConfig
 from lcc_harness.engines.torch.harness import Harness
-from lcc_harness.measure.kl import decoder_of
+from lcc_harness.measure.head import decoder_of
 from lcc_harness.models.load import load_model
 from lcc_harness.options import parse_lengths
 

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from lcc_harness.measure.kl import compare_summary, output_head, summarize_reference
+from lcc_harness.measure.head import compare_summary, output_head, summarize_reference
 
 V, H, T = 49152, 576, 1024
 

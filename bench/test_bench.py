@@ -25,7 +25,7 @@ import torch
 
 from bench.session import Bench, get_bench
 from lcc_harness.errors import HarnessError
-from lcc_harness.measure.kl import shared_linear_head
+from lcc_harness.measure.head import shared_linear_head
 
 CFG = get_bench().cfg
 PROBE = Path(__file__).with_name("_rss_probe.py")

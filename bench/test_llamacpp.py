@@ -66,7 +66,7 @@ def _forward(ctx, ids) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_measurement_over_own_forward(benchmark, h, method):
-    from lcc_harness.engines.llamacpp.harness import Context, paired_pass
+    from lcc_harness.engines.llamacpp.binding import Context, paired_pass
     from lcc_harness.methods import parse_method
 
     m = parse_method(method)

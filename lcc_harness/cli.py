@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
@@ -133,9 +134,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.kld_base is not None:
-        from lcc_harness.engines.llamacpp.kld_base import cmd_kld
-
-        return cmd_kld(args, cfg)
+        return _cmd_kld(args, cfg)
     from lcc_harness.methods.registry import parse_method
 
     # every id checked before anything loads: a bad one fails at once
@@ -337,6 +336,47 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"baseline: {line}")
     print(f"report: {args.report_dir}")
     return status
+
+
+def _cmd_kld(args: argparse.Namespace, cfg: Any) -> int:
+    """`lcc measure --kld-base FILE --compressed x.gguf`: print llama-perplexity's statistics and the per-position
+    curve (in position buckets); --json writes the full result."""
+    from lcc_harness.engines import llamacpp_gpu_layers
+    from lcc_harness.engines.llamacpp.binding import binding
+    from lcc_harness.engines.llamacpp.kld_base import measure_kld_base, read_kld_base
+    from lcc_harness.files import write_json
+    from lcc_harness.report import stats_block_tables
+
+    if not args.compressed:
+        raise HarnessError("--kld-base needs --compressed x.gguf: the model measured against the base file")
+    base = read_kld_base(args.kld_base)
+    binding()
+    out = measure_kld_base(
+        base, Path(args.compressed), llamacpp_gpu_layers(cfg.device, cfg.gpu_layers), cfg.threads
+    )
+    print(
+        f"--kld-base {base.path.name}: {base.n_chunk} chunk(s) of {base.n_ctx}, positions {base.first}…{base.n_ctx - 2} "
+        f"scored; compressed {Path(args.compressed).name} through llama.cpp"
+    )
+    print(stats_block_tables([(Path(args.compressed).name, base.n_ctx, out["stats"])]))
+    print(f"PPL(Q) {out['stats']['ppl']:.6f}, PPL(base) {out['stats']['ppl_base']:.6f}")
+    curve = out["position_curve"]
+    pos = sorted(int(k) for k in curve)
+    step = max(1, -(-len(pos) // 8))  # eight buckets of consecutive positions
+    rows = []
+    for k in range(0, len(pos), step):
+        part = pos[k : k + step]
+        vals = [curve[str(p)] for p in part]
+        rows.append([f"{part[0]}…{part[-1]}", f"{sum(vals) / len(vals):.6f}"])
+    from tabulate import tabulate
+
+    print("mean KLD by position within a chunk (mean over chunks):")
+    print(tabulate(rows, headers=["positions", "mean KLD"], tablefmt="github", disable_numparse=True))
+    if args.json:
+        write_json(args.json, out)
+        print(f"wrote {args.json}")
+    sys.stdout.flush()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from lcc_harness.measure.anatomy import (
     format_tables,
     relative_error,
 )
-from lcc_harness.measure.kl import decoder_of, final_hidden
+from lcc_harness.measure.head import decoder_of, final_hidden
 from lcc_harness.options import OptionError, run_fields
 
 L_MAX = TINY_LENGTHS[-1]

@@ -194,7 +194,7 @@ def test_design_and_anatomy_are_refused(tiny_gguf, corpus):
 
 
 def test_a_missing_binding_names_the_install_command(monkeypatch):
-    import lcc_harness.engines.llamacpp.harness as eng
+    import lcc_harness.engines.llamacpp.binding as eng
 
     monkeypatch.setattr(eng, "_LL", None)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import raises ImportError
@@ -224,7 +224,7 @@ def _write_base(path: Path, tokens: np.ndarray, logits_per_chunk: list[np.ndarra
 
 
 def test_kld_base_reproduces_the_engine_and_reports_a_position_curve(h, tmp_path):
-    from lcc_harness.engines.llamacpp.harness import Context, ContextSpec, GGUFModel
+    from lcc_harness.engines.llamacpp.binding import Context, ContextSpec, GGUFModel
 
     n_ctx, n_chunk = 128, 3
     tokens = np.stack(

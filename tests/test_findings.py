@@ -8,13 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from lcc_harness.measure.growth import CI_LEVEL, growth, rel_slopes, verdict
 from lcc_harness.measure.stats import betainc, paired_contrast, t_cdf, t_interval, t_quantile
-from lcc_harness.verdicts.claims import (
-    CI_LEVEL,
-    growth,
-    rel_slopes,
-    verdict,
-)
 
 LENGTHS = [256, 512, 1024, 2048]
 

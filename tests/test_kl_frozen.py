@@ -12,16 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcc_harness.measure.kl import (
-    PositionStats,
+from lcc_harness.measure.head import (
     RefSummary,
-    compare,
     compare_summary,
     final_hidden,
     linear_head,
     output_head,
     summarize_reference,
 )
+from lcc_harness.measure.kl import PositionStats, compare
 
 # ---- frozen copy of 015d14c ------------------------------------------------------------------------------
 BLOCK_BYTES = 24 * 2**20  # measure.BLOCK_BYTES then

@@ -12,9 +12,9 @@ from _tiny import TINY_LENGTHS, tiny_config
 from lcc_harness.engines.results import MethodResult
 from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import LengthError
+from lcc_harness.measure.growth import log_slope_contrast, matched_growth
 from lcc_harness.measure.reference import reference_key
 from lcc_harness.options import BY_KEY, OptionError, run_fields
-from lcc_harness.verdicts.claims import log_slope_contrast, matched_growth
 
 # kv with blocks of 16 so that its quantization reaches the shortest length; w8a8's KL is ~1e-3
 METHODS = ("rtn-w3-g32", "magnitude-s50", "w8a8", "kv-k4v4-g16", "random-s10")
@@ -77,7 +77,7 @@ def test_both_designs_reuse_the_longest_window_pass_exactly(tiny, monkeypatch):
 
 def test_matched_targets_are_the_same_tokens(harness):
     """Every length scores the sample's last T tokens: the input at L ends where the sample ends."""
-    from lcc_harness.measure.kl import matched_ids
+    from lcc_harness.measure.design import matched_ids
 
     s = harness.samples[0]
     T = harness.target

@@ -9,7 +9,9 @@ import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
 from lcc_harness.engines.torch.harness import Harness
-from lcc_harness.measure.kl import compare, final_hidden, output_head, passes_for, summarize
+from lcc_harness.measure.design import passes_for
+from lcc_harness.measure.head import final_hidden, output_head
+from lcc_harness.measure.kl import compare, summarize
 from lcc_harness.methods.basic import RTN
 from lcc_harness.methods.registry import CompressContext
 

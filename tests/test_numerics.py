@@ -13,9 +13,8 @@ from torch import nn
 
 from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import MethodError, MethodRunError
-from lcc_harness.measure.kl import (
+from lcc_harness.measure.head import (
     check_head,
-    compare,
     compare_summary,
     final_hidden,
     output_head,
@@ -23,6 +22,7 @@ from lcc_harness.measure.kl import (
     shared_linear_head,
     summarize_reference,
 )
+from lcc_harness.measure.kl import compare
 from lcc_harness.methods.basic import RTN
 from lcc_harness.methods.registry import CompressContext, Method
 from lcc_harness.models.load import ByteTokenizer, LoadedModel, build_tiny_llama, load_model
@@ -222,7 +222,7 @@ def _tiny_gpt2() -> nn.Module:
 
 
 def test_conv1d_layers_are_targets_and_linearizing_changes_nothing():
-    from lcc_harness.methods.targets import iter_linears, linearize_conv1d
+    from lcc_harness.methods._targets import iter_linears, linearize_conv1d
 
     model = _tiny_gpt2()
     ids = IDS[:64].view(1, -1)

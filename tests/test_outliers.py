@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcc_harness.methods.outliers import (
+from lcc_harness.methods._outliers import (
     K_SIGMA,
     K_SUPER,
     MAX_SUPER,

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lcc_harness.errors import HarnessError
+from lcc_harness.measure.probe_scores import score_rows
 from lcc_harness.measure.probes import (
     DEPTHS,
     ProbeConfig,
     RefAnalysis,
     build_sequence,
     check_probe_lengths,
-    score_rows,
     short_blocks,
 )
 from lcc_harness.options import OptionError, feasible_probes, parse_probes
@@ -175,7 +175,7 @@ def test_attention_lost_beyond_a_distance_shows_in_key_token_and_copy_kl_not_win
 
 
 def test_key_token_set_at_2048_is_non_empty_and_the_same_on_a_rerun(smol) -> None:
-    from lcc_harness.measure.kl import final_hidden
+    from lcc_harness.measure.head import final_hidden
     from lcc_harness.measure.probes import analyse_reference
 
     model, head = smol.lm.model, smol.reference.head

@@ -326,7 +326,7 @@ def test_run_record_round_trips_and_merges():
 
 
 def test_markdown_warns_when_a_method_zeroed_a_super_weight(record):
-    from lcc_harness.methods.outliers import OutlierTally, changed_outliers
+    from lcc_harness.methods._outliers import OutlierTally, changed_outliers
 
     rec = copy.deepcopy(record)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))

@@ -11,17 +11,14 @@ import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
 from lcc_harness.engines.torch.harness import Harness
-from lcc_harness.measure.kl import (
-    DP_QUANTILES,
-    PositionStats,
-    compare,
+from lcc_harness.measure.head import (
     compare_summary,
     final_hidden,
     linear_head,
     output_head,
-    summarize,
     summarize_reference,
 )
+from lcc_harness.measure.kl import DP_QUANTILES, PositionStats, compare, summarize
 
 STAT_KEYS = ("reverse_kl", "top1_se", "dp_mean", "dp_rms", "dp_p01", "dp_p05", "dp_p50", "dp_p95", "dp_p99")
 

@@ -11,8 +11,7 @@ import torch
 from _tiny import TINY_LENGTHS, tiny_config
 
 from lcc_harness.engines.torch.harness import Harness
-from lcc_harness.measure.kl import (
-    compare,
+from lcc_harness.measure.head import (
     compare_summary,
     final_hidden,
     output_head,
@@ -20,6 +19,7 @@ from lcc_harness.measure.kl import (
     summarize_reference,
     summary_rows,
 )
+from lcc_harness.measure.kl import compare
 from lcc_harness.measure.reference import build_reference
 
 LENGTHS = TINY_LENGTHS

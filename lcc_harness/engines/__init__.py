@@ -1,5 +1,5 @@
-"""Engines: what runs a model's forward pass. `torch` (run.Harness: transformers models, methods that rewrite
-torch weights) and `llama.cpp` (engines/llamacpp.py: GGUF files through llama.cpp's own kernels, GGUF weight types
+"""Stage 2, engines: what runs a model's forward pass. `torch` (engines/torch: transformers models, methods that rewrite
+torch weights) and `llama.cpp` (engines/llamacpp: GGUF files through llama.cpp's own kernels, GGUF weight types
 and KV-cache types as methods). Both hand the same per-position statistics (measure.PositionStats) to the shared
 measure → gate → verdicts → report pipeline; `make_harness` picks one from the run's configuration.
 """
@@ -10,7 +10,7 @@ from typing import Any
 
 
 def make_harness(cfg: Any) -> Any:
-    """The harness of `cfg.engine` (options.engine): run.Harness (torch) or engines.llamacpp.LlamaCppHarness."""
+    """The harness of `cfg.engine` (options.engine): torch.harness.Harness or llamacpp.harness.LlamaCppHarness."""
     if cfg.engine == "llama.cpp":
         from lcc_harness.engines.llamacpp.harness import LlamaCppHarness
 

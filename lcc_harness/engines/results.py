@@ -13,7 +13,7 @@ import torch
 from lcc_harness.errors import LengthError, first_line
 from lcc_harness.measure.anatomy import Anatomy
 from lcc_harness.measure.kl import DEFAULT_CHUNK, LengthStats
-from lcc_harness.methods.targets import DEFAULT_INCLUDE
+from lcc_harness.methods._targets import DEFAULT_INCLUDE
 
 
 @dataclass(frozen=True)

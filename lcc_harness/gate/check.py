@@ -29,6 +29,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lcc_harness.measure.growth import (  # the floors' constants and the growth ratio, with the curves
+    FLOOR_MIN,
+)
+
 DEFAULT_EPS = 0.02
 DEFAULT_GROWTH_EPS = 0.02
 K_NOISE = 5.0
@@ -38,9 +42,7 @@ K_NOISE = 5.0
 # nats per sample; float32 exactly 0 (bit-identical). FLOOR_MIN: bfloat16 1e-3 (the measurement); float16 2e-4
 # (3 more mantissa bits); float32 1e-6, far below any method's KL yet above float32 rounding (the bf16 value
 # scaled by the 2^16 finer mantissa is ~2e-8), so a rerun on other hardware cannot fail on it.
-FLOOR_MIN = {"float32": 1e-6, "bfloat16": 1e-3, "float16": 2e-4}
 K_FLOOR = 2.0
-GROWTH_MIN_FLOORS = 100.0  # below 100 floors the ratio carries ≥ 1 % float noise: growth is n/a
 
 
 def floor_from_self_noise(self_noise: float, dtype: str) -> float:
@@ -191,15 +193,6 @@ def check_kl(new: Sequence[float], old: Sequence[float], eps: float, floor: floa
     band = max(floor, K_NOISE * noise)
     tol = max(eps * abs(base), band)
     return compare(value, base, tol, band, paired(new, old, band))
-
-
-def growth_ratio(first: Sequence[float], last: Sequence[float], floor: float) -> float | None:
-    """Mean window KL at the longest length ÷ at the shortest; None when the shortest is within
-    GROWTH_MIN_FLOORS floors of zero (the ratio would be float noise, or 0/0)."""
-    lo = _mean(first)
-    if not lo > GROWTH_MIN_FLOORS * floor:
-        return None
-    return _mean(last) / lo
 
 
 def check_growth(new: float | None, old: float | None, eps: float, rel_noise: float) -> Check:

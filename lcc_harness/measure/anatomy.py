@@ -74,7 +74,7 @@ def bucket_sums(values: torch.Tensor, index: torch.Tensor, n_buckets: int) -> to
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from lcc_harness.measure.kl import decoder_of
+    from lcc_harness.measure.head import decoder_of
 
     body = decoder_of(model)
     for name in ("layers", "h", "blocks"):  # Llama-like, GPT-2, others

@@ -28,20 +28,16 @@ import torch
 
 from lcc_harness import __version__
 from lcc_harness.files import atomic_write
-from lcc_harness.measure.kl import (
-    DEFAULT_CHUNK,
-    Head,
+from lcc_harness.measure.design import length_dependence, matched_ids, passes_for
+from lcc_harness.measure.head import (
     RefSummary,
-    compare,
     final_hidden,
-    length_dependence,
-    matched_ids,
     output_head,
     own_logits_head,
-    passes_for,
     summarize_reference,
     summary_rows,
 )
+from lcc_harness.measure.kl import DEFAULT_CHUNK, Head, compare
 from lcc_harness.models.corpus import Sample
 from lcc_harness.models.load import LoadedModel, dtype_name
 

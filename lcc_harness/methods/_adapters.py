@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lcc_harness.errors import MethodError
-from lcc_harness.methods.outliers import OutlierWatch
+from lcc_harness.methods._outliers import OutlierWatch
 from lcc_harness.methods.registry import CompressContext, Method, record_bits
 
 

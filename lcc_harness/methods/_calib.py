@@ -26,7 +26,7 @@ class InputStats:
 @torch.no_grad()
 def run_calibration(model: nn.Module, calibration: Sequence[torch.Tensor]) -> None:
     """Forward every calibration span (T,) through the model body (no LM head, no cache)."""
-    from lcc_harness.measure.kl import decoder_of
+    from lcc_harness.measure.head import decoder_of
 
     dev = model.get_input_embeddings().weight.device
     body = decoder_of(model)

@@ -27,8 +27,8 @@ from torch import nn
 
 from lcc_harness.errors import MethodError
 from lcc_harness.methods._calib import InputStats, collect_input_stats
+from lcc_harness.methods._outliers import OutlierSnapshot, OutlierTally
 from lcc_harness.methods._quant import effective_bits, fake_quant_groups, fake_quant_per_token
-from lcc_harness.methods.outliers import OutlierSnapshot, OutlierTally
 from lcc_harness.methods.registry import CompressContext, Method, param, register
 
 W_BITS = (2, 8)
@@ -367,7 +367,7 @@ class SmoothQuant(Method):
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        from lcc_harness.measure.kl import final_hidden
+        from lcc_harness.measure.head import final_hidden
 
         consumers = smoothing_consumers(model)  # raises MethodError on unsupported architectures
         if not ctx.calibration:

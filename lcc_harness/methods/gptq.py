@@ -21,6 +21,7 @@ from torch import nn
 
 from lcc_harness.errors import MethodError
 from lcc_harness.methods._calib import run_calibration
+from lcc_harness.methods._outliers import OutlierWatch
 from lcc_harness.methods._quant import (
     GroupGrid,
     effective_bits,
@@ -28,9 +29,8 @@ from lcc_harness.methods._quant import (
     quantize_dequantize,
     resolve_group,
 )
-from lcc_harness.methods.outliers import OutlierWatch
+from lcc_harness.methods._targets import decoder_layers
 from lcc_harness.methods.registry import CompressContext, Method, record_bits, register
-from lcc_harness.methods.targets import decoder_layers
 
 DAMP = 0.01  # λ = DAMP · mean(diag H), the reference default
 BLOCK_SIZE = 128  # columns per lazy batch update

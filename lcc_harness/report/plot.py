@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lcc_harness.measure.growth import CI_LEVEL
 from lcc_harness.measure.stats import t_interval
 from lcc_harness.record import anatomy as _anatomy
 from lcc_harness.record import baseline_kl as _baseline_kl
@@ -20,7 +21,6 @@ from lcc_harness.record import lengths as _lengths
 from lcc_harness.record import matched as _matched
 from lcc_harness.record import methods as _methods
 from lcc_harness.record import run_title as _run_title
-from lcc_harness.verdicts.claims import CI_LEVEL
 
 
 def mean_band(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:

@@ -209,7 +209,7 @@ class LccSession(Cases, SessionConfig):
         return res
 
     def growth_of(self, method_id: str) -> dict[str, Any]:
-        from lcc_harness.verdicts.claims import growth
+        from lcc_harness.measure.growth import growth
 
         if method_id not in self.growth:
             res = self.complete_result(method_id, "growth")

@@ -12,9 +12,9 @@ from torch import nn
 from lcc_harness.errors import MethodError
 from lcc_harness.methods import CompressContext, parse_method
 from lcc_harness.methods._calib import collect_input_stats
+from lcc_harness.methods._targets import iter_linears
 from lcc_harness.methods.act import ActQuantizer, ActQuantLinear, SmoothQuant, WeightActQuant, smooth_
 from lcc_harness.methods.act import smoothing_consumers as consumers
-from lcc_harness.methods.targets import iter_linears
 from lcc_harness.models.load import build_tiny_llama
 
 

@@ -11,9 +11,9 @@ from torch import nn
 from lcc_harness.errors import MethodError
 from lcc_harness.methods._calib import run_calibration
 from lcc_harness.methods._quant import fake_quant_groups
+from lcc_harness.methods._targets import decoder_layers
 from lcc_harness.methods.gptq import GPTQ, _block_width, gptq_quantize
 from lcc_harness.methods.registry import CompressContext, parse_method
-from lcc_harness.methods.targets import decoder_layers
 
 
 def _weighted_err(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

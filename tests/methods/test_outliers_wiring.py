@@ -13,7 +13,7 @@ from torch import nn
 from lcc_harness.methods import CompressContext, parse_method
 from lcc_harness.methods import act as act_mod
 from lcc_harness.methods import gptq as gptq_mod
-from lcc_harness.methods.outliers import K_SUPER
+from lcc_harness.methods._outliers import K_SUPER
 from lcc_harness.methods.registry import WeightMethod
 
 LAYER = "model.layers.1.mlp.down_proj"

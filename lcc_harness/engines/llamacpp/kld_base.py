@@ -23,7 +23,6 @@ chunk, which llama-perplexity does not print.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,14 +127,14 @@ def measure_kld_base(
     """The compressed GGUF measured against a base file through the llama.cpp engine, with llama-perplexity's
     defaults (f16 KV cache, flash attention, micro-batches of 512): its statistics over every chunk, and the mean
     KL per position within a chunk (the curve)."""
-    from lcc_harness.engines.llamacpp.gguf_files import check_gguf_file
-    from lcc_harness.engines.llamacpp.harness import (
+    from lcc_harness.engines.llamacpp.binding import (
         MAX_BATCH,
         Context,
         ContextSpec,
         GGUFModel,
         physical_cores,
     )
+    from lcc_harness.engines.llamacpp.gguf_files import check_gguf_file
     from lcc_harness.measure.kl import statistics_block
 
     check_gguf_file(compressed, "compressed GGUF")
@@ -195,46 +194,6 @@ def measure_kld_base(
     }
 
 
-def cmd_kld(args: Any, cfg: Any) -> int:
-    """`lcc measure --kld-base FILE --compressed x.gguf`: print llama-perplexity's statistics and the per-position
-    curve (in position buckets); --json writes the full result."""
-    from lcc_harness.engines import llamacpp_gpu_layers
-    from lcc_harness.engines.llamacpp.harness import binding
-    from lcc_harness.files import write_json
-    from lcc_harness.report import stats_block_tables
-
-    if not args.compressed:
-        raise HarnessError("--kld-base needs --compressed x.gguf: the model measured against the base file")
-    base = read_kld_base(args.kld_base)
-    binding()
-    out = measure_kld_base(
-        base, Path(args.compressed), llamacpp_gpu_layers(cfg.device, cfg.gpu_layers), cfg.threads
-    )
-    print(
-        f"--kld-base {base.path.name}: {base.n_chunk} chunk(s) of {base.n_ctx}, positions {base.first}…{base.n_ctx - 2} "
-        f"scored; compressed {Path(args.compressed).name} through llama.cpp"
-    )
-    print(stats_block_tables([(Path(args.compressed).name, base.n_ctx, out["stats"])]))
-    print(f"PPL(Q) {out['stats']['ppl']:.6f}, PPL(base) {out['stats']['ppl_base']:.6f}")
-    curve = out["position_curve"]
-    pos = sorted(int(k) for k in curve)
-    step = max(1, -(-len(pos) // 8))  # eight buckets of consecutive positions
-    rows = []
-    for k in range(0, len(pos), step):
-        part = pos[k : k + step]
-        vals = [curve[str(p)] for p in part]
-        rows.append([f"{part[0]}…{part[-1]}", f"{sum(vals) / len(vals):.6f}"])
-    from tabulate import tabulate
-
-    print("mean KLD by position within a chunk (mean over chunks):")
-    print(tabulate(rows, headers=["positions", "mean KLD"], tablefmt="github", disable_numparse=True))
-    if args.json:
-        write_json(args.json, out)
-        print(f"wrote {args.json}")
-    sys.stdout.flush()
-    return 0
-
-
 def engine_chunk_kld(
     tokens: np.ndarray, reference: Path, compressed: Path, kv: str = "f16", threads: int = 0, chunk: int = 256
 ) -> dict[str, Any]:
@@ -243,7 +202,7 @@ def engine_chunk_kld(
     `kv`), KL(P_ref ‖ P_cmp) from both float32 logits (measure.compare), scored at positions n_ctx/2 … n_ctx − 2.
     Differs from llama-perplexity only in how the reference is kept (it stores 16-bit log-probabilities and leaves
     out those below e^-16). Returns the statistics block and the mean KLD."""
-    from lcc_harness.engines.llamacpp.harness import (
+    from lcc_harness.engines.llamacpp.binding import (
         MAX_BATCH,
         Context,
         ContextSpec,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lcc_harness.errors import CheckpointError, HarnessError
-from lcc_harness.methods.targets import linearize_conv1d
+from lcc_harness.methods._targets import linearize_conv1d
 from lcc_harness.models.load import LoadedModel, load_model
 
 if TYPE_CHECKING:

@@ -22,20 +22,15 @@ from lcc_harness.errors import (
     MethodRunError,
     OOMError,
 )
-from lcc_harness.measure.kl import (
-    Head,
-    LengthStats,
-    PositionStats,
-    check_finite,
-    compare,
+from lcc_harness.measure.design import matched_ids
+from lcc_harness.measure.head import (
     compare_summary,
     final_hidden,
     linear_head,
-    matched_ids,
     output_head,
     shared_linear_head,
-    summarize,
 )
+from lcc_harness.measure.kl import Head, LengthStats, PositionStats, check_finite, compare, summarize
 from lcc_harness.measure.reference import (
     Reference,
     probe_length_dependence,
@@ -198,8 +193,7 @@ class Curves:
         when both heads are the same linear map, else both heads: `compare`). A length that runs out of memory
         is recorded in `errors`, and longer lengths are not tried. `tails`: what `measure_lengths` kept of the
         same model's longest pass; a sample whose kept ids equal its longest matched input reuses it."""
-        from lcc_harness.gate.check import FLOOR_MIN, GROWTH_MIN_FLOORS
-        from lcc_harness.verdicts.claims import matched_growth
+        from lcc_harness.measure.growth import FLOOR_MIN, GROWTH_MIN_FLOORS, matched_growth
 
         mref = self.matched_reference
         T = mref.target

@@ -23,19 +23,10 @@ from lcc_harness.errors import (
     MethodRunError,
 )
 from lcc_harness.measure.anatomy import Anatomy, Captured, ErrorTally, capture
-from lcc_harness.measure.kl import (
-    LengthStats,
-    compare,
-    final_hidden,
-    summarize,
-)
-from lcc_harness.measure.probes import (
-    ProbeReference,
-    analyse_reference,
-    probe_sequences,
-    score_rows,
-    summarize_probes,
-)
+from lcc_harness.measure.head import final_hidden
+from lcc_harness.measure.kl import LengthStats, compare, summarize
+from lcc_harness.measure.probe_scores import score_rows, summarize_probes
+from lcc_harness.measure.probes import ProbeReference, analyse_reference, probe_sequences
 from lcc_harness.measure.probes import (
     cache_key as probe_cache_key,
 )

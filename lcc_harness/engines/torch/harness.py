@@ -35,13 +35,8 @@ from lcc_harness.errors import (
     first_line,
 )
 from lcc_harness.measure.anatomy import Anatomy, Captured, ErrorTally
-from lcc_harness.measure.kl import (
-    Head,
-    LengthStats,
-    check_head,
-    output_head,
-    own_logits_head,
-)
+from lcc_harness.measure.head import check_head, output_head, own_logits_head
+from lcc_harness.measure.kl import Head, LengthStats
 from lcc_harness.measure.probes import (
     ProbeConfig,
     ProbeReference,
@@ -53,8 +48,8 @@ from lcc_harness.measure.reference import (
     build_matched_reference,
     build_reference,
 )
+from lcc_harness.methods._targets import linearize_conv1d
 from lcc_harness.methods.registry import CompressContext, Method, parse_method
-from lcc_harness.methods.targets import linearize_conv1d
 from lcc_harness.models.corpus import Sample, TokenizedCorpus, load_corpus
 from lcc_harness.models.load import LoadedModel, dtype_name, load_model, plain_values
 from lcc_harness.models.snapshot import Snapshot
