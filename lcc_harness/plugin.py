@@ -252,10 +252,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
     s.final_record = rec
     try:
-        from lcc_harness.report import write_reports
+        from lcc_harness.report import append_step_summary, write_reports
 
         s.report_files = write_reports(rec.public(), s.report_dir)
         s.report_files.append(rec.write(s.report_dir))
+        append_step_summary(rec.public())  # when GITHUB_STEP_SUMMARY names a file (GitHub Actions)
     except (OSError, HarnessError) as exc:
         log.error("lcc: could not write reports to %s: %s", s.report_dir, exc)
 

@@ -7,7 +7,7 @@
 #
 #   scripts/kl-gate.sh install     make setup in the harness checkout (venv, pinned CPU torch or TORCH_SPEC)
 #   scripts/kl-gate.sh run         pytest suites/ with the inputs; exits with pytest's status
-#   scripts/kl-gate.sh summary     the report's summary (its first section) appended to GITHUB_STEP_SUMMARY
+#   (the run's pytest appends the report's summary to GITHUB_STEP_SUMMARY itself)
 set -euo pipefail
 harness="${LCC_HARNESS:-$(cd "$(dirname "$0")/.." && pwd)}"
 workspace="${LCC_WORKSPACE:-$PWD}"
@@ -36,17 +36,8 @@ case "${1:-}" in
     done
     exec "$harness/.venv/bin/pytest" "$harness/suites" --rootdir "$workspace" "${args[@]}"
     ;;
-  summary)
-    report="$report_dir/kl_report.md"
-    if [ ! -f "$report" ]; then
-      echo "kl-gate: no report at $report (the run stopped before writing it)" >&2
-      exit 0
-    fi
-    # the title and the Summary section: everything before the second '## ' heading
-    awk '/^## /{n++} n<2' "$report" >> "${GITHUB_STEP_SUMMARY:-/dev/stdout}"
-    ;;
   *)
-    echo "usage: scripts/kl-gate.sh install|run|summary" >&2
+    echo "usage: scripts/kl-gate.sh install|run" >&2
     exit 2
     ;;
 esac

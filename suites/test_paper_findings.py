@@ -9,5 +9,6 @@ from lcc_harness.verdicts.claims import CLAIMS
 
 
 @pytest.mark.parametrize("claim", list(CLAIMS))
-def test_paper_finding_reproduces(lcc, claim):
-    lcc.check_finding(claim)
+def test_paper_finding_reproduces(lcc, claim, record_property):
+    with lcc.properties(record_property):
+        lcc.check_finding(claim)

@@ -15,9 +15,9 @@ from lcc_harness.gate.check import (
     check_growth,
     check_kl,
     floor_from_self_noise,
-    growth_ratio,
     parse_method_eps,
 )
+from lcc_harness.measure.growth import growth_ratio
 
 FLOOR = 1e-6
 BASE = [0.50, 0.62, 0.58, 0.71]

@@ -18,10 +18,13 @@ from lcc_harness.report.fmt import (
 from lcc_harness.report.markdown import render_markdown
 from lcc_harness.report.probes import probe_tables
 from lcc_harness.report.sections import super_weight_warning
-from lcc_harness.report.summary import terminal_summary
+from lcc_harness.report.summary import append_step_summary, summary_lines, summary_markdown, terminal_summary
 from lcc_harness.report.write import check_writable, write_reports
 
 __all__ = [
+    "append_step_summary",
+    "summary_lines",
+    "summary_markdown",
     "ANATOMY_PNG",
     "DP_COLUMNS",
     "PROBES_PNG",

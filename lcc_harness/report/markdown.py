@@ -1,9 +1,5 @@
-"""Reports of one harness run: Markdown tables, the JSON record, a KL-vs-context PNG, a terminal summary.
-
-Input is the run RECORD the pytest plugin collects (a plain JSON-able dict, see `write_reports`); nothing
-here reaches back into models or measurements. Every file is written atomically (temp file in the same
-folder, then `os.replace`), so a reader sees either the previous report or a complete new one.
-"""
+"""kl_report.md: the answer first (summary.py: the verdict, the run, the gate per method, each claim, the plot),
+then how to read it, then the detail tables of every section."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from lcc_harness.record import methods as _methods
-from lcc_harness.record import run_title as _run_title
 from lcc_harness.report.curves import (
     _dp_table,
     _engine_floor_section,
@@ -31,7 +26,7 @@ from lcc_harness.report.sections import (
     _super_weight_warnings,
     _timings_table,
 )
-from lcc_harness.report.summary import _summary_lines
+from lcc_harness.report.summary import summary_markdown
 
 HOW_TO_READ = (
     "All KL values are KL(P_ref ‖ P_cmp) in nats per next-token distribution, P_ref from the uncompressed "
@@ -58,8 +53,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     """The full Markdown report of a run record."""
     run = record.get("run") or {}
     methods = _methods(record)
-    out = [f"# Long-context KL report — {_run_title(run)}", "", HOW_TO_READ, "", "## Summary", ""]
-    out += _summary_lines(record)
+    out = [summary_markdown(record).rstrip("\n"), "", "## How to read this report", "", HOW_TO_READ]
     sections = [
         ("Window KL (nats), mean over positions (L/2, L]", _metric_table(record, "window_kl", fmt_kl, True)),
         ("Cumulative KL (nats), mean over [0, L)", _metric_table(record, "cumulative_kl", fmt_kl)),

@@ -249,6 +249,7 @@ def _run_table(record: Mapping[str, Any]) -> str:
         ("corpus", run.get("corpus")),
         ("corpus sha256", f"`{run.get('corpus_sha256')}`" if run.get("corpus_sha256") else DASH),
         ("seed", run.get("seed")),
+        ("commit", f"`{run.get('commit')}`" if run.get("commit") else DASH),
         ("samples", run.get("samples")),
         ("lengths", ", ".join(str(L) for L in run.get("lengths") or []) or DASH),
         ("measurement", run.get("mode")),

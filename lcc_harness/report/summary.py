@@ -3,7 +3,9 @@ terminal summary."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
@@ -13,10 +15,27 @@ from lcc_harness.record import finite as _finite
 from lcc_harness.record import lengths as _lengths
 from lcc_harness.record import methods as _methods
 from lcc_harness.record import run_title as _run_title
-from lcc_harness.report.fmt import KIND_LABEL, OUTCOME_MARK, _check_counts, _delta_pct, _one_line, fmt_kl
+from lcc_harness.report.fmt import (
+    DASH,
+    HOLDS_MARK,
+    KIND_LABEL,
+    OUTCOME_MARK,
+    REPORT_PNG,
+    _check_counts,
+    _delta_pct,
+    _md_table,
+    _one_line,
+    fmt_kl,
+)
+
+SUMMARY_MAX_LINES = 40  # the summary that opens kl_report.md: the answer on the first screen
+GATE_ROWS = 20  # methods listed in the summary's gate table; the rest (all passing) are counted in one line
+FAILING_LINES = 5  # failing checks spelled out under the verdict line; the gate table has the rest
+GATE_ORDER = ("fail", "error", "missing", "better", "changed", "updated", "pass", "n/a")  # worst first
 
 
-def _summary_lines(record: Mapping[str, Any]) -> list[str]:
+def _verdict_lines(record: Mapping[str, Any]) -> list[str]:
+    """'**PASSED** — 11 method(s), 143 check(s): 121 pass, 22 n/a.' and the first failing checks."""
     methods = _methods(record)
     checks = record.get("checks") or []
     counts = _check_counts(checks)
@@ -34,15 +53,153 @@ def _summary_lines(record: Mapping[str, Any]) -> list[str]:
     failing = [c for c in checks if c.get("outcome") in ("fail", "error")]
     if failing:
         lines.append("")
-        for c in failing:
+        for c in failing[:FAILING_LINES]:
             where = f" @ {c['length']}" if c.get("length") is not None else ""
             tol = f", tolerance {fmt_kl(c.get('tolerance'))}" if c.get("tolerance") is not None else ""
             lines.append(
                 f"- {OUTCOME_MARK.get(c.get('outcome'), c.get('outcome'))}: `{c.get('method')}`{where} "
-                f"{KIND_LABEL.get(c.get('kind'), c.get('kind'))} {fmt_kl(c.get('value'))} vs baseline {fmt_kl(c.get('baseline'))} "
-                f"({_delta_pct(c.get('value'), c.get('baseline'))}{tol})"
+                f"{KIND_LABEL.get(c.get('kind'), c.get('kind'))} {fmt_kl(c.get('value'))} vs baseline "
+                f"{fmt_kl(c.get('baseline'))} ({_delta_pct(c.get('value'), c.get('baseline'))}{tol})"
             )
+        if len(failing) > FAILING_LINES:
+            lines.append(f"- … and {len(failing) - FAILING_LINES} more (see Baseline checks)")
     return lines
+
+
+def _run_line(record: Mapping[str, Any]) -> str:
+    """The run in one line: model, engine, dtype and device, methods, lengths, samples, commit."""
+    run = record.get("run") or {}
+    commit = run.get("commit")
+    version = (run.get("versions") or {}).get("harness")
+    source = f"commit `{commit}`" if commit else f"lcc-harness {version}" if version else "commit —"
+    lengths = ", ".join(str(L) for L in run.get("lengths") or []) or DASH
+    return (
+        f"**Run:** `{run.get('model', '?')}` · engine {run.get('engine', 'torch')} · {run.get('dtype', '?')} on "
+        f"{run.get('device_type', '?')} · {len(_methods(record))} method(s) · lengths {lengths} · "
+        f"{run.get('samples', '?')} sample(s) · profile {run.get('profile', DASH)} · {source}"
+    )
+
+
+def _worst_kl(checks: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The window-KL check nearest its limit: the largest (value − baseline) ÷ tolerance."""
+    scored = [
+        c
+        for c in checks
+        if c.get("kind") == "kl"
+        and _finite(c.get("value"))
+        and _finite(c.get("baseline"))
+        and _finite(c.get("tolerance"))
+        and c["tolerance"] > 0
+    ]
+    return max(scored, key=lambda c: (c["value"] - c["baseline"]) / c["tolerance"], default=None)
+
+
+def gate_rows(record: Mapping[str, Any]) -> list[list[str]]:
+    """Per method: the gate (its worst check outcome, or the method's status when it did not complete), the
+    length whose window KL is nearest its limit, that KL, its baseline, and the change as a share of the
+    tolerance (100 % = at the limit)."""
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for c in record.get("checks") or []:
+        by_method.setdefault(str(c.get("method")), []).append(c)
+    rows = []
+    for mid, entry in _methods(record).items():
+        checks = by_method.get(mid, [])
+        outcomes = {str(c.get("outcome")) for c in checks}
+        worst = next((o for o in GATE_ORDER if o in outcomes), None)
+        status = entry.get("status", "ok")
+        if status != "ok" and worst not in ("fail", "error"):
+            gate = f"⚠ {status}"
+        elif worst is None:
+            gate = "no checks"
+        else:
+            gate = OUTCOME_MARK.get(worst, worst)
+        w = _worst_kl(checks)
+        if w is None:
+            rows.append([f"`{mid}`", gate, DASH, DASH, DASH, DASH])
+            continue
+        share = (w["value"] - w["baseline"]) / w["tolerance"]
+        rows.append(
+            [
+                f"`{mid}`",
+                gate,
+                str(w.get("length")),
+                fmt_kl(w["value"]),
+                fmt_kl(w["baseline"]),
+                f"{_delta_pct(w['value'], w['baseline'])} = {100 * share:+.0f} % of ±{fmt_kl(w['tolerance'])}",
+            ]
+        )
+    return rows
+
+
+def _gate_table(record: Mapping[str, Any]) -> list[str]:
+    rows = gate_rows(record)
+    if not rows:
+        return ["_No methods ran._"]
+    shown = rows
+    rest = 0
+    if len(rows) > GATE_ROWS:  # failing and incomplete methods first, then passing ones up to the cap
+        failing = [r for r in rows if not r[1].startswith("✅")]
+        shown = (failing + [r for r in rows if r[1].startswith("✅")])[:GATE_ROWS]
+        rest = len(rows) - len(shown)
+    table = _md_table(
+        shown, ["method", "gate", "worst length", "window KL", "baseline", "change vs tolerance"]
+    ).splitlines()
+    return table + (
+        [f"_… and {rest} more method(s), every check passing (see Baseline checks)._"] if rest else []
+    )
+
+
+def _claim_lines(record: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for f in record.get("findings") or []:
+        holds = str(f.get("holds"))
+        note = " (informative)" if f.get("informative") else ""
+        if f.get("reproduced") is False:
+            note += f"; stored verdict was '{f.get('stored')}'"
+        lines.append(
+            f"- {HOLDS_MARK.get(holds, '')} **{holds}** — `{f.get('claim')}`: {_one_line(f.get('title', ''), 140)}{note}"
+        )
+    return lines
+
+
+def summary_lines(record: Mapping[str, Any]) -> list[str]:
+    """The summary that opens the report (≤ SUMMARY_MAX_LINES with its title): the verdict, the run, the gate per
+    method, each claim's verdict, the plot."""
+    out = _verdict_lines(record) + [
+        "",
+        _run_line(record),
+        "",
+        "**Gate per method** (window KL at the length nearest its limit):",
+        "",
+    ]
+    out += _gate_table(record)
+    claims = _claim_lines(record)
+    if claims:
+        out += ["", "**Paper claims on this model** (detail under Paper findings):", ""] + claims
+    out += ["", f"![window KL vs context length]({REPORT_PNG})"]
+    return out
+
+
+def summary_markdown(record: Mapping[str, Any]) -> str:
+    """The report's opening: its title and the summary (what GITHUB_STEP_SUMMARY receives)."""
+    return (
+        "\n".join(
+            [f"# Long-context KL report — {_run_title(record.get('run') or {})}", "", "## Summary", ""]
+            + summary_lines(record)
+        )
+        + "\n"
+    )
+
+
+def append_step_summary(record: Mapping[str, Any]) -> Path | None:
+    """Append summary_markdown to the file GITHUB_STEP_SUMMARY names (GitHub Actions shows it on the run's page);
+    None when the variable is not set."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return None
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(summary_markdown(record) + "\n")
+    return Path(path)
 
 
 def terminal_summary(record: Mapping[str, Any]) -> str:

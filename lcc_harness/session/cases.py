@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +28,33 @@ class Cases:
         from lcc_harness.gate.check import Check
 
         self._record_check(method_id, length, kind, Check(outcome, value, None, None))
+
+    @contextlib.contextmanager
+    def properties(self, record_property: Callable[[str, object], None]) -> Iterator[None]:
+        """What the case inside the block checked, as junit properties (pytest's `record_property`), also when it
+        fails: per check its method, length, kind, value (as `kl` or `growth`), baseline, tolerance and outcome;
+        per claim its verdict and the stored one (a value that is None is left out)."""
+        n_checks, n_findings = len(self.checks), len(self.findings)
+        try:
+            yield
+        finally:
+            for c in self.checks[n_checks:]:
+                value_key = "growth" if c.get("kind") == "growth" else "kl"
+                for key, value in (
+                    ("method", c.get("method")),
+                    ("length", c.get("length")),
+                    ("kind", c.get("kind")),
+                    (value_key, c.get("value")),
+                    ("baseline", c.get("baseline")),
+                    ("tolerance", c.get("tolerance")),
+                    ("outcome", c.get("outcome")),
+                ):
+                    if value is not None:
+                        record_property(key, value)
+            for f in self.findings[n_findings:]:
+                for key in ("claim", "holds", "stored"):
+                    if f.get(key) is not None:
+                        record_property(key, f.get(key))
 
     # ---- checks used by the suites ------------------------------------------------------------
     def check_kl(self, method_id: str, length: int) -> None:
@@ -94,7 +123,8 @@ class Cases:
         """One gate case, in the spirit of pytest-regressions' perform_regression_check: obtain the value; when
         updating, stage the method's entry; else compare with the stored per-sample values (gate.check_kl /
         gate.check_growth), record the check and fail the test with its message."""
-        from lcc_harness.gate.check import check_growth, check_kl, growth_ratio
+        from lcc_harness.gate.check import check_growth, check_kl
+        from lcc_harness.measure.growth import growth_ratio
 
         self._require_window("the baseline gate")
 

@@ -132,7 +132,7 @@ def merge(
         update_from_record,
     )
     from lcc_harness.gate.check import check_claim
-    from lcc_harness.report import check_writable, write_reports
+    from lcc_harness.report import append_step_summary, check_writable, write_reports
 
     records = load_records(paths)
     check_compatible(records, paths)
@@ -168,4 +168,5 @@ def merge(
     rec.run["merged_from"] = [str(p) for p in paths]
     write_reports(rec.public(), report_dir)
     rec.write(report_dir)
+    append_step_summary(rec.public())
     return rec, status

@@ -8,6 +8,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,7 @@ class LccSession(Cases, SessionConfig):
             "started": self.started,
             "finished": _now(),
             "update": self.update,
+            "commit": _commit(Path(self.config.rootpath)),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -310,6 +312,17 @@ class LccSession(Cases, SessionConfig):
             findings=list(self.findings),
             baseline_changes=list(self.baseline_changes),
         )
+
+
+def _commit(root: Path) -> str | None:
+    """The commit checked out at `root` (12 hex digits), or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _now() -> str:
