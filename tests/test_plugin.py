@@ -130,3 +130,37 @@ def test_failing_and_nan_methods_do_not_stop_the_others(project):
     assert report["methods"]["boom"]["status"] == "error"
     assert report["methods"]["nans"]["status"] == "non-finite"
     assert report["methods"]["rtn-w4-g32"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_cases_record_kl_and_tolerance_as_junit_properties_and_the_summary_reaches_the_step_summary(
+    project, monkeypatch
+):
+    import xml.etree.ElementTree as ET
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    assert (
+        run(project, "--lcc-methods", "rtn-w4-g32", "--lcc-update-baselines", "test_kl_regression.py").ret
+        == 0
+    )
+    step_summary = project.path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    r = run(project, "--lcc-methods", "rtn-w4-g32", "test_kl_regression.py", "--junitxml", "junit.xml")
+    assert r.ret == 0, r.stdout.str()[-3000:]
+    cases = {
+        tc.get("name"): {p.get("name"): p.get("value") for p in tc.iter("property")}
+        for tc in ET.parse(project.path / "junit.xml").getroot().iter("testcase")
+    }
+    kl_cases = {n: p for n, p in cases.items() if n.startswith("test_kl_within_baseline")}
+    assert sorted(kl_cases) == [f"test_kl_within_baseline[rtn-w4-g32-{L}]" for L in (128, 256, 64)]
+    for name, props in kl_cases.items():
+        assert props["method"] == "rtn-w4-g32" and name.endswith(f"-{props['length']}]")
+        assert float(props["kl"]) > 0 and float(props["tolerance"]) > 0 and props["outcome"] == "pass"
+        assert float(props["baseline"]) == pytest.approx(float(props["kl"]), rel=1e-4)
+    growth = cases["test_kl_growth_within_baseline[rtn-w4-g32]"]
+    assert float(growth["growth"]) > 0 and "tolerance" in growth
+    text = step_summary.read_text()
+    assert text.startswith("# Long-context KL report — tiny-llama") and "**PASSED**" in text
+    row = next(x for x in text.splitlines() if x.startswith("| `rtn-w4-g32`"))
+    assert row.split("|")[2].strip() == "✅ pass"
+    assert len(text.rstrip("\n").splitlines()) <= 40 and "## Window KL" not in text

@@ -346,3 +346,70 @@ def test_markdown_warns_when_a_method_zeroed_a_super_weight(record):
     assert "| rtn-w3-g128" in table and "| wanda-s50" in table and "gptq" not in table
     assert "super zeroed" in table and "> 10σ" in table
     assert "## Warnings" not in render_markdown(record)  # nothing recorded, nothing to warn about
+
+
+# ---- the summary that opens the report ----------------------------------------------------------------------
+
+
+def _summary(md: str) -> str:
+    return md.split("## How to read this report")[0]
+
+
+def test_report_opens_with_a_short_summary_holding_every_gate_and_verdict(record):
+    md = render_markdown(record)
+    head = _summary(md)
+    assert md.startswith("# Long-context KL report — smollm2-135m (float32, cpu)\n")
+    assert len(head.rstrip("\n").splitlines()) <= 40
+    assert md.index("## Summary") < md.index("## How to read") < md.index("## Window KL")
+    rows = {r[0].strip("`"): r for r in _rows(head, "Summary")}
+    assert set(rows) == set(record["methods"])
+    method, gate, worst, kl, baseline, change = rows["rtn-w3-g128"]
+    assert gate == "❌ fail" and worst == "2048"  # the failing length is the one nearest (beyond) its limit
+    check = record["checks"][3]
+    assert kl == fmt_kl(check["value"]) and baseline == fmt_kl(check["baseline"])
+    share = 100 * (check["value"] - check["baseline"]) / check["tolerance"]
+    assert change.endswith(f"({share:+.0f} % of the ±{fmt_kl(0.1)} allowed)")
+    assert rows["wanda-s50"][1] == "⬇ better"
+    assert rows["gptq-w3-g128"][1] == "⚠ error" and rows["gptq-w3-g128"][2] == "—"
+    for f in record["findings"]:
+        line = next(x for x in head.splitlines() if f"`{f['claim']}`" in x)
+        assert f"**{f['holds']}**" in line and f["title"] in line
+    assert "stored verdict was 'no'" in head  # quant-rises did not reproduce
+    assert (
+        "**Run:** `smollm2-135m` · engine torch · float32 on cpu · 3 method(s) · lengths 256, 512, 1024, 2048"
+        in head
+    )
+    assert f"]({REPORT_PNG})" in head
+
+
+def test_summary_stays_short_with_many_methods_and_failures(record):
+    rec = copy.deepcopy(record)
+    entry = rec["methods"]["wanda-s50"]
+    for i in range(40):  # 40 more methods, each failing at every length
+        rec["methods"][f"m{i}"] = copy.deepcopy(entry)
+        rec["checks"] += [
+            {"method": f"m{i}", "length": L, "kind": "kl", "value": 1.0, "baseline": 0.5, "tolerance": 0.1,
+             "outcome": "fail"}
+            for L in LENGTHS
+        ]  # fmt: skip
+    head = _summary(render_markdown(rec))
+    assert len(head.rstrip("\n").splitlines()) <= 40
+    assert "**FAILED**" in head and "… and 156 more (see Baseline checks)" in head
+    assert "more method(s), every check passing" not in head  # failing methods are never the ones cut
+    assert "not passing (see Baseline checks)" in head
+
+
+def test_summary_is_appended_to_github_step_summary(record, tmp_path, monkeypatch):
+    from lcc_harness.report import append_step_summary, summary_markdown
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    assert append_step_summary(record) is None
+    target = tmp_path / "step-summary.md"
+    target.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(target))
+    assert append_step_summary(record) == target
+    text = target.read_text()
+    assert text.startswith("earlier step\n# Long-context KL report")
+    assert text[len("earlier step\n") :] == summary_markdown(record) + "\n"
+    assert summary_markdown(record) in render_markdown(record)  # the same lines as the report's opening
+    assert "## Window KL" not in text

@@ -29,7 +29,7 @@ from lcc_harness.report.fmt import (
 )
 
 SUMMARY_MAX_LINES = 40  # the summary that opens kl_report.md: the answer on the first screen
-GATE_ROWS = 20  # methods listed in the summary's gate table; the rest (all passing) are counted in one line
+TITLE_LINES = 4  # '# title', '', '## Summary', '' before summary_lines
 FAILING_LINES = 5  # failing checks spelled out under the verdict line; the gate table has the rest
 GATE_ORDER = ("fail", "error", "missing", "better", "changed", "updated", "pass", "n/a")  # worst first
 
@@ -114,8 +114,16 @@ def gate_rows(record: Mapping[str, Any]) -> list[list[str]]:
         else:
             gate = OUTCOME_MARK.get(worst, worst)
         w = _worst_kl(checks)
-        if w is None:
-            rows.append([f"`{mid}`", gate, DASH, DASH, DASH, DASH])
+        if (
+            w is None
+        ):  # nothing to compare with (no baseline, or it is being written): the longest length's KL
+            kl = [c for c in checks if c.get("kind") == "kl" and _finite(c.get("value"))]
+            last = max(kl, key=lambda c: c.get("length") or 0, default=None)
+            rows.append(
+                [f"`{mid}`", gate]
+                + ([str(last.get("length")), fmt_kl(last["value"])] if last else [DASH, DASH])
+                + [DASH, DASH]
+            )
             continue
         share = (w["value"] - w["baseline"]) / w["tolerance"]
         rows.append(
@@ -125,28 +133,30 @@ def gate_rows(record: Mapping[str, Any]) -> list[list[str]]:
                 str(w.get("length")),
                 fmt_kl(w["value"]),
                 fmt_kl(w["baseline"]),
-                f"{_delta_pct(w['value'], w['baseline'])} = {100 * share:+.0f} % of ±{fmt_kl(w['tolerance'])}",
+                f"{_delta_pct(w['value'], w['baseline'])} ({100 * share:+.0f} % of the ±{fmt_kl(w['tolerance'])} allowed)",
             ]
         )
     return rows
 
 
-def _gate_table(record: Mapping[str, Any]) -> list[str]:
+def _gate_table(record: Mapping[str, Any], room: int) -> list[str]:
+    """The gate table in at most `room` lines (≥ 4): failing and incomplete methods first when it must be cut,
+    then a line counting the rest."""
     rows = gate_rows(record)
     if not rows:
         return ["_No methods ran._"]
-    shown = rows
-    rest = 0
-    if len(rows) > GATE_ROWS:  # failing and incomplete methods first, then passing ones up to the cap
-        failing = [r for r in rows if not r[1].startswith("✅")]
-        shown = (failing + [r for r in rows if r[1].startswith("✅")])[:GATE_ROWS]
-        rest = len(rows) - len(shown)
-    table = _md_table(
-        shown, ["method", "gate", "worst length", "window KL", "baseline", "change vs tolerance"]
-    ).splitlines()
-    return table + (
-        [f"_… and {rest} more method(s), every check passing (see Baseline checks)._"] if rest else []
-    )
+    shown, cut = rows, []
+    fit = max(room - 3, 1)  # header, rule and the line counting what was cut
+    if len(rows) > fit + 1:
+        order = [r for r in rows if not r[1].startswith("✅")] + [r for r in rows if r[1].startswith("✅")]
+        shown, cut = order[:fit], order[fit:]
+    headers = ["method", "gate", "worst length", "window KL", "baseline", "change vs tolerance"]
+    table = _md_table(shown, headers).splitlines()
+    if cut:
+        bad = sum(not r[1].startswith("✅") for r in cut)
+        tail = f", {bad} of them not passing" if bad else ", every check passing"
+        table.append(f"_… and {len(cut)} more method(s){tail} (see Baseline checks)._")
+    return table
 
 
 def _claim_lines(record: Mapping[str, Any]) -> list[str]:
@@ -163,21 +173,17 @@ def _claim_lines(record: Mapping[str, Any]) -> list[str]:
 
 
 def summary_lines(record: Mapping[str, Any]) -> list[str]:
-    """The summary that opens the report (≤ SUMMARY_MAX_LINES with its title): the verdict, the run, the gate per
-    method, each claim's verdict, the plot."""
-    out = _verdict_lines(record) + [
-        "",
-        _run_line(record),
-        "",
-        "**Gate per method** (window KL at the length nearest its limit):",
-        "",
-    ]
-    out += _gate_table(record)
+    """The summary that opens the report, SUMMARY_MAX_LINES at most with the report's title: the verdict, the run,
+    the gate per method (cut to fit, failing methods first), each claim's verdict, the plot."""
+    head = _verdict_lines(record) + ["", _run_line(record), ""]
     claims = _claim_lines(record)
-    if claims:
-        out += ["", "**Paper claims on this model** (detail under Paper findings):", ""] + claims
-    out += ["", f"![window KL vs context length]({REPORT_PNG})"]
-    return out
+    tail = (
+        ["", "**Paper claims on this model** (detail under Paper findings):", ""] + claims if claims else []
+    )
+    tail += ["", f"![window KL vs context length]({REPORT_PNG})"]
+    gate_title = ["**Gate per method** (window KL at the length nearest its limit):", ""]
+    room = SUMMARY_MAX_LINES - TITLE_LINES - len(head) - len(gate_title) - len(tail)
+    return head + gate_title + _gate_table(record, max(room, 4)) + tail
 
 
 def summary_markdown(record: Mapping[str, Any]) -> str:
