@@ -12,7 +12,7 @@ HQQ_SPEC ?= hqq==0.2.8.post1 termcolor==3.3.0 einops==0.8.2
 # OpenMP busy-waiting makes small ops ~50x slower when cores are shared (measured while developing GPTQ)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup report test bench lint clean-cache
+.PHONY: setup report test test-slow bench lint clean-cache
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -30,9 +30,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 report: setup
 	$(BIN)/pytest suites/ $(PYTEST_ARGS)
 
-# the harness's tests are independent: spread over every core (pytest-xdist; 9 min serial → ~5 min on 2 cores)
+# the harness's tests are independent: spread over every core (pytest-xdist). `make test` leaves out the slow tier
+# (tests that launch lcc / pytest / python in a subprocess); `make test-slow` runs it, and .ci/run runs both
 test: setup
-	$(BIN)/pytest tests/ -n auto $(PYTEST_ARGS)
+	$(BIN)/pytest tests/ -n auto -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/pytest tests/ -n auto -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/pytest bench/ --benchmark-only $(PYTEST_ARGS)

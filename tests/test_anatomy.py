@@ -214,6 +214,7 @@ def test_cli_prints_the_anatomy(capsys, tmp_path):
     assert json.loads(out.read_text())["anatomy"]["length"] == 64
 
 
+@pytest.mark.slow
 def test_plugin_records_and_reports_the_anatomy(project):
     import json
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = (
     "forward_s",
@@ -25,6 +27,7 @@ KEYS = (
 )
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_every_key(tmp_path: Path) -> None:
     stem = tmp_path / "bench"
     env = {  # when this test itself runs under xdist, its variables must not reach the inner session

@@ -207,6 +207,7 @@ def test_architecture_mismatch_names_the_parameter():
 
 
 # ---- under pytest: --lcc-compressed NAME=PATH ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_checkpoint_under_pytest_is_gated_and_a_changed_file_is_never_compared(files, project, tmp_path):
     ckpt = tmp_path / "mine.gguf"
     ckpt.write_bytes(files["q8"].read_bytes())
@@ -230,6 +231,7 @@ def test_a_checkpoint_under_pytest_is_gated_and_a_changed_file_is_never_compared
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "value,message",
     [

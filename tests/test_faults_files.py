@@ -187,6 +187,7 @@ def assert_old_or_complete_new(path: Path, old: bytes, new_ids: list[str]) -> st
 PAUSE = 1.0  # seconds the writer stalls half-way through the temp file and again before the rename
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "moment", ["at start", "mid temp file", "temp complete, before rename", "after rename"]
 )
@@ -220,6 +221,7 @@ def test_sigkill_during_baseline_update_leaves_old_or_complete_file(tmp_path, mo
     assert_old_or_complete_new(path, old, ["later"] + (["added"] if state == "new" else []))
 
 
+@pytest.mark.slow
 def test_concurrent_updates_from_separate_processes_lose_no_entry(tmp_path):
     path = tmp_path / "b.json"
     old = write_old(path)

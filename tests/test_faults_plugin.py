@@ -261,12 +261,14 @@ def assert_session_error(r: dict, *words: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_bad_option_is_one_usage_error(sessions, case):
     line = assert_session_error(sessions[case], *CONFIG_CASES[case][1])
     assert line.startswith("ERROR: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(START_CASES))
 def test_bad_model_corpus_lengths_or_report_dir_stop_the_session_once(sessions, case):
     r = sessions[case]
@@ -275,6 +277,7 @@ def test_bad_model_corpus_lengths_or_report_dir_stop_the_session_once(sessions, 
     assert not (r["reports"] / "kl_report.json").exists()  # nothing ran, nothing reported
 
 
+@pytest.mark.slow
 def test_text_field_and_extrapolation_options_are_honoured(sessions):
     r = sessions["text field and extrapolation"]
     assert r["ret"] == 0 and "3 passed" in r["out"], r["out"]
@@ -282,6 +285,7 @@ def test_text_field_and_extrapolation_options_are_honoured(sessions):
     assert data["spec"]["lengths"] == [64, 4100] and "body.jsonl" in data["spec"]["corpus"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
 def test_gpu_marked_tests_skip_with_a_reason(sessions):
     r = sessions["gpu marker"]
@@ -289,6 +293,7 @@ def test_gpu_marked_tests_skip_with_a_reason(sessions):
     assert "needs a CUDA GPU; none is available here" in r["out"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_BASELINES))
 def test_unusable_baseline_fails_the_checks_naming_the_file(sessions, case):
     text, words = BAD_BASELINES[case]
@@ -305,6 +310,7 @@ def test_unusable_baseline_fails_the_checks_naming_the_file(sessions, case):
 # ---- faulty methods: only their own tests fail or error, the others run and report -----------------------
 
 
+@pytest.mark.slow
 def test_faulty_methods_fail_alone_and_are_reported(sessions):
     r = sessions["faulty methods"]
     out = r["out"]
@@ -351,6 +357,7 @@ def test_faulty_methods_fail_alone_and_are_reported(sessions):
 # ---- xdist: only the controller writes baselines and the report ------------------------------------------
 
 
+@pytest.mark.slow
 def test_xdist_workers_update_baselines_without_losing_entries(project):
     log = project.path / "report-writes.log"
     project.makeconftest(
@@ -417,6 +424,7 @@ def _workers_per_method(out: str) -> dict[str, set[str]]:
     return seen
 
 
+@pytest.mark.slow
 def test_xdist_loadgroup_keeps_each_method_on_one_worker_and_compresses_it_once(project):
     log = project.path / "compress.log"
     project.makeconftest(COUNTING_CONFTEST.format(log=str(log)))
@@ -428,6 +436,7 @@ def test_xdist_loadgroup_keeps_each_method_on_one_worker_and_compresses_it_once(
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 11  # claims read results, never recompute
 
 
+@pytest.mark.slow
 def test_xdist_worker_killed_mid_method_fails_that_method_and_keeps_the_rest(project):
     project.makeconftest(FAULTY_CONFTEST)
     r = subprocess_run(
@@ -455,6 +464,7 @@ def test_xdist_worker_killed_mid_method_fails_that_method_and_keeps_the_rest(pro
     assert "died before finishing it" in report["methods"]["fault-kill"]["error"]
 
 
+@pytest.mark.slow
 def test_xdist_session_error_stops_every_worker_cleanly(project):
     """pytest.exit in a worker would crash xdist (INTERNALERROR); workers fail once and stop the run instead."""
     r = subprocess_run(project, "-n", "2", "--lcc-model", "nosuch-model", "test_kl_regression.py")
@@ -496,6 +506,7 @@ def signal_pytest_when(
     return proc.returncode, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig,workers",
     [(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGTERM, 2)],
@@ -536,6 +547,7 @@ def test_ctrl_c_or_sigterm_writes_the_report_and_leaves_baselines_alone(project,
     assert {c["method"] for c in report["checks"]} == {"rtn-w4-g32"}
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_plugin_writes_baselines_leaves_the_old_file(project):
     path = project.path / BASELINE
     path.parent.mkdir()
@@ -593,6 +605,7 @@ def _without_dates(data: dict) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_shards_merged_equal_one_unsharded_run(project):
     whole = subprocess_run(
         project, "--lcc-update-baselines", "--lcc-baseline-dir", "b-whole", "--lcc-report-dir", "r-whole"
@@ -657,6 +670,7 @@ def test_shards_merged_equal_one_unsharded_run(project):
     )
 
 
+@pytest.mark.slow
 def test_merge_refuses_records_of_another_spec_and_overlapping_shards(project):
     for name, extra in (("r-a", ()), ("r-b", ("--lcc-samples", "2"))):
         subprocess_run(
@@ -672,6 +686,7 @@ def test_merge_refuses_records_of_another_spec_and_overlapping_shards(project):
     assert m.returncode == 2 and "cannot read run record" in m.stderr, m.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1-2", "x"])
 def test_bad_shard_is_a_usage_error(project, text):
     r = subprocess_run(project, "--lcc-shard", text)
@@ -694,6 +709,7 @@ def test_d(): _log()
 """
 
 
+@pytest.mark.slow
 def test_gpus_per_worker_gives_each_worker_its_own_group(project, monkeypatch):
     project.makepyfile(test_env=ENV_TEST)
     log = project.path / "env.log"

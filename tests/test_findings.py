@@ -227,6 +227,7 @@ def test_crossed_mean_is_the_grand_mean_and_rejects_ragged_tables() -> None:
         crossed_mean([[1.0, 2.0]])
 
 
+@pytest.mark.slow
 def test_the_smoke_report_shows_each_claims_tested_parts(project):
     r = project.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--lcc-update-baselines")
     r.assert_outcomes(passed=48)
@@ -248,6 +249,7 @@ def test_the_smoke_report_shows_each_claims_tested_parts(project):
     assert set(stored["findings"]) == {f["claim"] for f in rec["findings"]}
 
 
+@pytest.mark.slow
 def test_stored_verdicts_are_rechecked_on_the_same_targets_only(project):
     """A verdict judged on T = 32 target tokens is not compared with one judged on T = 16: the claim fails naming
     both and the way out; with --lcc-design window (no matched curves) the claims skip with the reason."""

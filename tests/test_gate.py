@@ -105,6 +105,7 @@ def write(p: pytest.Pytester, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
 
 
+@pytest.mark.slow
 def test_three_percent_lower_baseline_fails_every_length_and_reruns_never_fail(project):
     m = "rtn-w3-g32"
     run(project, "--lcc-methods", m, "--lcc-update-baselines").assert_outcomes(passed=4)
@@ -128,6 +129,7 @@ def test_three_percent_lower_baseline_fails_every_length_and_reruns_never_fail(p
     assert {c["outcome"] for c in report["checks"] if c["kind"] == "kl"} == {"changed"}
 
 
+@pytest.mark.slow
 def test_a_really_worse_method_fails_every_length(project):
     m = "rtn-w3-g32"
     run(project, "--lcc-methods", m, "--lcc-update-baselines").assert_outcomes(passed=4)
@@ -153,6 +155,7 @@ def test_a_really_worse_method_fails_every_length(project):
     run(project, "--lcc-methods", m).assert_outcomes(failed=3, passed=1)
 
 
+@pytest.mark.slow
 def test_one_sample_baseline_and_none_pass_their_own_reruns(project):
     args = ("--lcc-methods", "none,rtn-w4-g32", "--lcc-samples", "1")
     run(project, *args).assert_outcomes(failed=8)  # no baseline yet: each case names the command
@@ -169,6 +172,7 @@ def test_one_sample_baseline_and_none_pass_their_own_reruns(project):
     assert "n/a" in (project.path / "reports" / "kl_report.md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_tolerance_options_are_usage_errors(project):
     r = run(project, "--lcc-tolerance", "-0.1")
     assert r.ret == pytest.ExitCode.USAGE_ERROR
@@ -182,6 +186,7 @@ def test_bad_tolerance_options_are_usage_errors(project):
 # ---- method selection and registration ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_empty_method_selection_is_a_usage_error(project):
     for text in (" ", ",", ""):
         r = run(project, "--lcc-methods", text)
@@ -189,6 +194,7 @@ def test_empty_method_selection_is_a_usage_error(project):
         r.stderr.fnmatch_lines(["*--lcc-methods '*' selects no method*"])
 
 
+@pytest.mark.slow
 def test_a_glob_selects_a_plugin_method_and_profile_ids_first(project):
     project.makeconftest(
         textwrap.dedent("""
@@ -267,6 +273,7 @@ def test_plugin_messages_name_plugin_options():
     )
 
 
+@pytest.mark.slow
 def test_a_plain_pytest_run_does_not_import_torch(pytester):
     """The plugin is active in every pytest run of the venv; until lcc is used it imports nothing heavy."""
     pytester.makepyfile(
@@ -283,6 +290,7 @@ def test_a_plain_pytest_run_does_not_import_torch(pytester):
     )
 
 
+@pytest.mark.slow
 def test_unusable_output_locations_stop_the_session_before_any_model_is_loaded(project):
     (project.path / "blocker").write_text("a file")
     r = run(project, "--lcc-baseline-dir", "blocker")

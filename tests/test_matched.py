@@ -200,6 +200,7 @@ def test_matched_only_record_renders(both_result, tmp_path):
     assert write_reports(rec, tmp_path)[2].stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_plugin_design_both_and_matched(project):
     import json
 

@@ -19,6 +19,7 @@ def baseline_file(p: pytest.Pytester) -> Path:
     return p.path / "baselines" / "tiny-llama.float32.cpu.smoke.json"
 
 
+@pytest.mark.slow
 def test_missing_baseline_fails_with_command(project):
     r = run(project, "--lcc-methods", METHODS, "test_kl_regression.py")
     r.assert_outcomes(failed=8)
@@ -30,6 +31,7 @@ def test_missing_baseline_fails_with_command(project):
     )
 
 
+@pytest.mark.slow
 def test_update_then_pass_then_worse_method_fails(project):
     r = run(project, "--lcc-methods", METHODS, "--lcc-update-baselines")
     r.assert_outcomes(passed=9, skipped=3)  # claims needing unselected methods skip
@@ -70,6 +72,7 @@ def test_update_then_pass_then_worse_method_fails(project):
         assert f"test_kl_within_baseline[rtn-w4-g32-{L}]" not in out
 
 
+@pytest.mark.slow
 def test_update_keeps_entries_that_did_not_run(project):
     run(project, "--lcc-methods", METHODS, "--lcc-update-baselines", "test_kl_regression.py")
     run(project, "--lcc-methods", "rtn-w3-g32", "--lcc-update-baselines", "test_kl_regression.py")
@@ -77,6 +80,7 @@ def test_update_keeps_entries_that_did_not_run(project):
     assert sorted(data["methods"]) == ["rtn-w3-g32", "rtn-w4-g32"]
 
 
+@pytest.mark.slow
 def test_failing_and_nan_methods_do_not_stop_the_others(project):
     project.makeconftest(
         textwrap.dedent("""

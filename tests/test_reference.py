@@ -106,6 +106,7 @@ print(json.dumps({"hit": ref.cache_hit, "key": ref.key}))
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_compute_one_reference_once(tmp_path):
     """Two processes asking for the same cache entry at once: one computes, the other waits and reads it."""
     import json

