@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcc_harness.errors import MethodError
-from lcc_harness.methods._adapters import LibraryMethod, Quantized, set_submodule
-from lcc_harness.methods.registry import CompressContext, Library, param, register
+from lcc_harness.methods._adapters import PerLayer, Quantized
+from lcc_harness.methods.registry import Library, param, register
 
 BNB = Library("bitsandbytes", "bitsandbytes", "0.50.2")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -45,8 +44,13 @@ def bnb_fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
     return (codes.float() * (row_absmax.float()[:, None] / 127)).to(w.dtype)
 
 
+def _shape(lin: nn.Linear) -> tuple[int, int, bool]:
+    """(in_features, out_features, has a bias): how a library's Linear is built in the shape of `lin`."""
+    return lin.in_features, lin.out_features, lin.bias is not None
+
+
 @dataclass(frozen=True)
-class _BNB4(LibraryMethod):
+class _BNB4(PerLayer):
     """NF4 and FP4: the same fields, forms and Linear4bit path; the subclasses name the 4-bit type."""
 
     blocksize: int = param(64, 64, 4096, hint="64, 128, …, 4096")
@@ -55,38 +59,23 @@ class _BNB4(LibraryMethod):
     library = BNB
     quant_type = ""
 
-    def validate(self) -> None:
-        if self.blocksize not in BLOCKSIZES:
-            raise MethodError(
-                f"method '{self._draft_id()}': bitsandbytes' 4-bit block size must be one of {BLOCKSIZES}"
-            )
+    allowed = {"blocksize": BLOCKSIZES}
 
-    def quantize(
-        self, lib: Any, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
-    ) -> dict[str, Quantized]:
-        out = {}
-        for name, lin in linears:
-            w = lin.weight  # (O, I)
-            out[name] = Quantized(
-                bnb_fake_quant_4bit(w, self.quant_type, self.blocksize), 4 + 32 / self.blocksize
-            )
-            if self.kernel:
-                q = lib.nn.Linear4bit(
-                    lin.in_features,
-                    lin.out_features,
-                    bias=lin.bias is not None,
-                    compute_dtype=w.dtype,
-                    compress_statistics=False,
-                    quant_type=self.quant_type,
-                )
-                q.weight = lib.nn.Params4bit(
-                    w.detach().clone(), requires_grad=False, blocksize=self.blocksize,
-                    compress_statistics=False, quant_type=self.quant_type,
-                )  # fmt: skip
-                if lin.bias is not None:
-                    q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-                set_submodule(model, name, q.to(w.device))  # .to quantizes the Params4bit
-        return out
+    def quantize_layer(self, lib: Any, name: str, lin: nn.Linear) -> tuple[Quantized, nn.Module | None]:
+        w = lin.weight  # (O, I)
+        deq = Quantized(bnb_fake_quant_4bit(w, self.quant_type, self.blocksize), 4 + 32 / self.blocksize)
+        if not self.kernel:
+            return deq, None
+        q = lib.nn.Linear4bit(
+            *_shape(lin), compute_dtype=w.dtype, compress_statistics=False, quant_type=self.quant_type
+        )
+        q.weight = lib.nn.Params4bit(
+            w.detach().clone(), requires_grad=False, blocksize=self.blocksize,
+            compress_statistics=False, quant_type=self.quant_type,
+        )  # fmt: skip
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return deq, q.to(w.device)  # .to quantizes the Params4bit
 
 
 @register
@@ -115,7 +104,7 @@ class BnbFP4(_BNB4):
 
 @register
 @dataclass(frozen=True)
-class BnbInt8(LibraryMethod):
+class BnbInt8(PerLayer):
     kernel: bool = False
 
     family = "bnb-int8"
@@ -127,21 +116,11 @@ class BnbInt8(LibraryMethod):
     )
     library = BNB
 
-    def quantize(
-        self, lib: Any, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
-    ) -> dict[str, Quantized]:
-        out = {}
-        for name, lin in linears:
-            w = lin.weight  # (O, I)
-            out[name] = Quantized(bnb_fake_quant_int8(w), 8 + 32 / lin.in_features)
-            if self.kernel:
-                q = lib.nn.Linear8bitLt(
-                    lin.in_features,
-                    lin.out_features,
-                    bias=lin.bias is not None,
-                    has_fp16_weights=False,
-                    threshold=INT8_THRESHOLD,
-                )
-                q.load_state_dict(lin.state_dict())
-                set_submodule(model, name, q.to(w.device))  # .to quantizes the Int8Params
-        return out
+    def quantize_layer(self, lib: Any, name: str, lin: nn.Linear) -> tuple[Quantized, nn.Module | None]:
+        w = lin.weight  # (O, I)
+        deq = Quantized(bnb_fake_quant_int8(w), 8 + 32 / lin.in_features)
+        if not self.kernel:
+            return deq, None
+        q = lib.nn.Linear8bitLt(*_shape(lin), has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        q.load_state_dict(lin.state_dict())
+        return deq, q.to(w.device)  # .to quantizes the Int8Params

@@ -15,10 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from lcc_harness.errors import MethodError
-from lcc_harness.methods._adapters import LibraryMethod, Quantized, require_divisor, set_submodule
+from lcc_harness.methods._adapters import PerLayer, Quantized, require_divisor
 from lcc_harness.methods._quant import SCALE_BITS
-from lcc_harness.methods.registry import CompressContext, Library, param, register
+from lcc_harness.methods.registry import Library, param, register
 
 HQQ = Library(
     "hqq.core.quantize", "hqq", "0.2.8.post1", pip="DISABLE_CUDA=1 pip install --no-build-isolation"
@@ -45,7 +44,7 @@ def hqq_linear(
 
 @register
 @dataclass(frozen=True)
-class HQQQuant(LibraryMethod):
+class HQQQuant(PerLayer):
     bits: int = param(4, 2, 8, hint="2, 3, 4 or 8")
     group: int = param(64, 8, 1 << 20, hint="divisor of the input width")
     kernel: bool = False
@@ -59,22 +58,12 @@ class HQQQuant(LibraryMethod):
     )
     library = HQQ
 
-    def validate(self) -> None:
-        if self.bits not in HQQ_BITS:
-            raise MethodError(
-                f"method '{self._draft_id()}': HQQ has no {self.bits}-bit format; use bits in {HQQ_BITS}"
-            )
+    allowed = {"bits": HQQ_BITS}
 
-    def quantize(
-        self, lib: Any, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
-    ) -> dict[str, Quantized]:
-        for name, lin in linears:
-            require_divisor(self.id, name, lin.in_features, self.group)
-        out = {}
-        for name, lin in linears:
-            h = hqq_linear(lin, self.bits, self.group)
-            deq = h.dequantize().reshape(lin.weight.shape).to(lin.weight.dtype)  # (O, I)
-            out[name] = Quantized(deq, self.bits + 2 * SCALE_BITS / self.group)
-            if self.kernel:
-                set_submodule(model, name, h)
-        return out
+    def check(self, name: str, lin: nn.Linear) -> None:
+        require_divisor(self.id, name, lin.in_features, self.group)
+
+    def quantize_layer(self, lib: Any, name: str, lin: nn.Linear) -> tuple[Quantized, nn.Module | None]:
+        h = hqq_linear(lin, self.bits, self.group)
+        deq = h.dequantize().reshape(lin.weight.shape).to(lin.weight.dtype)  # (O, I)
+        return Quantized(deq, self.bits + 2 * SCALE_BITS / self.group), h if self.kernel else None

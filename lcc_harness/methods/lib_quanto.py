@@ -17,8 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from lcc_harness.errors import MethodError
-from lcc_harness.methods._adapters import LibraryMethod, Quantized
+from lcc_harness.methods._adapters import Quantized, WholeModel
 from lcc_harness.methods._quant import SCALE_BITS
 from lcc_harness.methods.registry import CompressContext, Library, param, register
 
@@ -28,7 +27,7 @@ QUANTO_BITS = (2, 4, 8)
 
 @register
 @dataclass(frozen=True)
-class QuantoQuant(LibraryMethod):
+class QuantoQuant(WholeModel):
     bits: int = param(4, 2, 8, hint="2, 4 or 8")
     kernel: bool = False
 
@@ -41,31 +40,22 @@ class QuantoQuant(LibraryMethod):
     )
     library = QUANTO
 
-    def validate(self) -> None:
-        if self.bits not in QUANTO_BITS:
-            raise MethodError(
-                f"method '{self._draft_id()}': quanto has no qint{self.bits}; use bits in {QUANTO_BITS}"
-            )
+    allowed = {"bits": QUANTO_BITS}
+
+    def quantize_model(self, lib: Any, model: nn.Module, names: list[str]) -> None:
+        lib.quantize(model, weights=getattr(lib, f"qint{self.bits}"), include=names)
+        lib.freeze(model)  # quanto's QLinear took over the weight (the original Linear's is None now)
+
+    def bits_per_weight(self, lin: nn.Linear, module: nn.Module) -> float:
+        if self.bits == 8:
+            return 8 + SCALE_BITS / lin.in_features
+        return self.bits + 2 * SCALE_BITS / (module.weight_group_size or lin.in_features)
 
     def quantize(
         self, lib: Any, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
     ) -> dict[str, Quantized]:
-        qtype = getattr(lib, f"qint{self.bits}")
-        names = [name for name, _ in linears]
-        shapes = {name: (lin.in_features, lin.weight.shape, lin.weight.dtype) for name, lin in linears}
-        lib.quantize(model, weights=qtype, include=names)
-        lib.freeze(model)
-        out, groups = {}, {}
-        for name in names:  # quanto's QLinear took over the weight (the original Linear's is None now)
-            q = model.get_submodule(name)
-            width, shape, dtype = shapes[name]
-            g = q.weight_group_size or width
-            if self.bits == 8:
-                bits = 8 + SCALE_BITS / width
-            else:
-                bits = self.bits + 2 * SCALE_BITS / g
-                groups[name] = g
-            out[name] = Quantized(q.weight.dequantize().reshape(shape).to(dtype), bits)
-        if groups:
-            ctx.info["quanto_group_sizes"] = sorted(set(groups.values()))
+        out = super().quantize(lib, model, linears, ctx)
+        if self.bits != 8:  # the group sizes quanto picked
+            groups = {model.get_submodule(name).weight_group_size or lin.in_features for name, lin in linears}
+            ctx.info["quanto_group_sizes"] = sorted(groups)
         return out

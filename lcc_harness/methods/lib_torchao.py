@@ -20,40 +20,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from lcc_harness.methods._adapters import LibraryMethod, Quantized, require_divisor
+from lcc_harness.methods._adapters import WholeModel, require_divisor
 from lcc_harness.methods._quant import effective_bits
-from lcc_harness.methods.registry import CompressContext, Library, param, register
+from lcc_harness.methods.registry import Library, param, register
 
 TORCHAO = Library("torchao", "torchao", "0.18.0")
 
 
-class _TorchAO(LibraryMethod):
+class _TorchAO(WholeModel):
     library = TORCHAO
 
     def config(self, lib: Any) -> Any:
         """The torchao config this method applies."""
         raise NotImplementedError
 
-    def bits_per_weight(self, lin: nn.Linear) -> float:
-        raise NotImplementedError
-
-    def check(self, name: str, lin: nn.Linear) -> None:
-        """MethodError when torchao cannot quantize this layer with this method."""
-
-    def quantize(
-        self, lib: Any, model: nn.Module, linears: list[tuple[str, nn.Linear]], ctx: CompressContext
-    ) -> dict[str, Quantized]:
+    def quantize_model(self, lib: Any, model: nn.Module, names: list[str]) -> None:
         from torchao.quantization import quantize_
 
-        for name, lin in linears:
-            self.check(name, lin)
-        names = {name for name, _ in linears}
-        quantize_(model, self.config(lib), filter_fn=lambda module, fqn: fqn in names)
-        out = {}
-        for name, lin in linears:
-            w = model.get_submodule(name).weight  # torchao's tensor subclass, (O, I)
-            out[name] = Quantized(w.dequantize().to(lin.weight.dtype), self.bits_per_weight(lin))
-        return out
+        targets = set(names)
+        quantize_(model, self.config(lib), filter_fn=lambda module, fqn: fqn in targets)
 
 
 @register
@@ -84,7 +69,7 @@ class TorchAOIntx(_TorchAO):
     def check(self, name: str, lin: nn.Linear) -> None:
         require_divisor(self.id, name, lin.in_features, self.group)
 
-    def bits_per_weight(self, lin: nn.Linear) -> float:
+    def bits_per_weight(self, lin: nn.Linear, module: nn.Module) -> float:
         return effective_bits(self.bits, self.group, lin.in_features, sym=False)
 
 
@@ -105,7 +90,7 @@ class TorchAOInt8WO(_TorchAO):
 
         return Int8WeightOnlyConfig()
 
-    def bits_per_weight(self, lin: nn.Linear) -> float:
+    def bits_per_weight(self, lin: nn.Linear, module: nn.Module) -> float:
         return effective_bits(8, 0, lin.in_features, sym=True)
 
 
@@ -129,5 +114,5 @@ class TorchAOW8A8(_TorchAO):
 
         return Int8DynamicActivationInt8WeightConfig()
 
-    def bits_per_weight(self, lin: nn.Linear) -> float:
+    def bits_per_weight(self, lin: nn.Linear, module: nn.Module) -> float:
         return effective_bits(8, 0, lin.in_features, sym=True)
