@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from .errors import HarnessError
+from .errors import HarnessError, WriteError
 from .models import DEFAULT_MODEL
 from .options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
 
@@ -171,6 +171,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 r["engine_floor"] = harness.engine_floor()
         try:
             write_json_atomic(args.json, obj)
+        except WriteError:  # the disk refused: the message names the file and the fix
+            raise
         except OSError as exc:
             raise HarnessError(
                 f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"

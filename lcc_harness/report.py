@@ -18,8 +18,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .errors import ReportDirError
-from .files import atomic_write
+from .errors import ReportDirError, WriteError
+from .files import atomic_write_many
 from .findings import fmt_part_value
 from .plot import render_anatomy_png, render_png
 from .record import anatomy as _anatomy
@@ -893,6 +893,8 @@ def terminal_summary(record: Mapping[str, Any]) -> str:
 def _not_writable(
     out_dir: Path, err: BaseException, what: str = "report directory", option: str = "--lcc-report-dir"
 ) -> ReportDirError:
+    if isinstance(err, WriteError):  # already one line naming the file and the fix
+        return ReportDirError(str(err))
     reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
     return ReportDirError(f"{what} '{out_dir}' is not writable: {reason}; pass {option} to a writable folder")
 
@@ -963,11 +965,14 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
             (out / PROBES_PNG).unlink(missing_ok=True)
     except OSError as e:
         raise _not_writable(out, e) from e
-    for path, render in zip(paths, renderers, strict=True):
-        data = render()
+    rendered: list[tuple[Path, bytes]] = []
+    try:
+        for path, render in zip(paths, renderers, strict=True):
+            rendered.append((path, render()))
+    finally:  # a plot that fails to render still leaves the JSON and Markdown written (as one set)
         try:
-            atomic_write(path, data)
-        except OSError as e:
+            atomic_write_many(rendered)
+        except OSError as e:  # a full disk: every file stays the previous run's
             raise _not_writable(out, e) from e
     return paths
 
