@@ -247,7 +247,9 @@ def goals(s: dict[str, Any]) -> list[dict[str, Any]]:
         v,
         f"≤ {g:.0f}",
         None if v is None else v <= g,
-        f"at {lc.get('length')} (bench-llamacpp.json)" if lc else "bench/test_llamacpp.py did not run",
+        f"at {(lc.get('config') or {}).get('length')} (bench-llamacpp.json)"
+        if lc
+        else "bench/test_llamacpp.py did not run",
         ".0f",
     )
     row("… Gemma 3 270M", None, f"≤ {g:.0f}", None, "not measured: the model is not embedded yet (issue 24)")
