@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         default="in-place",
         help="compress the loaded model in place (restored from a host copy) or a deep copy of it",
     )
+    p.add_argument("--anatomy", type=int, default=0, help="error-anatomy samples (RunConfig.anatomy)")
     args = p.parse_args(argv)
 
     import torch
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             device="cpu",
             use_cache=False,
             in_place=args.strategy == "in-place",
+            anatomy=args.anatomy,
             **extra,
         ),
         lm=lm,
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _ = h.reference
     stage("reference")
-    with h.compressed(args.method) as (model, _ctx, _):
+    if args.anatomy:
+        h.anatomy_reference()  # the reference's activations, held while the method is measured
+        stage("anatomy reference")
+    with h.compressed(args.method) as (model, _ctx, _), h._anatomy_tally():
         stage("compress")
         stats = h.measure_model(model, args.method)
         stage("measure")
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_after_load_mb=max(stages.values()) if can_reset else None,
         stage_peak_mb=stages if can_reset else None,
         strategy=args.strategy,
+        anatomy=args.anatomy,
         weights_mb=held
         + snapshot,  # on the device: `held`; the snapshot is host memory (the same RAM on CPU)
         snapshot_mb=snapshot,

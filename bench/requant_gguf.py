@@ -1,5 +1,5 @@
 """Re-quantize a GGUF's decoder-block linear weights to another GGML type with gguf-py: a real compressed file
-for `lcc measure --compressed` / `--lcc-compressed` (README, "Measure your own compressed model").
+for `lcc measure --compressed` / `--lcc-compressed` (docs/methods.md, "Measure your own compressed model").
 
     python bench/requant_gguf.py IN.gguf OUT.gguf --type Q4_0
 

@@ -1,5 +1,5 @@
 """Save a model compressed by one of the harness's methods as a Hugging Face folder (safetensors + tokenizer):
-a checkpoint to measure with `lcc measure --compressed` (README, "Measure your own compressed model").
+a checkpoint to measure with `lcc measure --compressed` (docs/methods.md, "Measure your own compressed model").
 
     python bench/save_compressed.py --model smollm2-135m --method magnitude-s50 OUT_DIR
 """

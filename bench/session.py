@@ -57,7 +57,20 @@ TINY = dict(
     calib_length=128,
     **_method_lists("smoke"),
 )
-GOALS = {"ratio_to_forward": 1.10, "naive_speedup": 3.0, "rss_headroom_mb": 1.5 * 1024}
+# The goals, restated for a CPU (issue 26): a KV method's hook makes its own forward ≈ 2 plain ones, so its
+# measurement gets 1.3; per-length passes cost ≥ 2 × one pass on a CPU, where attention (quadratic in L) dominates
+GOALS = {
+    "ratio_to_forward": 1.10,  # measurement ÷ one plain forward, per method and sample (weights-only methods)
+    "ratio_to_forward_kv": 1.30,  # the same for KV-cache methods (kv-*)
+    "whole_run": 1.10,  # one-pass run ÷ (reference + one forward per method), per sample, compression excluded
+    "naive_speedup": 2.0,  # naive whole run ÷ one-pass whole run
+    "matched_forwards": 2.1,  # matched design: measurement ÷ one forward, per method and sample
+    "rss_headroom_mb": 1.5 * 1024,  # peak RSS − weights at the longest length (also with the anatomy)
+}
+# the speed guard: bench.md compares the ratios (each ÷ the same run's forward, so the machine's speed cancels)
+# with the committed reports/example/bench.json and flags a change beyond this fraction; it never fails a run
+GUARD_TOLERANCE = 0.15
+GUARD_MEMORY_MB = 100
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -213,14 +213,38 @@ def test_naive_whole_run(bench: Bench, benchmark) -> None:
     bench.results["naive_speedup"] = naive_s / onepass_s
 
 
+def test_matched(bench: Bench, benchmark) -> None:
+    """The matched-target design (RunConfig.design='matched') for the first ratio method: its reference cold, then
+    the measurement per sample ÷ one plain forward at the longest length (goal ≤ 2.1 forwards: for doubling
+    lengths its decoder tokens are Σ L / Lmax = 2 − Lmin/Lmax forwards' worth)."""
+    method = CFG.ratio_methods[0]
+    h = bench.harness(design="matched")
+    _, cold = _time(lambda: h.matched_reference)
+    bench.results.setdefault("forward_rounds_s", []).append(forward_round(bench))
+    with h.compressed(method) as (model, _ctx, _t):
+        _, t = timed(benchmark, h.measure_matched, model, method)
+        del model
+    bench.collect()
+    bench.results["matched"] = {
+        "method": method,
+        "reference_cold_s": cold,
+        "measure_s": t,
+        "per_sample_s": t / CFG.samples,
+        "decoder_tokens_forwards": sum(CFG.lengths) / CFG.lengths[-1],
+    }
+
+
 @pytest.mark.parametrize(
     "length,strategy",
-    [(L, "in-place") for L in CFG.rss_lengths] + [(max(CFG.rss_lengths), "copy")],
-    ids=[str(L) for L in CFG.rss_lengths] + [f"{max(CFG.rss_lengths)}-deep-copy"],
+    [(L, "in-place") for L in CFG.rss_lengths]
+    + [(max(CFG.rss_lengths), "copy"), (max(CFG.rss_lengths), "anatomy")],
+    ids=[str(L) for L in CFG.rss_lengths]
+    + [f"{max(CFG.rss_lengths)}-deep-copy", f"{max(CFG.rss_lengths)}-anatomy"],
 )
 def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
     """Peak RSS of load + reference + compressed model + measurement at `length`, in a fresh process: the harness's
-    in-place strategy at every length, and the former deep copy at the longest (section 'rss_copy')."""
+    in-place strategy at every length, the former deep copy at the longest (section 'rss_copy'), and the in-place
+    run with the error anatomy on one sample (section 'rss_anatomy': it holds the reference's activations)."""
     cmd = [
         sys.executable,
         str(PROBE),
@@ -235,7 +259,9 @@ def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
         "--method",
         CFG.ratio_methods[0],
         "--strategy",
-        strategy,
+        "copy" if strategy == "copy" else "in-place",
+        "--anatomy",
+        "1" if strategy == "anatomy" else "0",
     ]
     if CFG.chunk_size:
         cmd += ["--chunk-size", str(CFG.chunk_size)]
@@ -248,7 +274,9 @@ def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
     proc, _ = timed(benchmark, subprocess.run, cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    bench.record("rss" if strategy == "in-place" else "rss_copy", str(length), rec)
+    bench.record(
+        {"in-place": "rss", "copy": "rss_copy", "anatomy": "rss_anatomy"}[strategy], str(length), rec
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])

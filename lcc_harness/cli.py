@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
-from lcc_harness.errors import HarnessError
+from lcc_harness.errors import HarnessError, WriteError
 from lcc_harness.models.load import DEFAULT_MODEL
 from lcc_harness.options import DEFAULT_CHUNK, OPTIONS, add_cli_options, run_fields
 
@@ -173,6 +173,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 r["engine_floor"] = harness.engine_floor()
         try:
             write_json(args.json, obj)
+        except WriteError:  # the disk refused: the message names the file and the fix
+            raise
         except OSError as exc:
             raise HarnessError(
                 f"cannot write --json file '{args.json}' ({exc.strerror or exc}); pass a writable path"

@@ -56,6 +56,10 @@ class ReportDirError(HarnessError, OSError):
     """The report directory cannot be created or written; the message names it and the fix."""
 
 
+class WriteError(HarnessError, OSError):
+    """A file could not be written (full disk, file size limit, I/O error); the old file, if any, is untouched."""
+
+
 class CheckpointError(HarnessError):
     """A compressed checkpoint that is not the reference model up to its weights (tokenizer or architecture)."""
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -60,9 +63,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], Non
         if pause:
             time.sleep(pause)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _raise_write_error(path, exc)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -71,6 +75,87 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], Non
         finally:
             os.close(dfd)
     return path
+
+
+def atomic_write_many(items: list[tuple[str | os.PathLike[str], bytes]]) -> list[Path]:
+    """Write several files as one set: every file goes to a temp file beside its target first; only when all of
+    them are written and fsynced are they renamed over their targets (renames need no space). A failure (a full
+    disk) leaves every target as it was — a reader never sees a new JSON beside an old Markdown."""
+    done: list[tuple[str, Path]] = []
+    try:
+        for path, data in items:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            done.append((_staged(path, data), path))
+    except BaseException:
+        for tmp, _ in done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for tmp, path in done:
+        os.replace(tmp, path)
+    return [p for _, p in done]
+
+
+def _staged(path: Path, data: bytes) -> str:
+    """A fsynced temp file beside `path` holding `data` (not renamed yet); errors as atomic_write's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _raise_write_error(path, exc)
+        raise
+    return tmp
+
+
+def _raise_write_error(path: Path, exc: BaseException) -> None:
+    """Raise WriteError (one line naming `path`) from `exc` when it is the disk's refusal; return otherwise."""
+    if _io_failure(exc):
+        from .errors import WriteError
+
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise WriteError(
+            f"could not write '{path}': {reason}; the previous file, if any, is unchanged — free space on "
+            "that disk or write to another folder"
+        ) from exc
+
+
+def _io_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the disk's refusal (no space, file size limit, I/O error) rather than a writer's own error:
+    an OSError that is not already one of ours, or a library's wrapped I/O error (safetensors: "I/O error: …")."""
+    from .errors import HarnessError
+
+    if isinstance(exc, HarnessError):
+        return False
+    return isinstance(exc, OSError) or (isinstance(exc, Exception) and "I/O error" in str(exc))
+
+
+@contextlib.contextmanager
+def entry_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the file lock of a cache entry (`<path minus suffix>.lock`): one process (an xdist worker, a second run
+    or CI job on a shared cache) computes the entry; the others wait, then find it written. A folder where no lock
+    file can be made (read-only) is used without one. Check whether the entry exists *inside* the lock."""
+    from filelock import FileLock
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_suffix(".lock")))
+        lock.acquire()
+    except OSError as exc:
+        log.warning("cache %s: no lock (%s); computing without one", path.parent, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_head(

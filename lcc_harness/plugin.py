@@ -257,8 +257,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         s.report_files = write_reports(rec.public(), s.report_dir)
         s.report_files.append(rec.write(s.report_dir))
         append_step_summary(rec.public())  # when GITHUB_STEP_SUMMARY names a file (GitHub Actions)
-    except (OSError, HarnessError) as exc:
-        log.error("lcc: could not write reports to %s: %s", s.report_dir, exc)
+    except (OSError, HarnessError) as exc:  # e.g. a full disk: the previous reports stay whole, the run fails
+        s.report_error = f"lcc: could not write reports to {s.report_dir}: {exc}"
+        log.error("%s", s.report_error)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -268,6 +271,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     tr = terminalreporter
     tr.section("lcc-harness")
+    if getattr(s, "report_error", None):
+        tr.write_line(s.report_error, red=True)
     try:
         from lcc_harness.report import terminal_summary
 

@@ -23,6 +23,12 @@ KEYS = (
     "cache_hit_ratio",
     "machine",
     "rss_copy",
+    "rss_anatomy",
+    "matched",
+    "whole_run",
+    "goals",
+    "guard",
+    "commit",
     "xdist",
 )
 
@@ -57,5 +63,16 @@ def test_bench_smoke_writes_every_key(tmp_path: Path) -> None:
     assert set(data["xdist"]) == {"n1", "n2"} and all(v["seconds"] > 0 for v in data["xdist"].values())
     assert all("passed" in v["result"] for v in data["xdist"].values()), data["xdist"]
     assert data["naive_speedup"] > 0 and 0 <= data["cache_hit_ratio"] < 1
+    assert data["matched"]["forwards"] > 0 and data["whole_run"]["ratio"] > 0
+    assert set(data["rss_anatomy"]) == {str(max(data["config"]["rss_lengths"]))}
+    goals = {g["what"]: g for g in data["goals"]}
+    for what in (
+        "naive whole run ÷ one-pass whole run",
+        "matched design: measurement ÷ forward, per method and sample",
+    ):
+        assert goals[what]["met"] in (True, False) and goals[what]["value"] > 0, goals[what]
+    assert data["commit"]["sha"] and len(data["commit"]["sha"]) == 40
+    # the guard compares with the committed bench.json (another configuration: still compared, and said)
+    assert data["guard"]["against"] and data["guard"]["same_config"] is False and data["guard"]["rows"]
     md = stem.with_suffix(".md").read_text()
-    assert "naive whole run / one-pass whole run" in md and "| rtn-w3-g32" in md
+    assert "naive whole run ÷ one-pass whole run" in md and "| rtn-w3-g32" in md and "## Speed guard" in md

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 
 from lcc_harness import __version__
 from lcc_harness.files import atomic_write
+from lcc_harness.files import entry_lock as _entry_lock
 from lcc_harness.measure.design import length_dependence, matched_ids, passes_for
 from lcc_harness.measure.head import (
     RefSummary,
@@ -140,27 +141,6 @@ def build_reference(
         return _build(
             lm, samples, lengths, naive, use_cache, progress, summary_chunk, rows, key, path, head, t0
         )
-
-
-@contextlib.contextmanager
-def _entry_lock(path: Path) -> Iterator[None]:
-    """Hold the cache entry's file lock: one process (an xdist worker, a parallel CI job on a shared cache)
-    computes a reference; the others wait and then read it. A cache folder where no lock file can be made
-    (read-only) is used without one."""
-    from filelock import FileLock
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path.with_suffix(".lock")))
-        lock.acquire()
-    except OSError as exc:
-        log.warning("reference cache %s: no lock (%s); computing without one", path.parent, exc)
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _build(
@@ -392,7 +372,7 @@ def _save(
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as exc:  # a read-only cache must not stop a measurement
-        log.warning("could not write reference cache %s: %s", path, exc)
+        log.warning("reference cache not written, the run goes on without it: %s", exc)
 
 
 # ---- the matched-target reference ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lcc_harness.errors import ReportDirError
-from lcc_harness.files import atomic_write, json_text
+from lcc_harness.errors import ReportDirError, WriteError
+from lcc_harness.files import atomic_write_many, json_text
 from lcc_harness.record import anatomy as _anatomy
 from lcc_harness.record import methods as _methods
 from lcc_harness.report.fmt import ANATOMY_PNG, PROBES_PNG, REPORT_JSON, REPORT_MD, REPORT_PNG
@@ -21,6 +21,8 @@ from lcc_harness.report.probes import _probe_rows
 def _not_writable(
     out_dir: Path, err: BaseException, what: str = "report directory", option: str = "--lcc-report-dir"
 ) -> ReportDirError:
+    if isinstance(err, WriteError):  # already one line naming the file and the fix
+        return ReportDirError(str(err))
     reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
     return ReportDirError(f"{what} '{out_dir}' is not writable: {reason}; pass {option} to a writable folder")
 
@@ -76,10 +78,13 @@ def write_reports(record: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
             (out / PROBES_PNG).unlink(missing_ok=True)
     except OSError as e:
         raise _not_writable(out, e) from e
-    for path, render in zip(paths, renderers, strict=True):
-        data = render()
+    rendered: list[tuple[Path, bytes]] = []
+    try:
+        for path, render in zip(paths, renderers, strict=True):
+            rendered.append((path, render()))
+    finally:  # a plot that fails to render still leaves the JSON and Markdown written (as one set)
         try:
-            atomic_write(path, data)
-        except OSError as e:
+            atomic_write_many(rendered)
+        except OSError as e:  # a full disk: every file stays the previous run's
             raise _not_writable(out, e) from e
     return paths

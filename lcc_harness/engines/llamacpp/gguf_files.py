@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lcc_harness.errors import CheckpointError, HarnessError, ModelLoadError
-from lcc_harness.files import atomic_write, read_head
+from lcc_harness.files import atomic_write, entry_lock, read_head
 
 # --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
 # cache type the reference runs with (the uncompressed model keeps its activations at its own precision)
@@ -100,8 +100,10 @@ def reference_gguf(source: Path, dtype: str, cache_dir: Path) -> Path:
     out = Path(cache_dir) / "llama.cpp" / f"{source.stem}-{digest}.{type_name}.gguf"
     if out.is_file():
         return out
-    r = _reader(source, "model GGUF")
-    atomic_write(out, lambda tmp: _write_reference(r, tmp, ftype, type_name))
+    with entry_lock(out):  # runs sharing the cache write it once; the others wait and read it
+        if not out.is_file():
+            r = _reader(source, "model GGUF")
+            atomic_write(out, lambda tmp: _write_reference(r, tmp, ftype, type_name))
     return out
 
 
@@ -265,7 +267,9 @@ def quantized_gguf(
             )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write)
+    with entry_lock(out):
+        if not out.is_file():
+            atomic_write(out, write)
     del keep
     return out
 
@@ -371,7 +375,9 @@ def hf_reference_gguf(folder: Path, dtype: str, cache_dir: Path) -> Path:
     if out.is_file():
         return out
     tokens, types, merges, added = _bpe_vocab(folder)
-    atomic_write(out, lambda tmp: _write_hf_llama(folder, cfg, tokens, types, merges, tmp, type_name))
+    with entry_lock(out):
+        if not out.is_file():
+            atomic_write(out, lambda tmp: _write_hf_llama(folder, cfg, tokens, types, merges, tmp, type_name))
     return out
 
 

@@ -22,6 +22,7 @@ from lcc_harness.engines.results import (  # noqa: F401 - re-exported: callers i
 from lcc_harness.errors import (
     MethodRunError,
 )
+from lcc_harness.files import entry_lock
 from lcc_harness.measure.anatomy import Anatomy, Captured, ErrorTally, capture
 from lcc_harness.measure.head import final_hidden
 from lcc_harness.measure.kl import LengthStats, compare, summarize
@@ -120,37 +121,42 @@ class ExtraPasses:
                 if cfg.sequence and not ref.one_pass
                 else None
             )
-            if self.cfg.use_cache:
-                got = load_probe_reference(path, key, seqs, note)
-                if got is not None:
-                    got.seconds = time.perf_counter() - t0
-                    self._probe_ref = got
-                    return got
-            P = max(ref.hidden)
-            model, head, chunk = self.lm.model, ref.head, self.cfg.chunk_size
-            analyses = None
-            if cfg.reference_analysis:
-
-                def long_blocks(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-                    for s in range(0, h.shape[0], chunk):
-                        yield s, head(h[s : s + chunk])  # (c, V)
-
-                analyses = [
-                    analyse_reference(
-                        s.ids[:P],
-                        cfg.window,
-                        lambda h=ref.hidden[P][i]: long_blocks(h),
-                        lambda x, k: head(final_hidden(model, x)[-k:]),
-                    )
-                    for i, s in enumerate(ref.samples)
-                ]
-            rows_h = (
-                [final_hidden(model, q.ids)[q.rows].clone() for q in seqs] if seqs else None
-            )  # (n, H) each
-            self._probe_ref = ProbeReference(analyses, seqs, rows_h, time.perf_counter() - t0, note)
-            if self.cfg.use_cache:
-                save_probe_reference(path, key, self._probe_ref)
+            with entry_lock(path) if self.cfg.use_cache else contextlib.nullcontext():
+                self._probe_ref = self._probe_reference_locked(cfg, ref, seqs, key, path, note, t0)
         return self._probe_ref
+
+    def _probe_reference_locked(
+        self, cfg: Any, ref: Any, seqs: Any, key: str, path: Path, note: str | None, t0: float
+    ) -> ProbeReference:
+        """probe_reference's body under the cache entry's lock: read the entry, or compute and write it."""
+        if self.cfg.use_cache:
+            got = load_probe_reference(path, key, seqs, note)
+            if got is not None:
+                got.seconds = time.perf_counter() - t0
+                return got
+        P = max(ref.hidden)
+        model, head, chunk = self.lm.model, ref.head, self.cfg.chunk_size
+        analyses = None
+        if cfg.reference_analysis:
+
+            def long_blocks(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+                for s in range(0, h.shape[0], chunk):
+                    yield s, head(h[s : s + chunk])  # (c, V)
+
+            analyses = [
+                analyse_reference(
+                    s.ids[:P],
+                    cfg.window,
+                    lambda h=ref.hidden[P][i]: long_blocks(h),
+                    lambda x, k: head(final_hidden(model, x)[-k:]),
+                )
+                for i, s in enumerate(ref.samples)
+            ]
+        rows_h = [final_hidden(model, q.ids)[q.rows].clone() for q in seqs] if seqs else None  # (n, H) each
+        pr = ProbeReference(analyses, seqs, rows_h, time.perf_counter() - t0, note)
+        if self.cfg.use_cache:
+            save_probe_reference(path, key, pr)
+        return pr
 
     @torch.no_grad()
     def _measure_probes(
