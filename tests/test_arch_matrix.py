@@ -46,6 +46,7 @@ def arch_harness(request):
     return Harness(cfg, lm=lm)
 
 
+@pytest.mark.slow  # a long run (about a minute on 2 cores)
 def test_every_method_family_changes_the_model_or_refuses_in_one_line(arch_harness) -> None:
     h = arch_harness
     problems, refused = [], {}

@@ -293,6 +293,7 @@ def smollm2(tmp_path_factory) -> LlamaCppHarness:
     harness.close()
 
 
+@pytest.mark.slow  # a long run (about a minute on 2 cores)
 def test_torch_and_llama_cpp_references_agree_at_f32(smollm2):
     agree = torch_agreement(smollm2)
     for L, v in agree.items():

@@ -190,6 +190,7 @@ def test_a_claim_with_a_nonpositive_kl_is_inconclusive_not_a_pass() -> None:
     assert evaluate_claim("lowbit-rises", ROLES, c, MLENGTHS)["holds"] == "inconclusive"
 
 
+@pytest.mark.slow  # a long run (about a minute on 2 cores)
 @pytest.mark.parametrize("n", [4, 8, 16])
 def test_crossed_seed_interval_covers_at_least_88_percent(n: int) -> None:
     """5 mask seeds × n samples, both random: y = μ + seed_s + sample_i + e. Nominal 90 %, coverage of μ over 4000

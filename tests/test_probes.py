@@ -131,6 +131,7 @@ def _cells(probes: dict):
     yield from probes["curves"].items()
 
 
+@pytest.mark.slow  # a long run (about a minute on 2 cores)
 def test_no_compression_reads_exactly_zero_on_every_probe(smol) -> None:
     p = smol.run("none").probes
     assert set(p["curves"]) == {"512", "1024"}
@@ -174,6 +175,7 @@ def test_attention_lost_beyond_a_distance_shows_in_key_token_and_copy_kl_not_win
     assert c["keytokens"]["kl"] > 2 * c["keytokens"]["rest_kl"], c["keytokens"]
 
 
+@pytest.mark.slow  # a long run (about a minute on 2 cores)
 def test_key_token_set_at_2048_is_non_empty_and_the_same_on_a_rerun(smol) -> None:
     from lcc_harness.measure.head import final_hidden
     from lcc_harness.measure.probes import analyse_reference
