@@ -357,7 +357,7 @@ def markdown(s: dict[str, Any]) -> str:
         "runs for M methods; with lengths doubling to Lmax, Σ L / Lmax = 1.94 when the linear layers dominate "
         "and Σ L² / Lmax² = 1.33 when attention does, so 2.1–3.1× for the four methods here.",
         "",
-        f"Also: the compressed model's own forward ÷ measurement, worst "
+        f"Also: measurement ÷ the compressed model's own forward, worst "
         f"{_fmt(max(s['ratio_to_own_forward'].values(), default=None), '.3f')}; the direct path "
         f"(reference_summary=False), worst {_fmt(max(s['ratio_to_forward_exact'].values(), default=None), '.3f')}; "
         f"one-pass run with a cached reference {_fmt(s['naive_speedup_cached'], '.2f')}× faster than naive; "
