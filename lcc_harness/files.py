@@ -42,24 +42,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], Non
     except ValueError:
         pause = 0.0
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _staged(path, data, pause)
     try:
-        if callable(data):
-            os.close(fd)
-            data(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            with os.fdopen(fd, "wb") as f:
-                half = len(data) // 2 if pause else len(data)
-                f.write(data[:half])
-                if pause:
-                    f.flush()
-                    time.sleep(pause)
-                f.write(data[half:])
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         if pause:
             time.sleep(pause)
         os.replace(tmp, path)
@@ -68,12 +52,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[str], Non
             os.unlink(tmp)
         _raise_write_error(path, exc)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -94,17 +73,32 @@ def atomic_write_many(items: list[tuple[str | os.PathLike[str], bytes]]) -> list
         raise
     for tmp, path in done:
         os.replace(tmp, path)
+    for folder in {path.parent for _, path in done}:
+        _fsync_dir(folder)
     return [p for _, p in done]
 
 
-def _staged(path: Path, data: bytes) -> str:
-    """A fsynced temp file beside `path` holding `data` (not renamed yet); errors as atomic_write's."""
+def _staged(path: Path, data: bytes | Callable[[str], None], pause: float = 0.0) -> str:
+    """A fsynced temp file beside `path` holding `data` (bytes, or what the function wrote at the temp path), not
+    renamed yet; removed again, and the disk's refusal raised as WriteError, when writing fails. `pause`: the
+    fault-injection pause halfway through the bytes (atomic_write)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                half = len(data) // 2 if pause else len(data)
+                f.write(data[:half])
+                if pause:
+                    f.flush()
+                    time.sleep(pause)
+                f.write(data[half:])
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -112,6 +106,16 @@ def _staged(path: Path, data: bytes) -> str:
         _raise_write_error(path, exc)
         raise
     return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (best effort)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def _raise_write_error(path: Path, exc: BaseException) -> None:
