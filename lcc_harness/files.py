@@ -140,6 +140,15 @@ def _io_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or (isinstance(exc, Exception) and "I/O error" in str(exc))
 
 
+def default_cache_dir() -> Path:
+    """Where the harness keeps its caches: $LCC_CACHE_DIR, else $XDG_CACHE_HOME/lcc-harness, else
+    ~/.cache/lcc-harness."""
+    env = os.environ.get("LCC_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcc-harness"
+
+
 @contextlib.contextmanager
 def entry_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the file lock of a cache entry (`<path minus suffix>.lock`): one process (an xdist worker, a second run

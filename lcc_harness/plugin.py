@@ -125,14 +125,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _not_applicable(s: LccSession, item: pytest.Item) -> bool:
-    """A probe case of a run without gated probes, or a claim on a probe this run does not measure."""
+    """A probe case of a run without gated probes, a claim on a probe this run does not measure, or a claim whose
+    roles the profile does not define (the sliding-window claim on a model without sliding-window layers)."""
     if "lcc_probe" in getattr(item, "fixturenames", ()) and not s.gated_probes():
         return True
     claim = getattr(getattr(item, "callspec", None), "params", {}).get("claim")
     if isinstance(claim, str):
-        from lcc_harness.verdicts.claims import CLAIMS
+        from lcc_harness.verdicts.claims import CLAIMS, missing_roles
 
         c = CLAIMS.get(claim)
+        if c is not None and missing_roles(claim, s.profile.roles):
+            return True
         return c is not None and c.data == "copy-ratio" and "copy" not in s.probes()
     return False
 

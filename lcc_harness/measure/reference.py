@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from lcc_harness import __version__
-from lcc_harness.files import atomic_write
+from lcc_harness.files import atomic_write, default_cache_dir
 from lcc_harness.files import entry_lock as _entry_lock
 from lcc_harness.measure.design import length_dependence, matched_ids, passes_for
 from lcc_harness.measure.head import (
@@ -50,13 +49,6 @@ CACHE_FORMAT = 3
 # (bit-identical), bfloat16 max 5.7–6.9e-3 per position from rounding alone (bench/self_noise.py), so bf16
 # gets 3e-2.
 LENGTH_PROBE_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("LCC_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lcc-harness"
 
 
 @dataclass

@@ -149,6 +149,8 @@ def _make_attention(base: str) -> Callable:
         **kwargs,
     ):
         spec: KVQuant | None = getattr(module, ATTR, None)
+        if spec is False:  # a layer the method leaves exact (kv-…-swa / kv-…-full on the other layer type)
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
         if spec is None:
             raise RuntimeError(
                 f"attention '{NAME_PREFIX}{base}' reached {type(module).__name__} without a "
@@ -198,6 +200,17 @@ def _register_attention(base: str) -> str:
     return name
 
 
+def _layer_kind(module: nn.Module, types: list[str]) -> str | None:
+    """'sliding_attention' / 'full_attention' of an attention module: its own attribute (Gemma, Mistral-likes),
+    else its layer's entry in the config's layer_types."""
+    if hasattr(module, "is_sliding"):
+        return "sliding_attention" if module.is_sliding else "full_attention"
+    idx = getattr(module, "layer_idx", None)
+    if idx is not None and 0 <= idx < len(types):
+        return types[idx]
+    return None
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The self-attention modules: classes named *Attention that carry the model's config."""
     return [
@@ -215,15 +228,37 @@ class KVQuant(Method):
     key_bits: int = param(4, 2, 8, "key bits")
     value_bits: int = param(4, 2, 8, "value bits")
     group: int = param(DEFAULT_GROUP, 1, 1 << 16)
+    swa: bool = False  # quantize the sliding-window layers' caches only
+    full: bool = False  # quantize the full (global) attention layers' caches only
 
     family = "kv"
-    forms = ("kv-k{key_bits}v{value_bits}[-g{group}]",)
-    examples = ("kv-k4v4", "kv-k2v2", "kv-k2v2-g32")
+    forms = ("kv-k{key_bits}v{value_bits}[-g{group}][-swa][-full]",)
+    examples = ("kv-k4v4", "kv-k2v2", "kv-k2v2-g32", "kv-k3v3-swa", "kv-k3v3-full")
     description = (
         "KV-cache quantization (KIVI): post-RoPE keys per channel over blocks of G tokens, values "
         f"per token over min(G, head_dim) channels, asymmetric, bits 2-8; the newest block stays "
-        f"exact (residual); default G={DEFAULT_GROUP}"
+        f"exact (residual); default G={DEFAULT_GROUP}; -swa / -full: only the sliding-window / only the "
+        "full-attention layers of a model that has both (Gemma 2/3, …), the others stay exact"
     )
+
+    def layer_selection(self, model: nn.Module, mods: list[tuple[str, nn.Module]]) -> list[bool]:
+        """Per attention module, whether this method quantizes its cache (all, or one layer type)."""
+        if not (self.swa or self.full):
+            return [True] * len(mods)
+        if self.swa and self.full:
+            raise MethodError(
+                f"method '{self.id}': -swa and -full together mean every layer; drop both suffixes"
+            )
+        types = list(getattr(model.config, "layer_types", None) or [])
+        kinds = [_layer_kind(m, types) for _, m in mods]
+        want = "sliding_attention" if self.swa else "full_attention"
+        if "sliding_attention" not in kinds or "full_attention" not in kinds:
+            raise MethodError(
+                f"method '{self.id}': {type(model).__name__} does not have both sliding-window and full "
+                f"attention layers (its config's layer_types); use kv-k{self.key_bits}v{self.value_bits} "
+                "without -swa/-full"
+            )
+        return [k == want for k in kinds]
 
     @torch.no_grad()
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
@@ -244,7 +279,11 @@ class KVQuant(Method):
                 f"method '{self.id}': {type(model).__name__} has no *Attention modules to quantize"
             )
         head_dim = 0
-        for name, m in mods:
+        chosen = self.layer_selection(model, mods)
+        for (name, m), on in zip(mods, chosen, strict=True):
+            if not on:
+                setattr(m, ATTR, False)
+                continue
             hd = getattr(m, "head_dim", None)
             if hd and hd % min(self.group, hd):
                 raise MethodError(
@@ -270,6 +309,7 @@ class KVQuant(Method):
                 "kv_value_bits": vbits,
                 "kv_bits": (kbits + vbits) / 2,
                 "kv_residual_tokens": f"< {self.group} (exact)",
+                "kv_layers": f"{sum(chosen)} of {len(chosen)}",
                 "attn_implementation": name,
             }
         )

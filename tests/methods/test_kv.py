@@ -76,6 +76,8 @@ def levels_per_group(x: torch.Tensor) -> int:
         ("kv-k2v4-g32", "kv-k2v4-g32"),
         (f"kv-k8v3-g{DEFAULT_GROUP}", "kv-k8v3"),
         ("kv-k4v2-g128", "kv-k4v2-g128"),
+        ("kv-k3v3-swa", "kv-k3v3-swa"),
+        ("kv-k3v3-g32-full", "kv-k3v3-g32-full"),
     ],
 )
 def test_ids_round_trip(text: str, canonical: str) -> None:
@@ -256,3 +258,44 @@ def test_one_pass_equals_token_by_token_decoding(
         out = model(input_ids=ids[:, t : t + 1], cache=out.past_key_values, use_cache=True)
         steps.append(out.logits[0, -1])
     assert torch.allclose(torch.stack(steps).float(), full[4:], atol=1e-4)
+
+
+# ---------------------------------------------------------------- one layer type (-swa / -full)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3() -> nn.Module:
+    from lcc_harness.models.load import build_tiny_arch
+
+    return build_tiny_arch("gemma3").eval()  # layer 0 sliding (window 16), layer 1 full attention
+
+
+def _quantized_layers(model: nn.Module) -> list[bool]:
+    return [getattr(m, ATTR) is not False for _, m in kv.attention_modules(model)]
+
+
+def test_swa_and_full_quantize_one_layer_type_and_both_change_the_model(tiny_gemma3: nn.Module) -> None:
+    ids = tokens(96)
+    a = logits(tiny_gemma3, ids)
+    out = {}
+    for suffix, want in (("-swa", [True, False]), ("-full", [False, True]), ("", [True, True])):
+        model, ctx = compress(tiny_gemma3, f"kv-k2v2-g{G}{suffix}")
+        assert _quantized_layers(model) == want, suffix
+        assert ctx.info["kv_layers"] == f"{sum(want)} of 2"
+        out[suffix] = logits(model, ids)
+        assert torch.allclose(out[suffix][:G], a[:G], atol=1e-5)  # the first block is exact in every layer
+        assert float((out[suffix][G:] - a[G:]).abs().max()) > 1e-3, suffix
+    assert not torch.allclose(out["-swa"], out["-full"])
+    assert not torch.allclose(out["-swa"], out[""]) and not torch.allclose(out["-full"], out[""])
+
+
+def test_a_layer_type_on_a_model_without_both_types_is_refused_in_one_line(ref: nn.Module) -> None:
+    with pytest.raises(MethodError) as e:
+        compress(ref, "kv-k4v4-swa")
+    msg = str(e.value)
+    assert "\n" not in msg and "sliding-window and full" in msg and "kv-k4v4" in msg
+
+
+def test_swa_and_full_together_are_refused(tiny_gemma3: nn.Module) -> None:
+    with pytest.raises(MethodError, match="drop both"):
+        compress(tiny_gemma3, "kv-k4v4-swa-full")

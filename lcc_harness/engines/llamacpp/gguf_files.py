@@ -275,7 +275,7 @@ def quantized_gguf(
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    from lcc_harness.measure.reference import default_cache_dir
+    from lcc_harness.files import default_cache_dir
 
     return Path(cache_dir) if cache_dir else default_cache_dir()
 

@@ -90,13 +90,13 @@ class EngineInfo:
     tokenizer: Any
 
 
-def resolve_source(spec: str) -> Path:
+def resolve_source(spec: str, cache_dir: Path | None = None) -> Path:
     """The file or folder a model spec names for the llama.cpp engine: the embedded model's GGUF, a .gguf path,
     or a transformers folder (written as a GGUF by gguf_files.hf_reference_gguf)."""
-    from lcc_harness.models.load import DEFAULT_MODEL, smollm2_gguf_path
+    from lcc_harness.models.embedded import EMBEDDED
 
-    if spec == DEFAULT_MODEL:
-        return smollm2_gguf_path()
+    if spec in EMBEDDED:
+        return EMBEDDED[spec].gguf_path(cache_dir)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -106,7 +106,7 @@ def resolve_source(spec: str) -> Path:
         return path
     raise ModelNotFoundError(
         f"model '{spec}' is neither a GGUF file nor a transformers folder here; the llama.cpp engine runs GGUF files "
-        f"— pass a .gguf, a local Llama model folder, or '{DEFAULT_MODEL}'"
+        f"— pass a .gguf, a local Llama model folder, or an embedded model ({', '.join(EMBEDDED)})"
     )
 
 
@@ -142,15 +142,16 @@ class LlamaCppHarness:
         self.cache = cache_root(cfg.cache_dir)
         if cfg.imatrix:
             load_imatrix(Path(cfg.imatrix))  # a bad file fails now, not at the first method that uses it
-        self.source = resolve_source(cfg.model)
+        self.source = resolve_source(cfg.model, self.cache)
         t0 = time.perf_counter()
-        from lcc_harness.models.load import DEFAULT_MODEL
+        from lcc_harness.models.embedded import EMBEDDED
 
-        # a GGUF --model is the reference as it is; the embedded model's file holds Q4_1 linears, and its torch
-        # reference is their dequantized values: written at the run's dtype, so both engines measure the same model
+        # a GGUF --model is the reference as it is; an embedded model's file holds quantized linears (Q4_1,
+        # Q4_K_M), and its torch reference is their dequantized values: written at the run's dtype, so both
+        # engines measure the same model
         if self.source.is_dir():  # a transformers folder: its weights written as a GGUF of the run's dtype
             self.ref_path = hf_reference_gguf(self.source, dtype, self.cache)
-        elif cfg.model == DEFAULT_MODEL:
+        elif cfg.model in EMBEDDED:
             self.ref_path = reference_gguf(self.source, dtype, self.cache)
         else:
             self.ref_path = self.source
@@ -505,7 +506,7 @@ def torch_agreement(h: LlamaCppHarness, samples: int = FLOOR_SAMPLES) -> dict[st
     from lcc_harness.measure.head import final_hidden, output_head
     from lcc_harness.models.load import load_model
 
-    lm = load_model(h.cfg.model, "cpu", h.dtype_name)
+    lm = load_model(h.cfg.model, "cpu", h.dtype_name, h.cache)
     head = output_head(lm.model)
     Lmax = h.lengths[-1]
     sts = []

@@ -51,7 +51,7 @@ from lcc_harness.measure.reference import (
 from lcc_harness.methods._targets import linearize_conv1d
 from lcc_harness.methods.registry import CompressContext, Method, parse_method
 from lcc_harness.models.corpus import Sample, TokenizedCorpus, load_corpus
-from lcc_harness.models.load import LoadedModel, dtype_name, load_model, plain_values
+from lcc_harness.models.load import LoadedModel, all_finite, dtype_name, load_model, plain_values
 from lcc_harness.models.snapshot import Snapshot
 from lcc_harness.options import (  # parse_lengths re-exported: the CLI and tests use it here
     DESIGNS,
@@ -84,7 +84,7 @@ class Harness(ExtraPasses, Curves):
                 f"--{given[0]} sets the llama.cpp engine; this run uses the torch engine — pass --engine llama.cpp "
                 f"or drop --{given[0]}"
             )
-        self.lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+        self.lm = lm or load_model(cfg.model, cfg.device, cfg.dtype, cfg.cache_dir)
         linearize_conv1d(self.lm.model)  # GPT-2 family: Conv1D → nn.Linear, so every method finds its targets
         self.lengths = parse_lengths(cfg.lengths)
         validate_lengths(self.lengths, self.lm.max_positions, cfg.model, cfg.allow_extrapolation)
@@ -288,7 +288,7 @@ class Harness(ExtraPasses, Curves):
         with torch.no_grad():
             for name, param in model.named_parameters():
                 p = plain_values(param)  # an adapter's -kernel mode leaves a library's tensor subclass
-                if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                if p.is_floating_point() and not all_finite(p):
                     raise NonFiniteError(
                         f"method '{m.id}' wrote non-finite values (NaN/Inf) into {name}; "
                         "the compressed weights must be finite"
