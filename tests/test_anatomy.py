@@ -143,6 +143,9 @@ def test_options_and_validation(tiny):
         "default": 1,
         "paper": 1,
         "llamacpp": 0,
+        "gemma3": 0,
+        "gemma3-paper": 0,
+        "long": 0,
     }
     assert run_fields({"anatomy": "1"}) == {"anatomy": 1} and run_fields({"anatomy": "0"}) == {"anatomy": 0}
     with pytest.raises(OptionError, match="--anatomy -1 must be at least 0"):

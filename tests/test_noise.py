@@ -8,7 +8,13 @@ import lcc_harness  # noqa: F401 - installs the filter
 
 
 def test_torchaos_known_lines_are_dropped_and_others_pass(caplog):
-    with caplog.at_level(logging.WARNING):
+    with (
+        caplog.at_level(logging.WARNING),
+        caplog.at_level(
+            logging.WARNING, logger="torchao"
+        ),  # torchao may have set its own level when imported
+        caplog.at_level(logging.WARNING, logger="torch.utils._pytree"),
+    ):
         logging.getLogger("torch.utils._pytree").warning(
             "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile as an "
             "opaque value type. Calling register_constant() on Enum subclasses is deprecated and will be an error"

@@ -233,7 +233,7 @@ class KVQuant(Method):
 
     family = "kv"
     forms = ("kv-k{key_bits}v{value_bits}[-g{group}][-swa][-full]",)
-    examples = ("kv-k4v4", "kv-k2v2", "kv-k2v2-g32", "kv-k3v3-swa", "kv-k3v3-full")
+    examples = ("kv-k4v4", "kv-k2v2", "kv-k2v2-g32")  # -swa / -full apply to sliding-window models only
     description = (
         "KV-cache quantization (KIVI): post-RoPE keys per channel over blocks of G tokens, values "
         f"per token over min(G, head_dim) channels, asymmetric, bits 2-8; the newest block stays "
