@@ -248,8 +248,8 @@ def load_model(
         model, tok = _load_hf(spec, dev, dt, what=f"hub id '{spec}'")
         return _finish(spec, model, tok, f"hf-cache:{spec}", dev, dt)
     raise ModelNotFoundError(
-        f"unknown model '{spec}': not '{DEFAULT_MODEL}', '{TINY_MODEL}', an existing path, or a hub id "
-        "(org/name); pass one of those"
+        f"unknown model '{spec}': not an embedded model ({', '.join(EMBEDDED)}), '{TINY_MODEL}', an existing "
+        "path, or a hub id (org/name); pass one of those"
     )
 
 
