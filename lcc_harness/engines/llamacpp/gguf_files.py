@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lcc_harness.errors import CheckpointError, HarnessError, ModelLoadError
-from lcc_harness.files import atomic_write, entry_lock, read_head
+from lcc_harness.files import atomic_write, entry_lock, file_sha256, read_head  # file_sha256: re-exported
 
 # --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
 # cache type the reference runs with (the uncompressed model keeps its activations at its own precision)
@@ -38,14 +38,6 @@ def check_gguf_file(path: Path, what: str) -> None:
         raise ModelLoadError(
             f"{what} '{path}' is not a GGUF file (bad magic {magic!r}); pass a valid .gguf file"
         )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _reader(path: Path, what: str) -> Any:
@@ -338,7 +330,6 @@ def hf_reference_gguf(folder: Path, dtype: str, cache_dir: Path) -> Path:
     run's dtype with llama.cpp's tensor names, its q/k heads permuted to llama.cpp's rotary layout; cached by the
     folder's config, tokenizer and weight files. Other architectures and tokenizers: EngineError naming
     convert_hf_to_gguf.py."""
-    import hashlib
     import json
 
     folder = Path(folder)

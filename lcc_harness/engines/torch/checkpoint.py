@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lcc_harness.errors import CheckpointError, HarnessError
+from lcc_harness.files import file_sha256
 from lcc_harness.methods._targets import linearize_conv1d
 from lcc_harness.models.load import LoadedModel, load_model
 
@@ -131,20 +131,6 @@ def load_compressed(path: str, ref: LoadedModel) -> LoadedModel:
             "measure a checkpoint compressed from this reference model"
         )
     return lm
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a checkpoint as stored: a file's bytes, or a folder's files (relative names and bytes, sorted)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(str(f.relative_to(p)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def check_name(name: str, what: str) -> str:
