@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lcc_harness.errors import LengthError
+from lcc_harness.profiles import PROFILES
 
 DEFAULT_CHUNK = 256  # positions per LM-head chunk (measure.py uses the same constant)
 
@@ -261,7 +262,7 @@ OPTIONS: tuple[Option, ...] = (
         flag,
         kind="flag",
     ),
-    Option("profile", "smoke | default | paper (default: default)", where="pytest"),
+    Option("profile", f"{' | '.join(PROFILES)} (default: default)", where="pytest"),
     Option(
         "methods",
         "comma-separated method ids or globs (profile and baseline ids; else registered examples)",
