@@ -4,6 +4,7 @@ compressed models, GPT-2 Conv1D targets, methods that find no target, methods th
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -208,6 +209,33 @@ def test_length_dependent_compressed_model_is_measured_per_length(tiny):
             naive.stats[L].per_sample["window_kl"], rel=1e-5
         )
     assert one.run("rtn-w4-g32").mode == "one-pass"  # an ordinary method stays one-pass
+
+
+@dataclass(frozen=True)
+class CountedPerTensorAct(PerTensorAct):
+    """PerTensorAct that records the length of every pass through the first MLP (into `seen`)."""
+
+    family, forms = "test-per-tensor-counted", ("test-per-tensor-counted",)
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def apply(self, model, ctx):
+        model = super().apply(model, ctx)
+        first = next(lin for name, lin in ctx.linears(model) if name.endswith("down_proj"))
+        first.register_forward_pre_hook(lambda mod, args: self.seen.append(args[0].shape[1]))
+        return model
+
+
+def test_length_dependence_is_found_after_the_first_sample(tiny):
+    """The length probe runs right after sample 0's longest pass: the other samples are never measured one-pass
+    (one wasted long pass in all, not one per sample)."""
+    method = CountedPerTensorAct()
+    h = Harness(tiny_config(samples=3, design="window"), lm=tiny)
+    with pytest.warns(UserWarning, match="depend on the total length"):
+        res = h.run(method)
+    assert res.mode == "per-length"
+    Lmax = max(h.lengths)
+    # sample 0's one pass, then each sample's per-length pass at Lmax (probing after all samples: 3 + 3)
+    assert method.seen.count(Lmax) == 1 + 3, method.seen
 
 
 # ---- GPT-2 Conv1D layers are targets -------------------------------------------------------------------------

@@ -42,6 +42,11 @@ from lcc_harness.models.load import dtype_name
 Tails = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
+class _LengthDependent(Exception):
+    """Raised inside a one-pass measurement once sample 0's longest pass shows the compressed model's outputs
+    depend on the total length: the remaining samples are not measured one-pass for nothing."""
+
+
 def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -71,6 +76,9 @@ class Curves:
         With `tails` (a dict, filled here), each sample's pass over the longest length leaves its ids and last
         T hidden states there: the matched curve's longest pass is the same forward (`measure_matched`).
 
+        The length probe (`probe_length_dependence`) runs right after sample 0's longest pass, so a model whose
+        outputs depend on the total length costs one wasted long pass, not one per sample.
+
         A one-pass run that runs out of memory falls back to one pass per shorter length, shortest first, so
         the lengths that fit are still measured; once a length fails, longer ones are not tried. `keep` (a dict,
         filled here): per length, each sample's per-position (KL, top-1) of the pass that covers it (the probes)."""
@@ -92,9 +100,13 @@ class Curves:
             total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress, leave=False
         )
 
-        first: list[torch.Tensor] = []  # sample 0's hidden states of the first pass, for the length probe
+        def probe(h0: torch.Tensor) -> None:  # sample 0's hidden states of the one pass over the longest length
+            if ref.one_pass and len(self.lengths) > 1 and h0.shape[0] == max(self.lengths):
+                reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, h0)
+                if reason:  # this compressed model is not causal-prefix stable: measure each length on its own
+                    raise _LengthDependent(reason)
 
-        def attempt(P: int, run_len: int, lens: tuple[int, ...]) -> None:
+        def attempt(P: int, run_len: int, lens: tuple[int, ...], first: Any = None) -> None:
             if errors:
                 for L in lens:
                     errors[L] = (
@@ -106,7 +118,7 @@ class Curves:
                     model, head, ref, P, run_len, lens, method_id, summary, first, ref_head, tails
                 )
             except Exception as exc:
-                if not is_oom(exc):
+                if isinstance(exc, _LengthDependent) or not is_oom(exc):
                     raise
                 msg = oom_message(f"measuring '{method_id}'", run_len, exc)
             else:
@@ -115,29 +127,28 @@ class Curves:
             release_memory()  # outside the except block: the traceback no longer holds activations
             errors[run_len] = msg
 
-        for P, covered in passes.items():
-            attempt(P, P, covered)
-            if P in errors and len(covered) > 1:  # the one pass failed: measure shorter lengths one by one
-                failed = errors.pop(P)
-                for L in covered[:-1]:
-                    attempt(P, L, (L,))
-                errors.setdefault(P, failed)
-            bar.update(len(ref.samples))
-        bar.close()
         note = None
-        if ref.one_pass and len(self.lengths) > 1 and first and first[0].shape[0] == max(self.lengths):
-            reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, first[0])
-            if reason:  # this compressed model is not causal-prefix stable: measure each length on its own
-                note = (
-                    f"'{method_id}': {reason}; its outputs depend on the total length, so it was measured "
-                    "one pass per length"
-                )
-                warnings.warn(note, stacklevel=2)
-                per_len.clear()
-                errors.clear()
-                P = max(passes)
-                for L in self.lengths:
-                    attempt(P, L, (L,))
+        try:
+            for P, covered in passes.items():
+                attempt(P, P, covered, probe)
+                if P in errors and len(covered) > 1:  # the one pass failed: measure shorter lengths one by one
+                    failed = errors.pop(P)
+                    for L in covered[:-1]:
+                        attempt(P, L, (L,))
+                    errors.setdefault(P, failed)
+                bar.update(len(ref.samples))
+        except _LengthDependent as dep:
+            note = (
+                f"'{method_id}': {dep}; its outputs depend on the total length, so it was measured one pass "
+                "per length"
+            )
+            warnings.warn(note, stacklevel=2)
+            per_len.clear()
+            errors.clear()
+            P = max(passes)
+            for L in self.lengths:
+                attempt(P, L, (L,))
+        bar.close()
         stats = {L: summarize(L, per_len[L]) for L in self.lengths if L in per_len}
         if keep is not None:
             keep.update({L: [(st.kl, st.top1) for st in per_len[L]] for L in stats})
@@ -153,13 +164,13 @@ class Curves:
         lengths: Sequence[int],
         method_id: str,
         summary: bool = False,
-        keep_first: list[torch.Tensor] | None = None,
+        on_first: Any = None,
         ref_head: Any = None,
         tails: Tails | None = None,
     ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
-        RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. The first call's
-        sample-0 hidden states are appended to `keep_first` (the length probe reuses them)."""
+        RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. `on_first` (the length
+        probe) is called with sample 0's hidden states before any other sample runs."""
         out = []
         lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         for i, s in enumerate(ref.samples):
@@ -172,8 +183,8 @@ class Curves:
                     h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             else:
                 h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
-            if keep_first is not None and not keep_first and i == 0:
-                keep_first.append(h)
+            if on_first is not None and i == 0:
+                on_first(h)
             if tails is not None and run_len == self.lengths[-1]:
                 tails[i] = (s.ids[:run_len], h[-self.target :].clone())  # ids (run_len,), (T, H)
             if summary:
