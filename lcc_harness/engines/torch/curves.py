@@ -100,10 +100,11 @@ class Curves:
             total=len(passes) * len(ref.samples), desc=method_id, disable=not self.cfg.progress, leave=False
         )
 
-        def probe(h0: torch.Tensor) -> None:  # sample 0's hidden states of the one pass over the longest length
+        # called with sample 0's hidden states of the one pass over the longest length
+        def probe(h0: torch.Tensor) -> None:
             if ref.one_pass and len(self.lengths) > 1 and h0.shape[0] == max(self.lengths):
                 reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, h0)
-                if reason:  # this compressed model is not causal-prefix stable: measure each length on its own
+                if reason:  # not causal-prefix stable: each length is measured on its own
                     raise _LengthDependent(reason)
 
         def attempt(P: int, run_len: int, lens: tuple[int, ...], first: Any = None) -> None:
@@ -131,7 +132,8 @@ class Curves:
         try:
             for P, covered in passes.items():
                 attempt(P, P, covered, probe)
-                if P in errors and len(covered) > 1:  # the one pass failed: measure shorter lengths one by one
+                # the one pass failed: measure shorter lengths one by one
+                if P in errors and len(covered) > 1:
                     failed = errors.pop(P)
                     for L in covered[:-1]:
                         attempt(P, L, (L,))
