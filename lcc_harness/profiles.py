@@ -121,7 +121,6 @@ PROFILES: dict[str, Profile] = {
             16,
             group=64,
             anatomy=1,
-            probes=("keytokens", "copy", "passkey", "where"),
             slow=True,
             description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)",
         ),
