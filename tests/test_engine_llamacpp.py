@@ -93,6 +93,35 @@ def test_none_is_exactly_zero_and_one_pass_is_sound(h):
     assert res.mode == "one-pass" and res.info["engine"] == "llama.cpp"
 
 
+def test_micro_batch_shrinks_with_vocabulary_and_context():
+    from lcc_harness.engines.llamacpp.binding import micro_batch
+
+    # SmolLM2 up to 2048 positions: llama.cpp's default
+    assert micro_batch(49152, 1024) == micro_batch(49152, 2048) == 512
+    assert (micro_batch(49152, 4096), micro_batch(49152, 8192)) == (256, 128)
+    assert (micro_batch(262144, 2048), micro_batch(262144, 8192)) == (128, 128)  # Gemma 3: the logits bound
+    assert micro_batch(262144, 32768) == micro_batch(10**9, 10**9) == 64  # never below MIN_BATCH
+
+
+def test_the_micro_batch_changes_no_number(h):
+    """A second harness whose contexts run micro-batches of MIN_BATCH (64) positions instead of the default: every
+    window KL is bit-identical (what lets the micro-batch shrink at long contexts to save memory; at 32 it is not:
+    llama.cpp's CPU kernels take other paths, and KL moves by up to 9 % here)."""
+    from lcc_harness.engines.llamacpp.binding import MIN_BATCH
+
+    default = {m: h.run(m).stats for m in ("kv-q8_0", "gguf-q8_0")}
+    h64 = LlamaCppHarness(h.cfg)
+    try:
+        assert h64.n_batch == h.n_batch > MIN_BATCH
+        h64.n_batch = MIN_BATCH  # before any context exists: the reference and the method's alike
+        small = {m: h64.run(m).stats for m in default}
+    finally:
+        h64.close()
+    for m, stats in default.items():
+        for L in LENGTHS:
+            assert small[m][L].per_sample["window_kl"] == stats[L].per_sample["window_kl"], (m, L)
+
+
 def test_kv_types_order_above_the_engine_floor(h):
     q8, q4 = _kl(h.run("kv-q8_0")), _kl(h.run("kv-q4_0"))
     floor = h.engine_floor()

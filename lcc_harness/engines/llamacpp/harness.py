@@ -5,7 +5,7 @@ which mirrors llama.h), logits for every position of one sequence in one pass, s
     compressed GGUF or KV-cache types (the method)  ────┴─→ measure.compare on (c, V) logits → PositionStats
 
 No (T, V) logits tensor of a whole sequence exists: each context's logits buffer holds one micro-batch
-(n_batch × V float32, capped at LOGITS_BUDGET bytes), read in place as a numpy view and compared before the next
+(n_batch × V float32; `binding.micro_batch` bounds n_batch by the vocabulary and the context length), read in place as a numpy view and compared before the next
 decode. The reference forward runs again for each method (2 forwards per method per sample): caching it would
 mean vocabulary-sized files (0.8 GB per 8192-token SmolLM2 sample), which this harness avoids.
 
@@ -29,12 +29,11 @@ import torch
 from lcc_harness import __version__
 from lcc_harness.engines import llamacpp_dtype, llamacpp_gpu_layers
 from lcc_harness.engines.llamacpp.binding import (
-    LOGITS_BUDGET,
-    MAX_BATCH,
     Context,
     ContextSpec,
     GGUFModel,
     binding,
+    micro_batch,
     paired_pass,
     physical_cores,
 )
@@ -172,7 +171,7 @@ class LlamaCppHarness:
             max_positions=self.ref_model.n_ctx_train,
             tokenizer=self.ref_model,
         )
-        self.n_batch = max(16, min(MAX_BATCH, LOGITS_BUDGET // (4 * self.ref_model.n_vocab)))
+        self.n_batch = micro_batch(self.ref_model.n_vocab, self.lengths[-1])
         self.corpus = load_corpus(cfg.corpus, cfg.text_field)
         self.tokens = TokenizedCorpus(self.corpus, self.ref_model)
         self.samples: list[Sample] = self.tokens.draw(cfg.samples, self.lengths[-1], cfg.seed)
