@@ -14,6 +14,7 @@ from lcc_harness.engines.torch.harness import Harness
 from lcc_harness.errors import HarnessError
 from lcc_harness.measure.anatomy import (
     Anatomy,
+    Stored,
     bucket_edges,
     bucket_index,
     bucket_sums,
@@ -107,7 +108,7 @@ def test_bucket_means_equal_a_direct_computation(tiny):
     cmp_model, _ctx, _t = h.compress("rtn-w3-g32")
     got = _direct(cmp_model, ids)
     edges = bucket_edges(L_MAX)
-    worst = 0.0
+    worst, worst_abs = 0.0, 0.0
     for q in ("residual", "k", "v"):
         for layer, (r, c) in enumerate(zip(ref[q], got[q], strict=True)):
             e = [float((c[t].double() - r[t].double()).norm() / r[t].double().norm()) for t in range(L_MAX)]
@@ -115,7 +116,21 @@ def test_bucket_means_equal_a_direct_computation(tiny):
                 want = sum(e[lo:hi]) / (hi - lo)
                 assert want > 0
                 worst = max(worst, abs(a.error[q][layer][b] - want) / want)
-    assert worst < 1e-4, worst
+                worst_abs = max(worst_abs, abs(a.error[q][layer][b] - want))
+    # the stored reference (anatomy.Stored) rounds both sides to 2^-11 of a row's largest value: the anatomy's
+    # floor of about 3e-4 in relative-error units, a small share of errors of this size (3-bit RTN)
+    assert worst_abs < 3e-4 and worst < 1e-3, (worst_abs, worst)
+
+
+def test_stored_rounding_is_bounded_and_keeps_zeros():
+    torch.manual_seed(0)
+    y = torch.randn(64, 32) * torch.logspace(-3, 3, 64).view(-1, 1)  # rows of very different size
+    y[5] = 0.0
+    back = Stored.pack(y).unpack()
+    rel = (back - y).abs().amax(dim=-1) / y.abs().amax(dim=-1).clamp_min(1e-30)
+    assert float(rel.max()) <= 2**-11 and back[5].abs().max() == 0
+    assert torch.equal(Stored.pack(y).unpack(), back)  # deterministic: identical rows give identical values
+    assert Stored.pack(y).q.dtype == torch.float16 and Stored.pack(y).shape == y.shape
 
 
 def test_matched_only_design_takes_one_extra_forward_and_agrees(tiny):

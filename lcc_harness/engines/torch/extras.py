@@ -50,8 +50,8 @@ class ExtraPasses:
 
     def anatomy_reference(self) -> list[Captured]:
         """The reference model's residual stream, keys and values per layer on the first `anatomy` samples at the
-        longest length (anatomy.capture; CPU, the model's dtype), computed once per harness and before any method
-        changes the model in place. Memory: samples × layers × length × (hidden + 2 · K/V width) values."""
+        longest length (anatomy.capture; CPU, 2 bytes a value), computed once per harness and before any method
+        changes the model in place. Memory: samples × layers × length × (hidden + 2 · K/V width) × 2 bytes."""
         if self._anatomy_refs is None:
             t0 = time.perf_counter()
             refs = []
