@@ -172,7 +172,7 @@ class Curves:
     ) -> list[PositionStats]:
         """Each sample's first `run_len` tokens through `model`, compared with reference pass P (or its
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. `on_first` (the length
-        probe) is called with sample 0's hidden states before any other sample runs."""
+        probe) is called with sample 0's hidden states once they are compared, before any other sample runs."""
         out = []
         lin = linear_head(model) if summary else None  # for reverse KL on the summary path
         for i, s in enumerate(ref.samples):
@@ -185,8 +185,6 @@ class Curves:
                     h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
             else:
                 h = final_hidden(model, s.ids[:run_len])  # (run_len, H)
-            if on_first is not None and i == 0:
-                on_first(h)
             if tails is not None and run_len == self.lengths[-1]:
                 tails[i] = (s.ids[:run_len], h[-self.target :].clone())  # ids (run_len,), (T, H)
             if summary:
@@ -195,6 +193,8 @@ class Curves:
                 st = compare(ref_head or ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
             for L in lengths:
                 check_finite(method_id, L, i, st)
+            if on_first is not None and i == 0:  # after the finiteness check: NaN output fails as non-finite
+                on_first(h)
             out.append(st)
         return out
 
