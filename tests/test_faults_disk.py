@@ -167,7 +167,7 @@ def test_full_disk_while_converting_the_reference_gguf_is_one_line_and_leaves_no
 
 
 def _converted_path(tiny_gguf: Path, cache: Path) -> Path:
-    from lcc_harness.engines.llamacpp.gguf_files import file_sha256
+    from lcc_harness.files import file_sha256
 
     return cache / "llama.cpp" / f"{tiny_gguf.stem}-{file_sha256(tiny_gguf)[:16]}.F32.gguf"
 

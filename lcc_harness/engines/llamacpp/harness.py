@@ -5,8 +5,8 @@ which mirrors llama.h), logits for every position of one sequence in one pass, s
     compressed GGUF or KV-cache types (the method)  ────┴─→ measure.compare on (c, V) logits → PositionStats
 
 No (T, V) logits tensor of a whole sequence exists: each context's logits buffer holds one micro-batch
-(n_batch × V float32; `binding.micro_batch` bounds n_batch by the vocabulary and the context length), read in place as a numpy view and compared before the next
-decode. The reference forward runs again for each method (2 forwards per method per sample): caching it would
+(n_batch × V float32; `binding.micro_batch` bounds n_batch by the vocabulary and the context length), read in
+place as a numpy view and compared before the next decode. The reference forward runs again for each method (2 forwards per method per sample): caching it would
 mean vocabulary-sized files (0.8 GB per 8192-token SmolLM2 sample), which this harness avoids.
 
 The engine floor (`engine_floor`) is what no compression costs on this engine: the reference against itself with

@@ -102,12 +102,14 @@ class Curves:
 
         # called with sample 0's hidden states of the one pass over the longest length
         def probe(h0: torch.Tensor) -> None:
-            if ref.one_pass and len(self.lengths) > 1 and h0.shape[0] == max(self.lengths):
+            if h0.shape[0] == max(self.lengths):
                 reason = probe_length_dependence(model, head, ref.samples[0].ids, self.lengths, h0)
                 if reason:  # not causal-prefix stable: each length is measured on its own
                     raise _LengthDependent(reason)
 
-        def attempt(P: int, run_len: int, lens: tuple[int, ...], first: Any = None) -> None:
+        one_pass_probe = probe if ref.one_pass and len(self.lengths) > 1 else None
+
+        def attempt(P: int, run_len: int, lens: tuple[int, ...], on_first: Any = None) -> None:
             if errors:
                 for L in lens:
                     errors[L] = (
@@ -116,7 +118,7 @@ class Curves:
                 return
             try:
                 sts = self._measure_pass(
-                    model, head, ref, P, run_len, lens, method_id, summary, first, ref_head, tails
+                    model, head, ref, P, run_len, lens, method_id, summary, on_first, ref_head, tails
                 )
             except Exception as exc:
                 if isinstance(exc, _LengthDependent) or not is_oom(exc):
@@ -131,7 +133,7 @@ class Curves:
         note = None
         try:
             for P, covered in passes.items():
-                attempt(P, P, covered, probe)
+                attempt(P, P, covered, one_pass_probe)
                 # the one pass failed: measure shorter lengths one by one
                 if P in errors and len(covered) > 1:
                     failed = errors.pop(P)
