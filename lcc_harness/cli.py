@@ -49,10 +49,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def format_curve_table(stats: dict, fmt: str = "github") -> str:
-    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, reverse KL) as a table, then
-    lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
+    """lengths × (window KL, cumulative KL, p99, top-1, ΔNLL, top-1's SE, and reverse KL when it was computed)
+    as a table, then lengths × Δp statistics (report.DP_COLUMNS) when the stats carry them."""
     from lcc_harness.report import DP_COLUMNS, fmt_dp, fmt_kl
 
+    reverse = any(s.reverse_kl is not None for s in stats.values())
     rows = [
         [
             L,
@@ -62,16 +63,14 @@ def format_curve_table(stats: dict, fmt: str = "github") -> str:
             f"{s.top1:.4f}",
             f"{s.dnll:+.5f}",
             f"{s.top1_se:.4f}" if s.top1_se is not None else fmt_kl(None),
-            f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else fmt_kl(None),
         ]
+        + ([f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else fmt_kl(None)] if reverse else [])
         for L, s in sorted(stats.items())
     ]
+    headers = ["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL", "top-1 SE"]
+    headers += ["reverse KL"] if reverse else []
     main = tabulate(
-        rows,
-        headers=["length", "window KL", "cumulative KL", "p99 KL", "top-1", "ΔNLL", "top-1 SE", "reverse KL"],
-        tablefmt=fmt,
-        disable_numparse=True,
-        colalign=("right",) * 8,
+        rows, headers=headers, tablefmt=fmt, disable_numparse=True, colalign=("right",) * len(headers)
     )
     dp_rows = [
         [L] + [fmt_dp(k, getattr(s, k)) for k, _ in DP_COLUMNS]
@@ -91,25 +90,18 @@ def format_curve_table(stats: dict, fmt: str = "github") -> str:
 
 
 def format_matched(matched, fmt: str = "github") -> str:
-    """The matched-target curves of a MethodResult (run.MatchedCurves): lengths × (KL, top-1, ΔNLL, reverse KL,
-    per-sample KL), then the growth line."""
+    """The matched-target curves of a MethodResult (run.MatchedCurves): lengths × (KL, top-1, ΔNLL, reverse KL
+    when it was computed, per-sample KL), then the growth line."""
+    reverse = any(s.reverse_kl is not None for s in matched.stats.values())
     rows = [
-        [
-            L,
-            f"{s.window_kl:.5f}",
-            f"{s.top1:.4f}",
-            f"{s.dnll:+.5f}",
-            f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else "—",
-            " ".join(f"{v:.4g}" for v in s.per_sample["window_kl"]),
-        ]
+        [L, f"{s.window_kl:.5f}", f"{s.top1:.4f}", f"{s.dnll:+.5f}"]
+        + ([f"{s.reverse_kl:.5f}" if s.reverse_kl is not None else "—"] if reverse else [])
+        + [" ".join(f"{v:.4g}" for v in s.per_sample["window_kl"])]
         for L, s in sorted(matched.stats.items())
     ]
+    headers = ["length", "KL", "top-1", "ΔNLL"] + (["reverse KL"] if reverse else []) + ["KL per sample"]
     table = tabulate(
-        rows,
-        headers=["length", "KL", "top-1", "ΔNLL", "reverse KL", "KL per sample"],
-        tablefmt=fmt,
-        disable_numparse=True,
-        colalign=("right",) * 6,
+        rows, headers=headers, tablefmt=fmt, disable_numparse=True, colalign=("right",) * len(headers)
     )
     g = matched.growth or {}
     if g.get("slope") is None:

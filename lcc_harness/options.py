@@ -254,6 +254,14 @@ OPTIONS: tuple[Option, ...] = (
         "probes",
         parse_probes,
     ),
+    Option(
+        "reverse-kl",
+        "also compute reverse KL(P_cmp ‖ P_ref) per length (informational, never gated; costs about a tenth of "
+        "a forward per sample on the torch engine)",
+        "reverse_kl",
+        flag,
+        kind="flag",
+    ),
     Option("cache-dir", "reference cache (default $LCC_CACHE_DIR or ~/.cache/lcc-harness)", "cache_dir"),
     Option(
         "allow-extrapolation",

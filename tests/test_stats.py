@@ -20,6 +20,13 @@ from lcc_harness.measure.head import (
 )
 from lcc_harness.measure.kl import DP_QUANTILES, PositionStats, compare, summarize
 
+
+@pytest.fixture(scope="module")
+def harness(tiny) -> Harness:
+    """A harness that computes reverse KL (RunConfig.reverse_kl; off by default)."""
+    return Harness(tiny_config(reverse_kl=True), lm=tiny)
+
+
 STAT_KEYS = ("reverse_kl", "top1_se", "dp_mean", "dp_rms", "dp_p01", "dp_p05", "dp_p50", "dp_p95", "dp_p99")
 
 
@@ -68,7 +75,7 @@ def test_length_stats_from_the_harness_match_float64(tiny):
     """Harness.run on both paths: window means of reverse KL and Δp, Δp RMS and percentiles, top-1 ± SE."""
     L = TINY_LENGTHS[-1]
     for summary in (True, False):
-        h = Harness(tiny_config(reference_summary=summary), lm=tiny)
+        h = Harness(tiny_config(reference_summary=summary, reverse_kl=True), lm=tiny)
         res = h.run("rtn-w3-g32")
         model, _, _ = h.compress("rtn-w3-g32")
         rk, dps = zip(*(float64_stats(tiny, model, s.ids[:L]) for s in h.samples), strict=True)
@@ -91,7 +98,7 @@ def test_length_stats_from_the_harness_match_float64(tiny):
 
 @pytest.mark.parametrize("summary", [True, False], ids=["summary", "direct"])
 def test_identity_gives_zero_reverse_kl_zero_dp_and_full_agreement(tiny, summary):
-    res = Harness(tiny_config(reference_summary=summary), lm=tiny).run("none")
+    res = Harness(tiny_config(reference_summary=summary, reverse_kl=True), lm=tiny).run("none")
     for s in res.stats.values():
         assert s.reverse_kl == 0.0 and s.top1 == 1.0 and s.top1_se == 0.0
         assert s.dp_mean == 0.0 and s.dp_rms == 0.0
@@ -159,7 +166,9 @@ def test_markdown_of_a_record_without_the_new_statistics():
     old = {"length": 32, "window_kl": 0.3, "cumulative_kl": 0.3, "p50": 0.1, "p90": 0.5, "p99": 0.8, "max": 1.0,
            "top1": 0.5, "dnll": 0.01, "per_sample": {"window_kl": [0.3]}}  # fmt: skip
     md = render_markdown(_record_with({"32": old}))
-    assert "| rtn-w3-g32 |" in md.split("## Reverse KL")[1] and "—" in md.split("## Reverse KL")[1]
+    assert (
+        "_Not computed in this run; pass `--lcc-reverse-kl`" in md.split("## Reverse KL")[1].split("\n## ")[0]
+    )
     assert "50.00 %" in md.split("## Top-1")[1].split("\n## ")[0]
     assert "_No Δp statistics in this record._" in md
 
@@ -168,10 +177,39 @@ def test_lcc_measure_prints_the_new_statistics(capsys):
     from lcc_harness.cli import main
 
     rc = main(["measure", "--model", "tiny-llama", "--method", "rtn-w3-g32", "--lengths", "32,64", "--samples",
-               "1", "--device", "cpu", "--quiet", "--no-cache"])  # fmt: skip
+               "1", "--device", "cpu", "--quiet", "--no-cache", "--reverse-kl"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
     header = next(x for x in out.splitlines() if x.startswith("|   length"))
     assert "top-1 SE" in header and "reverse KL" in header
     assert "Δp = p_cmp − p_ref of the actual next token" in out
     assert "mean Δp" in out and "RMS Δp" in out and "Δp 99 %" in out
+
+
+# ---- reverse KL only on request (RunConfig.reverse_kl, --reverse-kl / --lcc-reverse-kl) ----------------------
+@pytest.mark.parametrize("summary", [True, False], ids=["summary", "direct"])
+def test_reverse_kl_is_off_by_default_and_changes_nothing_else(tiny, summary):
+    """Off: no reverse KL anywhere (window and matched curves); every other statistic is bit-identical to a run
+    that computes it."""
+    cfg = dict(reference_summary=summary, design="both", target_tokens=16)
+    off = Harness(tiny_config(**cfg), lm=tiny).run("rtn-w3-g32")
+    on = Harness(tiny_config(**cfg, reverse_kl=True), lm=tiny).run("rtn-w3-g32")
+    for a, b in ((off.stats, on.stats), (off.matched.stats, on.matched.stats)):
+        assert set(a) == set(b) and a
+        for L in a:
+            assert a[L].reverse_kl is None and "reverse_kl" not in a[L].per_sample
+            assert b[L].reverse_kl is not None and b[L].reverse_kl > 0
+            da, db = a[L].to_dict(), b[L].to_dict()
+            db.pop("reverse_kl"), db["per_sample"].pop("reverse_kl"), da.pop("reverse_kl")
+            assert da == db
+
+
+def test_lcc_measure_without_reverse_kl_has_no_such_column(capsys):
+    from lcc_harness.cli import main
+
+    rc = main(["measure", "--model", "tiny-llama", "--method", "rtn-w3-g32", "--lengths", "32,64", "--samples",
+               "1", "--device", "cpu", "--quiet", "--no-cache"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    header = next(x for x in out.splitlines() if x.startswith("|   length"))
+    assert "top-1 SE" in header and "reverse KL" not in header

@@ -65,6 +65,10 @@ class RunConfig:
     imatrix: str | None = None
     # Long-range probes (probes.PROBES: keytokens, copy, passkey, where) measured beside the window curves; () off
     probes: tuple[str, ...] = ()
+    # Also compute reverse KL(P_cmp ‖ P_ref) (informational, never gated). Off by default: on the torch engine's
+    # summary path it needs the compressed model's expected output embedding, a second (T, V) × (V, H) product,
+    # ~0.11 of a forward per sample at 8192 tokens on SmolLM2 (bench/stats_cost.py).
+    reverse_kl: bool = False
 
 
 def validate_lengths(

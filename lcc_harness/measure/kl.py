@@ -155,8 +155,10 @@ def compare(
     h_cmp: torch.Tensor,
     ids: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
+    reverse: bool = True,
 ) -> PositionStats:
-    """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,).
+    """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,);
+    also reverse KL(P_cmp ‖ P_ref) when `reverse` (else `rkl` is None; forward KL is the same either way).
 
     ids may also hold T + 1 tokens: then the last position's next token is known too (a block of a longer
     sequence: the llama.cpp engine compares logits one micro-batch at a time, with `identity_head`), and ΔNLL
@@ -173,7 +175,7 @@ def compare(
     kl = torch.empty(T, dtype=torch.float32)
     top1 = torch.empty(T, dtype=torch.bool)
     dnll = torch.empty(max(n_next, 0), dtype=torch.float32)
-    rkl = torch.empty(T, dtype=torch.float32)
+    rkl = torch.empty(T, dtype=torch.float32) if reverse else None
     dp = torch.empty(max(n_next, 0), dtype=torch.float32)
     bufs: tuple[torch.Tensor, ...] | None = None
     s, rows = 0, min(chunk, 8)  # a small first block tells the vocabulary size
@@ -184,7 +186,8 @@ def compare(
             V = z_ref.shape[-1]
             rows = min(chunk, max(1, BLOCK_BYTES // (4 * V))) if z_ref.device.type == "cpu" else chunk
             bufs = tuple(
-                torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device) for _ in range(3)
+                torch.empty(max(rows, e - s), V, dtype=torch.float32, device=z_ref.device)
+                for _ in range(3 if reverse else 2)
             )
         lp_ref = torch.log_softmax(z_ref.float(), dim=-1, out=bufs[0][: e - s])  # (c, V)
         lp_cmp = torch.log_softmax(z_cmp.float(), dim=-1, out=bufs[1][: e - s])  # (c, V)
@@ -197,10 +200,12 @@ def compare(
             nll_cmp = -lp_cmp[: te - s].gather(1, tgt).squeeze(1)
             dnll[s:te] = (nll_cmp - nll_ref).cpu()
             dp[s:te] = (torch.exp(-nll_cmp.double()) - torch.exp(-nll_ref.double())).float().cpu()
-        p_cmp = torch.exp(lp_cmp, out=bufs[2][: e - s])  # (c, V); read-only use of lp_cmp before the KL below
+        if rkl is not None:  # p_cmp is read before lp_cmp is overwritten by diff below
+            p_cmp = torch.exp(lp_cmp, out=bufs[2][: e - s])  # (c, V)
         # in place, the same arithmetic as (exp(lp_ref) * (lp_ref - lp_cmp)).sum(-1)
         diff = torch.sub(lp_ref, lp_cmp, out=lp_cmp)
-        rkl[s:e] = p_cmp.mul_(diff).sum(dim=-1).neg_().cpu()  # Σ p_cmp·(lp_cmp − lp_ref); diff is not changed
+        if rkl is not None:  # Σ p_cmp·(lp_cmp − lp_ref); diff is not changed
+            rkl[s:e] = p_cmp.mul_(diff).sum(dim=-1).neg_().cpu()
         kl[s:e] = diff.mul_(lp_ref.exp_()).sum(dim=-1).cpu()
         s = e
     return PositionStats(kl, top1, dnll, rkl, dp)

@@ -155,6 +155,16 @@ def _metric_table(record: Mapping[str, Any], key: str, fmt: Any, with_bits: bool
     return _md_table(rows, headers)
 
 
+def _reverse_kl_table(record: Mapping[str, Any]) -> str:
+    """methods × lengths of reverse KL, or a line saying how to get it when no method's curves hold it (the run
+    did not ask for it: RunConfig.reverse_kl)."""
+    if not any(_finite(c.get("reverse_kl")) for e in _methods(record).values() for c in _curves(e).values()):
+        return (
+            "_Not computed in this run; pass `--lcc-reverse-kl` (pytest) or `--reverse-kl` (`lcc measure`)._"
+        )
+    return _metric_table(record, "reverse_kl", fmt_kl)
+
+
 def _metric_cell(curve: Mapping[str, Any], key: str, fmt: Any) -> str:
     if key == "top1":
         return fmt_pct_se(curve.get("top1"), curve.get("top1_se"))

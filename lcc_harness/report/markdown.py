@@ -13,6 +13,7 @@ from lcc_harness.report.curves import (
     _growth_table,
     _matched_sections,
     _metric_table,
+    _reverse_kl_table,
     _stats_section,
 )
 from lcc_harness.report.fmt import _one_line, fmt_kl, fmt_pct, fmt_signed
@@ -62,7 +63,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
         ("ΔNLL in the window (nats, compressed − reference)", _metric_table(record, "dnll", fmt_signed)),
         (
             "Reverse KL(P_cmp ‖ P_ref) in the window (nats, informational)",
-            _metric_table(record, "reverse_kl", fmt_kl),
+            _reverse_kl_table(record),
         ),
         (
             "Δp of the actual next token at the longest length (p_cmp − p_ref, informational)",

@@ -256,13 +256,18 @@ class Context:
             self.close()
 
 
-def paired_pass(ref: Context, cmp: Context, ids: torch.Tensor, chunk: int) -> PositionStats:
+def paired_pass(
+    ref: Context, cmp: Context, ids: torch.Tensor, chunk: int, reverse: bool = False
+) -> PositionStats:
     """One pass of both contexts over ids (T,), micro-batch by micro-batch in lock-step: per-position KL(P_ref ‖
-    P_cmp), top-1, ΔNLL, reverse KL and Δp (measure.compare on logits), as one sequence's PositionStats."""
+    P_cmp), top-1, ΔNLL, Δp and, when `reverse`, reverse KL (measure.compare on logits), as one sequence's
+    PositionStats."""
     blocks = []
     T = int(ids.shape[0])
     for (s, z_ref), (s2, z_cmp) in zip(ref.logit_blocks(ids), cmp.logit_blocks(ids), strict=True):
         assert s == s2
         e = s + z_ref.shape[0]
-        blocks.append(compare(identity_head, identity_head, z_ref, z_cmp, ids[s : min(e + 1, T)], chunk))
+        blocks.append(
+            compare(identity_head, identity_head, z_ref, z_cmp, ids[s : min(e + 1, T)], chunk, reverse)
+        )
     return cat_stats(blocks)

@@ -306,7 +306,9 @@ class LlamaCppHarness:
             t0 = time.perf_counter()
             sts = []
             for i, s in enumerate(self.samples):
-                st = paired_pass(ref, cmp, s.ids[: self.lengths[-1]], self.cfg.chunk_size)
+                st = paired_pass(
+                    ref, cmp, s.ids[: self.lengths[-1]], self.cfg.chunk_size, self.cfg.reverse_kl
+                )
                 for L in self.lengths:
                     check_finite(name, L, i, st)
                 sts.append(st)

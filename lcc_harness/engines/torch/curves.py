@@ -176,7 +176,8 @@ class Curves:
         RefSummary when `summary`); NaN/Inf at any of `lengths` raises NonFiniteError. `on_first` (the length
         probe) is called with sample 0's hidden states once they are compared, before any other sample runs."""
         out = []
-        lin = linear_head(model) if summary else None  # for reverse KL on the summary path
+        # the compressed model's head, for reverse KL on the summary path (only on request: RunConfig.reverse_kl)
+        lin = linear_head(model) if summary and self.cfg.reverse_kl else None
         for i, s in enumerate(ref.samples):
             h_ref = ref.hidden[P][i][:run_len]
             if summary:
@@ -192,7 +193,15 @@ class Curves:
             if summary:
                 st = compare_summary(summ, head, h_ref, h, s.ids[:run_len], lin)
             else:
-                st = compare(ref_head or ref.head, head, h_ref, h, s.ids[:run_len], self.cfg.chunk_size)
+                st = compare(
+                    ref_head or ref.head,
+                    head,
+                    h_ref,
+                    h,
+                    s.ids[:run_len],
+                    self.cfg.chunk_size,
+                    self.cfg.reverse_kl,
+                )
             for L in lengths:
                 check_finite(method_id, L, i, st)
             if on_first is not None and i == 0:  # after the finiteness check: NaN output fails as non-finite
@@ -220,7 +229,8 @@ class Curves:
             and ref_head is mref.head
             and shared_linear_head(self.lm.model, model)
         )
-        lin = linear_head(model) if summary else None  # for reverse KL on the summary path
+        # the compressed model's head, for reverse KL on the summary path (only on request: RunConfig.reverse_kl)
+        lin = linear_head(model) if summary and self.cfg.reverse_kl else None
         per_len: dict[int, list[PositionStats]] = {}
         errors: dict[int, str] = {}
         tails = tails or {}
@@ -242,7 +252,15 @@ class Curves:
                     if summary:
                         st = compare_summary(mref.summaries[L][i], head, mref.hidden[L][i], h, x[-T:], lin)
                     else:
-                        st = compare(ref_head, head, mref.hidden[L][i], h, x[-T:], self.cfg.chunk_size)
+                        st = compare(
+                            ref_head,
+                            head,
+                            mref.hidden[L][i],
+                            h,
+                            x[-T:],
+                            self.cfg.chunk_size,
+                            self.cfg.reverse_kl,
+                        )
                     check_finite(method_id, L, i, st)
                     sts.append(st)
             except Exception as exc:
