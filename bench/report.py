@@ -561,7 +561,9 @@ def markdown(s: dict[str, Any]) -> str:
         x = s["xdist"]
         out += ["## Workers", ""]
         out += [
-            f"- `-n {k[1:]}`: {v['seconds']:.0f} s ({v['profile']} profile; {v['result']})"
+            f"- `-n {k[1:]}`: {v['seconds']:.0f} s ({v['profile']} profile"
+            + (f", methods {', '.join(v['methods'])}" if isinstance(v.get("methods"), list) else "")
+            + f"; {v['result']})"
             for k, v in sorted(x.items())
         ]
         out += [""]

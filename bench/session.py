@@ -26,6 +26,8 @@ def _method_lists(profile: str) -> dict[str, tuple[str, ...]]:
     return dict(
         ratio_methods=(r["rtn3"], r["wanda"], "w8a8", "kv-k4v4"),
         naive_methods=(r["rtn3"], r["wanda"], "w8a8", "kv-k4v4"),
+        # test_xdist_whole_run's `--lcc-methods` (empty: the profile's all); four keep two per worker at -n 2
+        xdist_methods=(r["rtn3"], r["magnitude"], r["wanda"], r["rtn4"]) if profile != "smoke" else (),
         compress_methods=(
             r["rtn3"],
             r["magnitude"],
@@ -91,6 +93,7 @@ class BenchConfig:
     ratio_methods: tuple[str, ...]
     compress_methods: tuple[str, ...]
     naive_methods: tuple[str, ...]
+    xdist_methods: tuple[str, ...]
     rss_lengths: tuple[int, ...]
     calib_length: int = 512
     threads: int | None = None
@@ -108,6 +111,7 @@ class BenchConfig:
             "ratio_methods": _ids,
             "compress_methods": _ids,
             "naive_methods": _ids,
+            "xdist_methods": _ids,
             "rss_lengths": _ints,
             "calib_length": int,
             "threads": int,
