@@ -109,7 +109,10 @@ def test_measure(bench: Bench, benchmark, method: str) -> None:
     try:
         if os.environ.get("LCC_BENCH_OWN_FORWARD", "1") != "0":
             bench.record("own_forward_s", method, forward_round(bench, model))
-        stats, t = timed(benchmark, h.measure_model, model, method)
+        (stats, errors, per_length), t = timed(benchmark, h.measure_lengths, model, method)
+        assert not errors, errors
+        if per_length:  # its outputs depend on the total length: measured one pass per length
+            bench.record("per_length", method, per_length)
         if shared_linear_head(bench.lm.model, model):  # the direct path on the same compressed model
             exact, t_exact = _time(bench.exact.measure_model, model, method)
             bench.record("per_method_exact_s", method, t_exact / CFG.samples)
