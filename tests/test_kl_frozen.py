@@ -138,10 +138,11 @@ def test_forward_kl_is_bit_identical_on_both_paths(harness, tiny, method_id, chu
         h_ref, h_cmp = final_hidden(tiny.model, ids), final_hidden(model, ids)
         ref_head, cmp_head = output_head(tiny.model), output_head(model)
         frozen = frozen_compare(ref_head, cmp_head, h_ref, h_cmp, ids, chunk)
-        _same(compare(ref_head, cmp_head, h_ref, h_cmp, ids, chunk), frozen)
-        without = compare(ref_head, cmp_head, h_ref, h_cmp, ids, chunk, reverse=False)
-        _same(without, frozen)  # reverse KL off (the run default) leaves forward KL as it was
-        assert without.rkl is None
+        with_rkl = compare(ref_head, cmp_head, h_ref, h_cmp, ids, chunk, reverse=True)
+        _same(with_rkl, frozen)  # computing reverse KL beside it leaves forward KL as it was
+        without = compare(ref_head, cmp_head, h_ref, h_cmp, ids, chunk)
+        _same(without, frozen)
+        assert with_rkl.rkl is not None and without.rkl is None
         summ = summarize_reference(tiny.model, h_ref, ids, chunk)
         new = compare_summary(summ, cmp_head, h_ref, h_cmp, ids, linear_head(model))
         _same(new, frozen_compare_summary(summ, cmp_head, h_ref, h_cmp, ids))

@@ -48,7 +48,7 @@ def test_reverse_kl_and_dp_match_float64(harness, tiny, path, chunk):
     ids = harness.samples[0].ids
     h_ref, h_cmp = final_hidden(tiny.model, ids), final_hidden(model, ids)
     if path == "direct":
-        st = compare(output_head(tiny.model), output_head(model), h_ref, h_cmp, ids, chunk)
+        st = compare(output_head(tiny.model), output_head(model), h_ref, h_cmp, ids, chunk, reverse=True)
     else:
         summ = summarize_reference(tiny.model, h_ref, ids, chunk)
         st = compare_summary(summ, output_head(model), h_ref, h_cmp, ids, linear_head(model))

@@ -155,7 +155,7 @@ def compare(
     h_cmp: torch.Tensor,
     ids: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
-    reverse: bool = True,
+    reverse: bool = False,
 ) -> PositionStats:
     """Per-position KL, top-1 agreement and ΔNLL from two (T, H) hidden-state tensors of the same ids (T,);
     also reverse KL(P_cmp ‖ P_ref) when `reverse` (else `rkl` is None; forward KL is the same either way).

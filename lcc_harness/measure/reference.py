@@ -244,7 +244,7 @@ def probe_length_dependence(
     short, long_ = min(lengths), max(lengths)
     probe = min(short, 256)
     h_short = final_hidden(model, ids[:probe])
-    kl = compare(head, head, h_full[:probe], h_short, ids[:probe], reverse=False).kl
+    kl = compare(head, head, h_full[:probe], h_short, ids[:probe]).kl
     tol = LENGTH_PROBE_TOL.get(h_short.dtype, 5e-3) if tol is None else tol
     worst = float(kl.abs().max())
     if not worst <= tol:  # NaN counts as dependent

@@ -199,9 +199,7 @@ class ExtraPasses:
         L0 = self.lengths[0]
         ref_head, head = self._reference_head(model), self.head(model)
         sts = [
-            compare(
-                ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size, False
-            )
+            compare(ref_head, head, h, final_hidden(model, s.ids[:L0]), s.ids[:L0], self.cfg.chunk_size)
             for h, s in zip(self._short_reference(), self.samples, strict=True)
         ]
         short = summarize(L0, sts).per_sample["window_kl"]
@@ -218,7 +216,7 @@ class ExtraPasses:
         L0 = self.lengths[0]
         P = max(p for p in ref.hidden if p >= L0)
         sts = [
-            compare(ref.head, ref.head, ref.hidden[P][i][:L0], h, s.ids[:L0], self.cfg.chunk_size, False)
+            compare(ref.head, ref.head, ref.hidden[P][i][:L0], h, s.ids[:L0], self.cfg.chunk_size)
             for i, (h, s) in enumerate(zip(self._short_reference(), self.samples, strict=True))
         ]
         return max(abs(v) for v in summarize(L0, sts).per_sample["window_kl"])
@@ -238,9 +236,7 @@ class ExtraPasses:
         now = final_hidden(self.lm.model, ids)
         head = self._base_head()
         worst = (
-            float(compare(head, head, before, now, ids, reverse=False).kl.abs().max())
-            if now.shape == before.shape
-            else 1.0
+            float(compare(head, head, before, now, ids).kl.abs().max()) if now.shape == before.shape else 1.0
         )
         if not worst <= LENGTH_PROBE_TOL.get(self.lm.dtype, 5e-3):
             raise MethodRunError(
