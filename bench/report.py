@@ -171,9 +171,8 @@ def goals(s: dict[str, Any]) -> list[dict[str, Any]]:
     from bench.session import GOALS
 
     ratio, longest = s["ratio_to_forward"], str(s["config"]["lengths"][-1])
-    per_length = (
-        s.get("per_length") or {}
-    )  # methods whose outputs depend on the total length (runs since 2026-12-05)
+    # methods whose outputs depend on the total length (recorded by runs since 2026-12-05)
+    per_length = s.get("per_length") or {}
     weights = {m: v for m, v in ratio.items() if not _is_kv(m) and m not in per_length}
     kv = {m: v for m, v in ratio.items() if _is_kv(m) and m not in per_length}
     rows: list[dict[str, Any]] = []
@@ -576,7 +575,7 @@ def markdown(s: dict[str, Any]) -> str:
         out += ["## Workers", ""]
         out += [
             f"- `-n {k[1:]}`: {v['seconds']:.0f} s ({v['profile']} profile"
-            + (f", methods {', '.join(v['methods'])}" if isinstance(v.get("methods"), list) else "")
+            + (f", methods {', '.join(v['methods'])}" if v.get("methods") else "")
             + f"; {v['result']})"
             for k, v in sorted(x.items())
         ]
