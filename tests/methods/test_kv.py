@@ -119,6 +119,7 @@ def test_apply_twice_and_unsupported_attention_raise(ref: nn.Module) -> None:
 def test_weights_and_queries_unchanged_cache_quantized(
     ref: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(kv, "LSE_PREFILL", False)  # the general route hands sdpa the cache it built
     bits_k, bits_v = 2, 3
     model, ctx = compress(ref, f"kv-k{bits_k}v{bits_v}-g{G}")
     sd_ref, sd = ref.state_dict(), model.state_dict()
@@ -194,11 +195,18 @@ def test_causal_prefix_passes_match(
         assert float((full[t] - short[t]).abs().max()) <= 1e-5, t
 
 
+@pytest.mark.parametrize("lse", [True, False], ids=["cpu-prefill", "general"])
 @pytest.mark.parametrize("chunk", [512, G, 2 * G + 3])  # one call; a call per block; two blocks per call
-def test_attention_equals_decode_loop(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attention_equals_decode_loop(chunk: int, lse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each query t attends to quantized blocks ended before its block plus its own block exact, with GQA,
-    whether the queries go through attention in one call or in chunks of whole blocks (QUERY_CHUNK)."""
+    whether the queries go through attention in one call or in chunks of whole blocks (QUERY_CHUNK,
+    PREFILL_CHUNK), on the CPU prefill route and on the general one."""
     monkeypatch.setattr(kv, "QUERY_CHUNK", chunk)
+    monkeypatch.setattr(kv, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(kv, "LSE_PREFILL", lse)
+    calls = []
+    real = kv._prefill_cpu
+    monkeypatch.setattr(kv, "_prefill_cpu", lambda *a: calls.append(1) or real(*a))
     model = build_tiny_llama()
     m = KVQuant(key_bits=3, value_bits=2, group=G)
     m.apply(model, CompressContext())
@@ -227,6 +235,41 @@ def test_attention_equals_decode_loop(chunk: int, monkeypatch: pytest.MonkeyPatc
         w = torch.softmax(torch.einsum("hd,hsd->hs", q[0, :, t], K) / math.sqrt(hd), dim=-1)
         expect = torch.einsum("hs,hsd->hd", w, V)  # (Hq, D)
         assert torch.allclose(out[0, t], expect, atol=1e-5), t
+    assert len(calls) == int(lse)  # the route the test names is the one taken
+
+
+@pytest.mark.parametrize("chunk", [G, 3 * G, 512])
+def test_cpu_prefill_route_equals_general_route(
+    ref: nn.Module, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole model's logits are the same on both routes, up to float32 rounding."""
+    monkeypatch.setattr(kv, "PREFILL_CHUNK", chunk)
+    model, _ = compress(ref, f"kv-k2v3-g{G}")
+    ids = tokens(3 * G + 5)
+    fast = logits(model, ids)
+    monkeypatch.setattr(kv, "LSE_PREFILL", False)
+    general = logits(model, ids)
+    assert float((fast - general).abs().max()) <= 1e-5
+    assert float((fast - logits(ref, ids)).abs().max()) > 1e-2  # it does quantize
+
+
+@pytest.mark.parametrize("chunk", [G, 3 * G])
+def test_cpu_prefill_route_in_bf16_within_bf16_rounding(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In bfloat16 the two routes round differently (the prefill route rounds each partial output before the
+    merge): one layer's outputs agree within two bf16 steps of their largest value."""
+    monkeypatch.setattr(kv, "PREFILL_CHUNK", chunk)
+    model = build_tiny_llama()
+    KVQuant(key_bits=3, value_bits=2, group=G).apply(model, CompressContext())
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 37, 16, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    fn = _make_attention("sdpa")
+    fast, _ = fn(attn, q, k, v, None, scaling=0.25, dropout=0.0)
+    monkeypatch.setattr(kv, "LSE_PREFILL", False)
+    general, _ = fn(attn, q, k, v, None, scaling=0.25, dropout=0.0)
+    assert fast.dtype == general.dtype == torch.bfloat16
+    diff = float((fast.float() - general.float()).abs().max())
+    assert diff <= 2 * 2**-7 * float(general.float().abs().max())
 
 
 @pytest.mark.parametrize("chunk", [512, 2 * G])
