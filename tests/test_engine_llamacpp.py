@@ -33,6 +33,17 @@ from lcc_harness.engines.llamacpp.kld_base import (  # noqa: E402
 )
 
 LENGTHS = (64, 128, 256)
+
+
+def test_llama_cpp_is_built_without_amx() -> None:
+    """`make setup` builds llama.cpp without Intel AMX (Makefile, LLAMA_CFLAGS): on these machines its AMX matmul
+    dies with SIGILL, taking the test worker with it, and AMX kernels would tie the engine's numbers to the host."""
+    info = ll.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, (
+        "llama-cpp-python was built with AMX kernels; rebuild it without: "
+        ".venv/bin/pip uninstall -y llama-cpp-python && make setup"
+    )
+
 # the torch and llama.cpp references of SmolLM2 at F32 (README, "Measure through llama.cpp": 5e-7 nats measured
 # at 256…1024, largest position 2e-5): a bound 20× above the measured window KL
 AGREEMENT_BOUND = 1e-5
