@@ -243,9 +243,7 @@ def _prefill_cpu(
     rep = Hq // key.shape[1]
     kqr, vqr = (x.repeat_interleave(rep, dim=1) if rep > 1 else x for x in (kq, vq))  # (B, Hq, T, ·)
     R = max(group, PREFILL_CHUNK // group * group)
-    qpos = torch.arange(R, device=query.device)
-    qb, kb = (qpos // group)[:, None], (qpos // group)[None, :]
-    allowed = torch.cat([kb < qb, (kb == qb) & (qpos[None, :] <= qpos[:, None])], dim=-1)  # (R, 2R)
+    allowed = torch.cat(chunk_masks(0, R, 0, group, query.device), dim=-1)  # (R, 2R): any chunk, a block start
     local = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
         ~allowed, -torch.inf
     )
