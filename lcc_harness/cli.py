@@ -130,10 +130,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from lcc_harness.methods.registry import parse_method
 
     # every id checked before anything loads: a bad one fails at once
-    methods = [parse_method(t) for t in args.method.split(",")] if args.method else []
+    # as --lcc-methods: empty entries (a trailing comma) skipped, a method given twice measured once
+    parsed = (parse_method(t) for t in (args.method or "").split(",") if t.strip())
+    methods = list({m.id: m for m in parsed}.values())
     if args.method is not None and not methods:
         raise HarnessError(
-            "--method '' names no method; pass ids like rtn-w4-g64,kv-q8_0 (see `lcc methods`)"
+            f"--method '{args.method}' names no method; pass ids like rtn-w4-g64,kv-q8_0 (see `lcc methods`)"
         )
     if args.name is not None and not args.compressed:
         raise HarnessError("--name names a --compressed checkpoint; a method's name is its id")

@@ -139,6 +139,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
         lambda t: ["--method", "rtn-w4-g32x"],
         ("unknown method id 'rtn-w4-g32x'", "did you mean", "rtn-w{bits}-g{group}", "lcc methods"),
     ),
+    "method list of commas": (lambda t: ["--method", ",,"], ("--method ',,' names no method", "lcc methods")),
     "method family unknown": (
         lambda t: ["--method", "awq-w4"],
         ("unknown method id 'awq-w4'", "valid forms"),
@@ -199,6 +200,19 @@ def table_lengths(out: str) -> list[int]:
         for r in first.splitlines()
         if r.startswith("|") and r.split("|")[1].strip().isdigit()
     ]
+
+
+def test_cli_method_list_skips_empty_entries_and_repeats(capsys):
+    rc, out, err = lcc(capsys, "--method", "rtn-w4-g32, ,rtn-w4-g32,")
+    assert rc == 0, err
+    assert out.count("method rtn-w4-g32,") == 1  # measured once, as --lcc-methods does
+    assert table_lengths(out) == [64]
+
+
+def test_unknown_method_suggests_each_id_once(capsys):
+    rc, out, err = lcc(capsys, "--method", "nonee")
+    line = assert_one_line_error(rc, err, "did you mean none?")
+    assert "none, none" not in line
 
 
 def test_allow_extrapolation_measures_beyond_max_positions(capsys):

@@ -188,7 +188,7 @@ def parse_method(method_id: str) -> Method:
         if cls.library is not None:
             cls.library.load(text)
         return cls.from_match(m)
-    known = [f for cls in _FAMILIES.values() for f in (*cls.examples, *cls.forms)]
+    known = list(dict.fromkeys(f for cls in _FAMILIES.values() for f in (*cls.examples, *cls.forms)))
     close = difflib.get_close_matches(text, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     forms = ", ".join(f for cls in _FAMILIES.values() for f in cls.forms)
