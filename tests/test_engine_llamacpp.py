@@ -44,6 +44,7 @@ def test_llama_cpp_is_built_without_amx() -> None:
         ".venv/bin/pip uninstall -y llama-cpp-python && make setup"
     )
 
+
 # the torch and llama.cpp references of SmolLM2 at F32 (README, "Measure through llama.cpp": 5e-7 nats measured
 # at 256…1024, largest position 2e-5): a bound 20× above the measured window KL
 AGREEMENT_BOUND = 1e-5

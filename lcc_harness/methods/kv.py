@@ -243,7 +243,8 @@ def _prefill_cpu(
     rep = Hq // key.shape[1]
     kqr, vqr = (x.repeat_interleave(rep, dim=1) if rep > 1 else x for x in (kq, vq))  # (B, Hq, T, ·)
     R = max(group, PREFILL_CHUNK // group * group)
-    allowed = torch.cat(chunk_masks(0, R, 0, group, query.device), dim=-1)  # (R, 2R): any chunk, a block start
+    # (R, 2R): the local mask of any chunk that starts a block
+    allowed = torch.cat(chunk_masks(0, R, 0, group, query.device), dim=-1)
     local = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
         ~allowed, -torch.inf
     )
