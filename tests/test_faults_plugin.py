@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -680,8 +681,11 @@ def test_merge_refuses_records_of_another_spec_and_overlapping_shards(project):
     assert m.returncode == 2 and "run records of different spec" in m.stderr and "samples=3" in m.stderr, (
         m.stderr
     )
-    m = _lcc("merge", "r-a", "r-a", cwd=project.path)
-    assert m.returncode == 2 and "is in two records" in m.stderr, m.stderr
+    shutil.copytree(project.path / "r-a", project.path / "r-c")  # another record of the same method
+    m = _lcc("merge", "r-a", "r-c", cwd=project.path)
+    assert m.returncode == 2 and "method 'rtn-w4-g32' is in two records" in m.stderr, m.stderr
+    m = _lcc("merge", "r-a", "r-a/lcc-record.json", cwd=project.path)
+    assert m.returncode == 2 and "is given twice (as r-a and r-a/lcc-record.json)" in m.stderr, m.stderr
     m = _lcc("merge", "nowhere", cwd=project.path)
     assert m.returncode == 2 and "cannot read run record" in m.stderr, m.stderr
 

@@ -19,10 +19,16 @@ from lcc_harness.record import RECORD_FILE, RunRecord
 
 def load_records(paths: Sequence[str | Path]) -> list[RunRecord]:
     out = []
-    for p in paths:
-        p = Path(p)
+    given: dict[Path, str] = {}  # resolved file -> the argument that named it
+    for arg in paths:
+        p = Path(arg)
         if p.is_dir():
             p = p / RECORD_FILE
+        if (key := p.resolve()) in given:
+            raise HarnessError(
+                f"run record {p} is given twice (as {given[key]} and {arg}); pass each shard's record once"
+            )
+        given[key] = str(arg)
         try:
             out.append(RunRecord.from_dict(json.loads(p.read_text())))
         except (OSError, ValueError, TypeError, KeyError) as exc:
