@@ -122,6 +122,7 @@ PROFILES: dict[str, Profile] = {
             group=64,
             anatomy=1,
             slow=True,
+            probes=("keytokens", "copy", "passkey", "where"),
             description="SmolLM2-135M to its full 8192-token context (slow; GPU runner recommended)",
         ),
         Profile(

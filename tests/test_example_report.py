@@ -1,4 +1,5 @@
-"""The committed example run (reports/example/, a default-profile `make report`): its record renders its report.
+"""The committed example runs (reports/example/: a default-profile `make report`; its gemma3/ and paper/ folders: the
+`gemma3` profile and the merged `paper` profile): each record renders its report.
 
 Rendering the record (`RunRecord.public()` → `write_reports`, what the session does at its end) gives the committed
 kl_report.json exactly: no field is left out (the run's timestamps and versions are in the record itself, so they
@@ -16,25 +17,35 @@ import pytest
 from lcc_harness.record import RECORD_FILE, RunRecord
 from lcc_harness.report import REPORT_JSON, REPORT_MD, render_markdown, write_reports
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "reports" / "example"
+ROOT = Path(__file__).resolve().parents[1] / "reports" / "example"
+EXAMPLES = [d for d in (ROOT, ROOT / "gemma3", ROOT / "paper") if (d / RECORD_FILE).exists()]
+
+
+@pytest.fixture(scope="module", params=EXAMPLES, ids=lambda d: d.name)
+def example(request) -> Path:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def record() -> RunRecord:
-    return RunRecord.from_dict(json.loads((EXAMPLE / RECORD_FILE).read_text()))
+def record(example) -> RunRecord:
+    return RunRecord.from_dict(json.loads((example / RECORD_FILE).read_text()))
 
 
-def test_the_record_renders_the_committed_json(record, tmp_path):
+def test_every_example_folder_has_its_record():
+    assert EXAMPLES == [ROOT, ROOT / "gemma3", ROOT / "paper"]
+
+
+def test_the_record_renders_the_committed_json(example, record, tmp_path):
     write_reports(record.public(), tmp_path)
-    assert json.loads((tmp_path / REPORT_JSON).read_text()) == json.loads((EXAMPLE / REPORT_JSON).read_text())
+    assert json.loads((tmp_path / REPORT_JSON).read_text()) == json.loads((example / REPORT_JSON).read_text())
 
 
-def test_the_committed_markdown_is_what_the_record_renders(record):
-    assert (EXAMPLE / REPORT_MD).read_text() == render_markdown(record.public())
+def test_the_committed_markdown_is_what_the_record_renders(example, record):
+    assert (example / REPORT_MD).read_text() == render_markdown(record.public())
 
 
-def test_the_first_40_lines_hold_every_verdict_and_every_gate_line(record):
-    head = (EXAMPLE / REPORT_MD).read_text().splitlines()[:40]
+def test_the_first_40_lines_hold_every_verdict_and_every_gate_line(example, record):
+    head = (example / REPORT_MD).read_text().splitlines()[:40]
     public = record.public()
     assert public["findings"] and public["methods"]
     for f in public["findings"]:
