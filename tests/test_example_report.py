@@ -18,7 +18,7 @@ from lcc_harness.record import RECORD_FILE, RunRecord
 from lcc_harness.report import REPORT_JSON, REPORT_MD, render_markdown, write_reports
 
 ROOT = Path(__file__).resolve().parents[1] / "reports" / "example"
-EXAMPLES = [d for d in (ROOT, ROOT / "gemma3", ROOT / "paper") if (d / RECORD_FILE).exists()]
+EXAMPLES = [ROOT, ROOT / "gemma3", ROOT / "paper"]  # a folder without its record fails every test below
 
 
 @pytest.fixture(scope="module", params=EXAMPLES, ids=lambda d: d.name)
@@ -29,10 +29,6 @@ def example(request) -> Path:
 @pytest.fixture(scope="module")
 def record(example) -> RunRecord:
     return RunRecord.from_dict(json.loads((example / RECORD_FILE).read_text()))
-
-
-def test_every_example_folder_has_its_record():
-    assert EXAMPLES == [ROOT, ROOT / "gemma3", ROOT / "paper"]
 
 
 def test_the_record_renders_the_committed_json(example, record, tmp_path):
